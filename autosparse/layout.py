@@ -1,0 +1,113 @@
+"""BlockLayout: the data a block-sparse kernel runs on, built once per (patterns, shape, device).
+
+Per (head, query block) the list of key blocks to visit and its length, the format of
+``autosparse.kernels.block_sparse_attention``. Modelled on FlexAttention's ``BlockMask``: the layout
+is data, with ``density()``, ``to_dense()``, ``to(device)``, ``[head]`` indexing and a readable repr.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from autosparse.kernels.reference import layout_mask
+from autosparse.patterns import BlockGeometry, Pattern
+
+__all__ = ["BlockLayout"]
+
+
+@dataclass(frozen=True, eq=False)
+class BlockLayout:
+    """Key-block lists for every head of one attention call.
+
+    Attributes:
+        geometry: lengths, block sizes and causality the layout was built for.
+        kv_indices: int32 ``[1, H, NQ, MAXK]``; row ``[0, h, i, :kv_counts[0, h, i]]`` lists the
+            key blocks query block ``i`` of head ``h`` attends (ascending), the rest is padding.
+        kv_counts: int32 ``[1, H, NQ]``.
+        head_density: float ``[H]``, computed blocks over the blocks dense attention computes.
+    """
+
+    geometry: BlockGeometry
+    kv_indices: torch.Tensor
+    kv_counts: torch.Tensor
+    head_density: torch.Tensor
+
+    @classmethod
+    def from_block_mask(cls, block_mask: torch.Tensor, geometry: BlockGeometry) -> BlockLayout:
+        """From a bool ``[H, NQ, NK]`` block mask (blocks outside ``geometry.reachable()`` dropped)."""
+        expected = (geometry.num_q_blocks, geometry.num_kv_blocks)
+        if block_mask.dtype != torch.bool or block_mask.dim() != 3 or tuple(block_mask.shape[1:]) != expected:
+            raise ValueError(
+                f"block_mask must be bool [H, {expected[0]}, {expected[1]}], "
+                f"got {block_mask.dtype} {tuple(block_mask.shape)}"
+            )
+        reachable = geometry.reachable(block_mask.device)
+        block_mask = block_mask & reachable
+        counts = block_mask.sum(-1, dtype=torch.int32)
+        max_k = max(int(counts.max()), 1)
+        # Stable sort puts the attended blocks first, in ascending order.
+        order = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True)[..., :max_k]
+        density = counts.sum(-1).double() / reachable.sum().double()
+        return cls(geometry, order.to(torch.int32)[None].contiguous(), counts[None].contiguous(), density.float())
+
+    @classmethod
+    def from_patterns(
+        cls, patterns: Sequence[Pattern], geometry: BlockGeometry, device: torch.device | str = "cpu"
+    ) -> BlockLayout:
+        """One pattern per head; cached per (patterns, geometry, device), so steady-state calls
+        cost a dictionary lookup."""
+        return _cached_layout(tuple(patterns), geometry, str(torch.device(device)))
+
+    @property
+    def num_heads(self) -> int:
+        return self.kv_counts.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.kv_indices.device
+
+    def density(self) -> float:
+        """Computed key blocks over those dense (causal-aware) attention computes, all heads."""
+        return float(self.head_density.mean())
+
+    def sparsity(self) -> float:
+        return 1.0 - self.density()
+
+    def to_dense(self) -> torch.Tensor:
+        """Bool ``[H, q_len, kv_len]``: the exact token pairs the kernel attends."""
+        g = self.geometry
+        return layout_mask(self.kv_indices, self.kv_counts, q_block=g.q_block, kv_block=g.kv_block,
+                           seq_q=g.q_len, seq_k=g.kv_len, causal=g.causal)[0]
+
+    def to(self, device: torch.device | str) -> BlockLayout:
+        return BlockLayout(
+            self.geometry, self.kv_indices.to(device), self.kv_counts.to(device), self.head_density
+        )
+
+    def __getitem__(self, head: int | slice) -> BlockLayout:
+        heads = slice(head, head + 1) if isinstance(head, int) else head
+        return BlockLayout(
+            self.geometry,
+            self.kv_indices[:, heads].contiguous(),
+            self.kv_counts[:, heads].contiguous(),
+            self.head_density[heads],
+        )
+
+    def __repr__(self) -> str:
+        g = self.geometry
+        return (
+            f"BlockLayout(heads={self.num_heads}, q_len={g.q_len}, kv_len={g.kv_len}, "
+            f"blocks=({g.q_block}, {g.kv_block}), causal={g.causal}, "
+            f"max_kv_blocks={self.kv_indices.shape[-1]}, density={self.density():.3f}, device={self.device})"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_layout(patterns: tuple[Pattern, ...], geometry: BlockGeometry, device: str) -> BlockLayout:
+    # Identical heads share one mask computation; most layers use a handful of distinct patterns.
+    masks = {p: p.block_mask(geometry, device) for p in set(patterns)}
+    return BlockLayout.from_block_mask(torch.stack([masks[p] for p in patterns]), geometry)

@@ -1,0 +1,224 @@
+"""Attention patterns: which key blocks each query block attends.
+
+A pattern is a small frozen dataclass (hashable: it keys layout caches) with a ``kind`` and a JSON
+form ``{"kind": "sink_local", "sinks": 4, "window": 256}``. Sizes are given in tokens, but a pattern
+means a set of *blocks*: a key block is attended by a query block when the token rule touches any
+(query, key) pair of the two, and then the whole block is attended (subject to causality). Full
+blocks are what make block-sparse kernels fast; the exact token set is ``BlockLayout.to_dense()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+__all__ = [
+    "BlockGeometry",
+    "Pattern",
+    "Dense",
+    "Window",
+    "SinkLocal",
+    "Blocks",
+    "pattern_from_spec",
+    "register_pattern",
+    "registered_kinds",
+]
+
+
+@dataclass(frozen=True)
+class BlockGeometry:
+    """The coordinate system a pattern is laid out in: one attention call's lengths and blocks.
+
+    With ``causal`` the query at row ``q`` sits at absolute position ``q + kv_len - q_len``
+    (bottom-right alignment, as with a KV cache), and may attend keys at positions ``<=`` its own.
+    """
+
+    q_len: int
+    kv_len: int
+    q_block: int
+    kv_block: int
+    causal: bool
+
+    def __post_init__(self) -> None:
+        for name in ("q_len", "kv_len", "q_block", "kv_block"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"BlockGeometry.{name} must be a positive int, got {value!r}")
+        if self.causal and self.q_len > self.kv_len:
+            raise ValueError(f"causal attention needs q_len <= kv_len, got {self.q_len=} {self.kv_len=}")
+
+    @property
+    def num_q_blocks(self) -> int:
+        return -(-self.q_len // self.q_block)
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return -(-self.kv_len // self.kv_block)
+
+    def block_spans(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
+        """First/last absolute query position of each query block ``[NQ, 1]`` and first/last key
+        position of each key block ``[1, NK]``: the inputs every block rule is written in."""
+        offset = self.kv_len - self.q_len if self.causal else 0
+        q_first = torch.arange(self.num_q_blocks, device=device) * self.q_block
+        q_last = torch.clamp(q_first + self.q_block, max=self.q_len) - 1
+        k_first = torch.arange(self.num_kv_blocks, device=device) * self.kv_block
+        k_last = torch.clamp(k_first + self.kv_block, max=self.kv_len) - 1
+        return (q_first[:, None] + offset, q_last[:, None] + offset, k_first[None, :], k_last[None, :])
+
+    def reachable(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[NQ, NK]`` bool: the blocks dense attention computes (all, or the causal triangle)."""
+        _, q_last, k_first, _ = self.block_spans(device)
+        if self.causal:
+            return k_first <= q_last
+        return torch.ones(self.num_q_blocks, self.num_kv_blocks, dtype=torch.bool, device=device)
+
+
+_PATTERNS: dict[str, type[Pattern]] = {}
+
+
+def register_pattern(cls: type[Pattern]) -> type[Pattern]:
+    """Class decorator: make a pattern kind loadable from its JSON spec."""
+    if cls.kind in _PATTERNS:
+        raise ValueError(f"pattern kind {cls.kind!r} is already registered by {_PATTERNS[cls.kind].__name__}")
+    _PATTERNS[cls.kind] = cls
+    return cls
+
+
+def registered_kinds() -> list[str]:
+    return sorted(_PATTERNS)
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """Base class. Subclasses set ``kind`` and implement ``block_mask``."""
+
+    kind: ClassVar[str]
+
+    def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``[NQ, NK]`` bool: key blocks attended by each query block (within ``reachable``)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement block_mask")
+
+    @property
+    def is_dense(self) -> bool:
+        return False
+
+    def to_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"kind": self.kind}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            spec[field.name] = list(value) if isinstance(value, tuple) else value
+        return spec
+
+    def short_str(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.to_spec().items() if k != "kind")
+        return f"{self.kind}({args})" if args else self.kind
+
+
+def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Dense(Pattern):
+    """Every key (every earlier key when causal): the unmodified attention."""
+
+    kind: ClassVar[str] = "dense"
+
+    @property
+    def is_dense(self) -> bool:
+        return True
+
+    def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        return geometry.reachable(device)
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Window(Pattern):
+    """1-D sliding window: keys within ``window`` tokens of the query (``0 <= q - k < window`` when
+    causal, ``|q - k| < window`` otherwise)."""
+
+    kind: ClassVar[str] = "window"
+    window: int
+
+    def __post_init__(self) -> None:
+        _check_int("window", "window", self.window, 1)
+
+    def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        q_first, q_last, k_first, k_last = geometry.block_spans(device)
+        # Block pair touches the band iff the range of (q - k) over the pair meets it.
+        lowest_gap, highest_gap = q_first - k_last, q_last - k_first
+        near = lowest_gap <= self.window - 1
+        if geometry.causal:
+            return near & (highest_gap >= 0)
+        return near & (highest_gap >= -(self.window - 1))
+
+
+@register_pattern
+@dataclass(frozen=True)
+class SinkLocal(Pattern):
+    """Attention sinks plus a local window: the first ``sinks`` tokens and a ``window`` around the
+    query (causal aware), the shape StreamingLLM found in trained LLM heads."""
+
+    kind: ClassVar[str] = "sink_local"
+    sinks: int
+    window: int
+
+    def __post_init__(self) -> None:
+        _check_int("sink_local", "sinks", self.sinks, 0)
+        _check_int("sink_local", "window", self.window, 1)
+
+    def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        _, _, k_first, _ = geometry.block_spans(device)
+        sink_blocks = (k_first < self.sinks) & geometry.reachable(device)
+        return Window(self.window).block_mask(geometry, device) | sink_blocks
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Blocks(Pattern):
+    """A static list of key blocks (indices in units of the profile's ``kv_block``) that every
+    query block attends, e.g. global "vertical" columns; blocks past the end are ignored."""
+
+    kind: ClassVar[str] = "blocks"
+    kv_blocks: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        blocks = tuple(self.kv_blocks) if isinstance(self.kv_blocks, (list, tuple)) else self.kv_blocks
+        if not isinstance(blocks, tuple) or not blocks:
+            raise ValueError(f"blocks.kv_blocks must be a non-empty list of ints, got {self.kv_blocks!r}")
+        for i, block in enumerate(blocks):
+            _check_int("blocks", f"kv_blocks[{i}]", block, 0)
+        object.__setattr__(self, "kv_blocks", tuple(sorted(set(blocks))))
+
+    def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        columns = torch.zeros(geometry.num_kv_blocks, dtype=torch.bool, device=device)
+        listed = torch.tensor([b for b in self.kv_blocks if b < geometry.num_kv_blocks], dtype=torch.long)
+        columns[listed.to(device)] = True
+        return columns[None, :] & geometry.reachable(device)
+
+
+def pattern_from_spec(spec: Any, where: str = "pattern") -> Pattern:
+    """Build a pattern from its JSON form; errors name ``where`` (e.g. ``layers['x'].heads[3]``)."""
+    if isinstance(spec, Pattern):
+        return spec
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise ValueError(f"{where}: expected a dict with a 'kind' key, found {spec!r}")
+    kind = spec["kind"]
+    cls = _PATTERNS.get(kind)
+    if cls is None:
+        raise ValueError(f"{where}.kind: expected one of {registered_kinds()}, found {kind!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = set(spec) - {"kind"}
+    if given != names:
+        missing, unknown = sorted(names - given), sorted(given - names)
+        raise ValueError(f"{where}: {kind!r} takes fields {sorted(names)}; missing {missing}, unknown {unknown}")
+    try:
+        return cls(**{name: spec[name] for name in names})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{where}: {err}") from None

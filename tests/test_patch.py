@@ -1,0 +1,154 @@
+"""patch_model on a transformers LLM: equal to an independent masked-attention reference, padding
+honoured, unservable calls counted as dense fallbacks, unpatch restores the model exactly."""
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import autosparse
+from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile, SinkLocal, Window
+from autosparse.kernels.reference import dense_attention
+from autosparse.models import attention_layers
+
+BLOCKS = (32, 16)
+
+
+def mixed_profile(model) -> Profile:
+    """Different patterns per head and per layer, one layer fully dense."""
+    profile = Profile.uniform(model, Dense(), block_size=BLOCKS)
+    heads = (SinkLocal(4, 32), Window(48), Dense(), SinkLocal(20, 16))
+    name = "model.layers.0.self_attn"
+    profile.layers[name] = LayerProfile(0, 4, heads)
+    return profile
+
+
+def reference_logits(model, profile: Profile, input_ids, attention_mask=None) -> torch.Tensor:
+    """The model run with float64 dense attention on (pattern mask AND the model's own mask)."""
+    heads = {layer.module: profile.layers[layer.name].heads for layer in attention_layers(model)}
+
+    def attend(module, query, key, value, mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        geometry = BlockGeometry(query.shape[2], key.shape[2], *profile.block_size, causal=True)
+        allowed = BlockLayout.from_patterns(heads[module], geometry).to_dense()[None]
+        if mask is not None:
+            allowed = allowed & mask
+        out = dense_attention(query.double(), key.double(), value.double(), mask=allowed, scale=scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("autosparse_test_reference", attend)
+    AttentionMaskInterface.register("autosparse_test_reference", sdpa_mask)
+    original = model.config._attn_implementation
+    model.set_attn_implementation("autosparse_test_reference")
+    try:
+        with torch.no_grad():
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        model.set_attn_implementation(original)
+
+
+def logits(model, input_ids, attention_mask=None):
+    with torch.no_grad():
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def random_ids(batch: int, length: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 512, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_all_dense_profile_equals_unpatched(llama):
+    ids = random_ids(1, 150, seed=1)
+    expected = logits(llama, ids)
+    autosparse.patch_model(llama, Profile.uniform(llama, Dense(), block_size=BLOCKS))
+    torch.testing.assert_close(logits(llama, ids), expected, rtol=0, atol=0)
+    calls = autosparse.stats(llama)
+    assert calls.sparse == 0 and calls.dense["dense in profile"] == 2 and not calls.fallback
+
+
+def test_sparse_profile_equals_masked_reference(llama):
+    profile = mixed_profile(llama)
+    ids = random_ids(2, 203, seed=2)  # ragged: not a multiple of either block size
+    expected = reference_logits(llama, profile, ids)
+    dense = logits(llama, ids)
+    autosparse.patch_model(llama, profile)
+    got = logits(llama, ids)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert (got - dense).abs().max() > 1e-3  # the pattern really changed the attention
+    calls = autosparse.stats(llama)
+    assert calls.sparse == 1 and calls.dense["dense in profile"] == 1 and not calls.fallback
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padding_is_honoured(llama, side):
+    profile = mixed_profile(llama)
+    ids = random_ids(2, 180, seed=3)
+    mask = torch.ones_like(ids)
+    pad = slice(0, 37) if side == "left" else slice(180 - 37, 180)
+    mask[1, pad] = 0
+    expected = reference_logits(llama, profile, ids, mask)
+    autosparse.patch_model(llama, profile)
+    got = logits(llama, ids, mask)
+    valid = mask.bool()
+    torch.testing.assert_close(got[valid], expected[valid], rtol=1e-4, atol=1e-4)
+    calls = autosparse.stats(llama)
+    assert calls.sparse == 1 and not calls.fallback
+
+
+def test_unservable_calls_fall_back_and_are_counted(llama):
+    profile = mixed_profile(llama)
+    ids = random_ids(1, 96, seed=4)
+    autosparse.patch_model(llama, profile)
+    # Gradients: the kernel has no backward, so this forward runs dense (and matches dense).
+    llama.requires_grad_(True)
+    out = llama(input_ids=ids).logits
+    assert autosparse.stats(llama, reset=True).fallback["autograd (the kernel has no backward)"] == 1
+    out.sum().backward()
+    llama.requires_grad_(False)
+    # Packed sequences (position_ids restart) give a block-diagonal mask: not causal + padding.
+    position_ids = torch.cat([torch.arange(48), torch.arange(48)])[None]
+    with torch.no_grad():
+        llama(input_ids=ids, position_ids=position_ids, use_cache=False)
+    assert autosparse.stats(llama).fallback["attention mask is not causal + key padding"] == 1
+
+
+def test_strict_raises_instead_of_falling_back(llama):
+    autosparse.patch_model(llama, mixed_profile(llama), strict=True)
+    position_ids = torch.cat([torch.arange(48), torch.arange(48)])[None]
+    with pytest.raises(RuntimeError, match="model.layers.0.self_attn: attention mask is not causal"):
+        with torch.no_grad():
+            llama(input_ids=random_ids(1, 96, seed=5), position_ids=position_ids, use_cache=False)
+
+
+def test_generate_prefill_sparse_decode_dense(llama):
+    profile = mixed_profile(llama)
+    ids = random_ids(1, 120, seed=6)
+    autosparse.patch_model(llama, profile)
+    with torch.no_grad():
+        out = llama.generate(ids, max_new_tokens=4, do_sample=False)
+    calls = autosparse.stats(llama)
+    assert out.shape == (1, 124)
+    assert calls.sparse == 1 and calls.dense["decode (query length 1)"] == 3
+
+
+def test_unpatch_restores_exactly(llama):
+    ids = random_ids(1, 100, seed=7)
+    before = logits(llama, ids)
+    implementation = llama.config._attn_implementation
+    autosparse.patch_model(llama, mixed_profile(llama))
+    with pytest.raises(RuntimeError, match="already patched"):
+        autosparse.patch_model(llama, mixed_profile(llama))
+    autosparse.unpatch_model(llama)
+    assert llama.config._attn_implementation == implementation
+    assert not any(hasattr(m, "_autosparse_plan") for m in llama.modules())
+    torch.testing.assert_close(logits(llama, ids), before, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="not patched"):
+        autosparse.stats(llama)
+
+
+def test_patch_from_path_checks_the_model(llama, tmp_path):
+    from conftest import tiny_llama
+
+    path = tmp_path / "p.json"
+    mixed_profile(llama).save(path)
+    assert autosparse.patch_model(llama, str(path)) is llama
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        autosparse.patch_model(tiny_llama(layers=3), path)
