@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -99,16 +100,27 @@ class _Calibrator:
         keys = torch.arange(kv_len)
         visible = keys[None, :] <= positions[:, None] if causal else torch.ones(len(rows), kv_len, dtype=torch.bool)
         probs = torch.softmax(scores.masked_fill(~visible.to(scores.device), float("-inf")), dim=-1)
-        dense = probs @ v
+        # Patterns keep or drop whole key blocks, so per-block partial outputs and masses make
+        # every candidate one small contraction: O = sum_j keep_j O_j / sum_j keep_j mass_j.
+        num_kv, kv_block = geometry.num_kv_blocks, geometry.kv_block
+        pad = num_kv * kv_block - kv_len
+        probs_blocks = F.pad(probs, (0, pad)).unflatten(-1, (num_kv, kv_block))  # [B, H, R, NK, kb]
+        v_blocks = F.pad(v, (0, 0, 0, pad)).unflatten(2, (num_kv, kv_block))  # [B, H, NK, kb, D]
+        block_out = torch.einsum("bhrjk,bhjkd->bhrjd", probs_blocks, v_blocks)
+        block_mass = probs_blocks.sum(-1)  # [B, H, R, NK]
+        dense = block_out.sum(3)
         layer = self.scores[name]
         layer.ref_sq += dense.double().square().sum(dim=(0, 2, 3)).cpu()
-        q_blocks, k_blocks = rows // geometry.q_block, keys // geometry.kv_block
+        q_blocks = rows // geometry.q_block
+        dense_blocks = float(geometry.reachable().sum())
         for c, pattern in enumerate(self.candidates):
             block_mask = pattern.block_mask(geometry)
             layer.blocks[c] += float(block_mask.sum())
-            keep = block_mask[q_blocks][:, k_blocks].to(probs.device)  # [R, Sk]
-            kept = probs * keep
-            approx = (kept @ v) / kept.sum(-1, keepdim=True).clamp_min(1e-30)
+            if float(block_mask.sum()) == dense_blocks:
+                continue  # computes every block: exactly dense, no error
+            keep = block_mask[q_blocks].to(probs)  # [R, NK]
+            approx = torch.einsum("bhrjd,rj->bhrd", block_out, keep)
+            approx = approx / torch.einsum("bhrj,rj->bhr", block_mass, keep).clamp_min(1e-30)[..., None]
             layer.err_sq[:, c] += (approx - dense).double().square().sum(dim=(0, 2, 3)).cpu()
         if self.progress is not None:
             self.progress.update(1)

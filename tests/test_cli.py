@@ -1,0 +1,55 @@
+"""The CLI: profile a model directory and the SmolLM2 alias, show the result, clear errors."""
+
+import json
+
+import pytest
+
+from autosparse import Profile
+from autosparse.cli import main
+from autosparse.zoo import SMOLLM2, load_causal_lm
+
+from conftest import tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_causal_lm(SMOLLM2)[1]
+
+
+def test_profile_model_directory_then_show(tmp_path, tokenizer, capsys):
+    model = tiny_llama(layers=2)
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    text = tmp_path / "calib.txt"
+    # Token ids must stay inside the tiny model's vocabulary: digits and spaces tokenize low.
+    text.write_text(" ".join(str(i % 97) for i in range(3000)))
+    out = tmp_path / "p.json"
+    main(["profile", str(tmp_path / "model"), "--text", str(text), "--seq-len", "256", "--inputs", "2",
+          "--budget", "0.2", "--block-size", "32", "16", "--out", str(out)])
+    profile = Profile.load(out)
+    assert profile.block_size == (32, 16)
+    assert profile.search["calibration"] == {**profile.search["calibration"], "inputs": 2, "tokens": 512}
+    assert list(profile.layers) == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    capsys.readouterr()
+    main(["show", str(out)])
+    shown = capsys.readouterr().out
+    assert "LlamaForCausalLM" in shown and "model.layers.1.self_attn" in shown and "mean attention density" in shown
+
+
+def test_profile_smollm2_alias(tmp_path, capsys):
+    out = tmp_path / "smol.json"
+    main(["profile", SMOLLM2, "--seq-len", "512", "--budget", "0.1", "--out", str(out)])
+    data = json.loads(out.read_text())
+    assert data["model"]["config"]["num_attention_heads"] == 9 and len(data["layers"]) == 30
+    assert "saved" in capsys.readouterr().out
+
+
+def test_errors_exit_with_a_message(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["show", str(tmp_path / "missing.json")])
+    assert exit_info.value.code == 2 and "missing.json" in capsys.readouterr().err
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(SystemExit):
+        main(["show", str(bad)])
+    assert "not valid JSON" in capsys.readouterr().err
