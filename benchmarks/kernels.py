@@ -1,0 +1,490 @@
+"""GPU correctness check and timing table of the block-sparse attention kernel, in one command.
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT
+
+1. ceilings: a large bf16 matmul (TFLOP/s) and a device-to-device copy (TB/s), measured here;
+2. correctness: bf16 / fp16 / fp32 against ``dense_attention`` on float32-upcast inputs (GQA, causal,
+   ragged, kv_valid, head_dim 64/128, transposed views), NaN-poisoned outputs, rel-error
+   ||out - ref|| / ||ref|| and lse error;
+3. timing (bf16, triton.testing.do_bench median, fresh random inputs): per shape, default
+   ``F.scaled_dot_product_attention`` on the same inputs (dense; cuDNN on the H200), our kernel on
+   random layouts of block density d in {1, 0.5, 0.25, 0.1} and a structured one (sink + local
+   window), and compiled FlexAttention with the same layout (``BlockMask.from_kv_blocks``). At scale
+   our output is checked against SDPA (d = 1) or FlexAttention (sparse).
+
+Prints a markdown table last and writes it (plus JSON with every number) under ``--out``.
+``--smoke`` runs the same code paths on tiny shapes on the CPU (PyTorch path, no timing value).
+``--sweep`` instead times num_warps x num_stages variants and an every-block-masked variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+try:  # installed package (autosparse.kernels is this repo's kernels/ directory)
+    from autosparse.kernels import block_sparse_op as bso
+    from autosparse.kernels import dense_attention, layout_mask
+except Exception:  # noqa: BLE001 - not installed, or autosparse's own imports missing on this machine
+    from kernels import block_sparse_op as bso
+    from kernels import dense_attention, layout_mask
+
+block_sparse_attention = bso.block_sparse_attention
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# layouts
+# --------------------------------------------------------------------------------------------------
+def mask_to_layout(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [Bl, H, NQ, NK] -> (kv_indices int32 [Bl, H, NQ, MAXK] ascending, kv_counts int32)."""
+    counts = block_mask.sum(-1).to(torch.int32)
+    maxk = max(1, int(counts.max()))
+    order = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True)[..., :maxk]
+    return order.to(torch.int32).contiguous(), counts.contiguous()
+
+
+def allowed_blocks(nq, nk, q_block, kv_block, sq, sk, causal, device):
+    """bool [NQ, NK]: key blocks holding at least one key some query of the block may see;
+    and bool [NQ, NK]: blocks that need an element mask (the causal diagonal)."""
+    i = torch.arange(nq, device=device)[:, None]
+    j = torch.arange(nk, device=device)[None, :]
+    if not causal:
+        ones = torch.ones(nq, nk, dtype=torch.bool, device=device)
+        return ones, torch.zeros_like(ones)
+    shift = sk - sq
+    q_first, q_last = i * q_block, torch.clamp_max((i + 1) * q_block, sq) - 1
+    allowed = j * kv_block <= q_last + shift
+    partial = allowed & (torch.clamp_max((j + 1) * kv_block, sk) - 1 > q_first + shift)
+    return allowed, partial
+
+
+def random_layout(h, nq, nk, density, allowed, partial, gen):
+    """Each query block keeps round(density * #allowed) random allowed key blocks (diagonal ones always)."""
+    r = torch.rand(h, nq, nk, device=allowed.device, generator=gen)
+    r = torch.where(allowed, r, -1.0)
+    r = torch.where(partial, 2.0, r)
+    n_allowed = allowed.sum(-1)  # [NQ]
+    keep = torch.clamp(torch.round(density * n_allowed), min=1).to(torch.long)
+    keep = torch.maximum(keep, partial.sum(-1))
+    rank = torch.argsort(torch.argsort(-r, dim=-1), dim=-1)
+    return (rank < keep[:, None]) & allowed  # [H, NQ, NK]
+
+
+def structured_layout(h, nq, nk, q_block, kv_block, causal, allowed, sink_blocks, window_tokens):
+    """Sink (first `sink_blocks` key blocks) + a local window of `window_tokens` keys centred on
+    (non-causal) or ending at (causal) each query block."""
+    dev = allowed.device
+    i = torch.arange(nq, device=dev)[:, None]
+    j = torch.arange(nk, device=dev)[None, :]
+    center = (i * q_block + q_block // 2) // kv_block
+    w = window_tokens // kv_block  # window length in key blocks
+    if causal:
+        last = ((i + 1) * q_block - 1) // kv_block
+        local = (j <= last) & (j > last - w)
+    else:
+        local = (j >= center - w // 2) & (j < center + w // 2)
+    m = (local | (j < sink_blocks)) & allowed
+    return m[None].expand(h, -1, -1)
+
+
+def flex_block_mask(flex, layout_mask_blocks, partial, b, h, sq, sk, q_block, kv_block, causal):
+    """FlexAttention BlockMask of the same layout: full blocks without mask_mod, diagonal ones with it."""
+    full = layout_mask_blocks & ~partial
+    part = layout_mask_blocks & partial
+
+    def lists(m):
+        cnt = m.sum(-1).to(torch.int32)
+        idx = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+        return cnt[None].contiguous(), idx[None].contiguous()
+
+    full_cnt, full_idx = lists(full)
+    part_cnt, part_idx = lists(part)
+    shift = sk - sq
+
+    def causal_mod(b_, h_, q_idx, kv_idx):
+        return kv_idx <= q_idx + shift
+
+    return flex.BlockMask.from_kv_blocks(part_cnt, part_idx, full_cnt, full_idx, BLOCK_SIZE=(q_block, kv_block),
+                                         mask_mod=causal_mod if causal else None, seq_lengths=(sq, sk))
+
+
+def rel_err(a, b):
+    a, b = a.float(), b.float()
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b).clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------------------
+# timing helpers
+# --------------------------------------------------------------------------------------------------
+def bench(fn, smoke):
+    if smoke:
+        fn()
+        t = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t) * 1e3
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
+
+
+def ceilings(dev):
+    n = 8192
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b, False)
+    tflops = 2 * n**3 / ms / 1e9
+    x = torch.randn(1 << 30, device=dev, dtype=torch.bfloat16)  # 2 GiB
+    y = torch.empty_like(x)
+    ms_c = bench(lambda: y.copy_(x), False)
+    tbps = 2 * x.numel() * 2 / ms_c / 1e9
+    del a, b, x, y
+    return tflops, tbps
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. correctness
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class CheckCase:
+    name: str
+    B: int
+    Hq: int
+    Hkv: int
+    Sq: int
+    Sk: int
+    D: int
+    q_block: int
+    kv_block: int
+    causal: bool
+    density: float
+    kv_valid: bool = False
+    batch_layout: bool = False
+    transposed: bool = False
+
+
+CHECKS = [
+    CheckCase("gqa_causal_ragged_d128", 2, 8, 2, 1000, 1000, 128, 128, 64, True, 0.5),
+    CheckCase("kv_valid_blB_d64", 2, 4, 4, 777, 1500, 64, 128, 64, False, 0.3, kv_valid=True, batch_layout=True),
+    CheckCase("causal_sq_lt_sk_d64", 1, 6, 3, 512, 2048, 64, 64, 32, True, 0.4),
+    CheckCase("transposed_views_d128", 1, 4, 2, 1024, 1024, 128, 128, 64, True, 0.6, transposed=True),
+    CheckCase("dense_layout_d128", 1, 2, 1, 4096, 4096, 128, 128, 64, False, 1.0),
+    CheckCase("small_blocks_d32", 1, 2, 2, 300, 300, 32, 32, 16, True, 0.7),
+]
+REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+
+
+def run_checks(dev, dtypes, smoke, results):
+    gen = torch.Generator(device=dev)
+    rows = []
+    for ci, c in enumerate(CHECKS):
+        for dtype in dtypes:
+            if dtype == torch.float32 and not smoke and c.name not in ("small_blocks_d32", "gqa_causal_ragged_d128"):
+                continue
+            try:
+                rows.append(_check_one(c, dtype, dev, gen, 1000 * ci + dtypes.index(dtype), smoke))
+            except Exception as e:  # noqa: BLE001 - record and go on: the timing table still matters
+                traceback.print_exc()
+                rows.append(dict(case=c.name, dtype=str(dtype), ok=False, error=f"{type(e).__name__}: {e}"[:500]))
+                log(f"check {c.name} {dtype} FAILED with {type(e).__name__}")
+    results["checks"] = rows
+    return all(r["ok"] for r in rows)
+
+
+def _check_one(c, dtype, dev, gen, seed, smoke):
+    gen.manual_seed(seed)
+    B, Hq, Hkv, Sq, Sk, D = c.B, c.Hq, c.Hkv, c.Sq, c.Sk, c.D
+    if smoke:
+        Sq, Sk = min(Sq, 200), min(Sk, 300)
+
+    def rnd(h, s):
+        if c.transposed:
+            return torch.randn(B, s, h, D, device=dev, generator=gen, dtype=dtype).transpose(1, 2)
+        return torch.randn(B, h, s, D, device=dev, generator=gen, dtype=dtype)
+
+    q, k, v = rnd(Hq, Sq), rnd(Hkv, Sk), rnd(Hkv, Sk)
+    nq, nk = math.ceil(Sq / c.q_block), math.ceil(Sk / c.kv_block)
+    allowed, partial = allowed_blocks(nq, nk, c.q_block, c.kv_block, Sq, Sk, c.causal, dev)
+    bl = B if c.batch_layout else 1
+    blocks = torch.stack([random_layout(Hq, nq, nk, c.density, allowed, partial, gen) for _ in range(bl)])
+    if c.density < 1.0:  # some empty rows too
+        blocks[:, :, ::7] = False
+    idx, cnt = mask_to_layout(blocks)
+    valid = (torch.rand(B, Sk, device=dev, generator=gen) > 0.2) if c.kv_valid else None
+    out = torch.full((B, Hq, Sq, D), float("nan"), device=dev, dtype=dtype)
+    res, lse = block_sparse_attention(q, k, v, idx, cnt, q_block=c.q_block, kv_block=c.kv_block,
+                                      causal=c.causal, kv_valid=valid, out=out, return_lse=True)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    m = layout_mask(idx, cnt, q_block=c.q_block, kv_block=c.kv_block, seq_q=Sq, seq_k=Sk, causal=c.causal,
+                    kv_valid=valid)
+    ref, ref_lse = dense_attention(q.float(), k.float(), v.float(), m, return_lse=True)
+    unwritten = int(out.isnan().sum())
+    err = rel_err(out, ref)
+    finite = torch.isfinite(ref_lse)
+    lse_ok = bool(torch.equal(finite, torch.isfinite(lse)))
+    lse_err = float((lse[finite] - ref_lse[finite]).abs().max()) if finite.any() else 0.0
+    empty_rows = int((~finite).sum())
+    ok = unwritten == 0 and err < REL_TOL[dtype] and lse_ok and lse_err < 1e-2 and res is out
+    row = dict(case=c.name, dtype=str(dtype).replace("torch.", ""), B=B, Hq=Hq, Hkv=Hkv, Sq=Sq, Sk=Sk, D=D,
+               q_block=c.q_block, kv_block=c.kv_block, causal=c.causal, rel_err=err, lse_max_abs_err=lse_err,
+               unwritten=unwritten, empty_rows=empty_rows, ok=ok)
+    log(f"check {c.name:24s} {row['dtype']:8s} rel_err={err:.2e} lse_err={lse_err:.1e} "
+        f"unwritten={unwritten} empty_rows={empty_rows} {'OK' if ok else 'FAIL'}")
+    return row
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. timing
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TimeShape:
+    name: str
+    Hq: int
+    Hkv: int
+    D: int
+    causal: bool
+    S: int = 32768
+    B: int = 1
+    q_block: int = 128
+    kv_block: int = 64
+
+
+SHAPES = [
+    TimeShape("H12 d128", 12, 12, 128, False),
+    TimeShape("H12 d64", 12, 12, 64, False),
+    TimeShape("GQA 32/8 d128 causal", 32, 8, 128, True),
+]
+DENSITIES = [1.0, 0.5, 0.25, 0.1]
+
+
+def run_timing(dev, smoke, use_flex, results, deadline):
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(1234)
+    flex = None
+    if use_flex:
+        try:
+            import torch.nn.attention.flex_attention as flex
+
+            flex_compiled = torch.compile(flex.flex_attention, dynamic=False)
+        except Exception as e:  # noqa: BLE001
+            log(f"flex unavailable: {e!r}")
+            flex = None
+    rows = []
+    for shp in SHAPES:
+        try:
+            B, Hq, Hkv, D, S = shp.B, shp.Hq, shp.Hkv, shp.D, shp.S
+            if smoke:
+                S, Hq, Hkv = 1024, max(2, Hq // 8), max(1, Hkv // 8)
+            dtype = torch.bfloat16
+            q = torch.randn(B, Hq, S, D, device=dev, dtype=dtype, generator=gen)
+            k = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype, generator=gen)
+            v = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype, generator=gen)
+            g = Hq // Hkv
+            k_rep = k.repeat_interleave(g, 1) if g > 1 else k  # SDPA baseline gets materialised GQA heads
+            v_rep = v.repeat_interleave(g, 1) if g > 1 else v
+            qb, kb = shp.q_block, shp.kv_block
+            nq, nk = math.ceil(S / qb), math.ceil(S / kb)
+            cfg = bso.default_config(qb, kb, D, dtype, dev)
+            log(f"\n== {shp.name}: B={B} Hq={Hq} Hkv={Hkv} S={S} D={D} causal={shp.causal} "
+                f"tile {qb}x{kb} warps={cfg.num_warps} stages={cfg.num_stages}")
+
+            # dense baseline: default SDPA (cuDNN on the H200)
+            sdpa = lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=shp.causal)  # noqa: E731
+            ref_dense = sdpa()
+            t_sdpa = bench(sdpa, smoke)
+            dense_flops = 4 * B * Hq * S * S * D * (0.5 if shp.causal else 1.0)
+            log(f"sdpa: {t_sdpa:.3f} ms, {dense_flops / t_sdpa / 1e9:.0f} TFLOP/s")
+            allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, shp.causal, dev)
+            n_allowed = int(allowed.sum()) * Hq
+            layouts = [(f"random d={d:g}", random_layout(Hq, nq, nk, d, allowed, partial, gen)) for d in DENSITIES]
+            layouts.append(("sink+local", structured_layout(Hq, nq, nk, qb, kb, shp.causal, allowed, 1, 3072)))
+            out = torch.empty(B, S, Hq, D, device=dev, dtype=dtype).transpose(1, 2)
+            for lname, blocks in layouts:
+                idx, cnt = mask_to_layout(blocks[None])
+                listed = int(cnt.sum())
+                density = listed / n_allowed
+                flops = 4 * B * D * qb * kb * listed  # dense-equivalent work of the listed blocks
+                out.fill_(float("nan"))
+                run = lambda: block_sparse_attention(q, k, v, idx, cnt, q_block=qb, kv_block=kb,  # noqa: E731
+                                                     causal=shp.causal, out=out)
+                compiled = bso._launch(q, k, v, idx, cnt, None, out, None, qb, kb, shp.causal, 1.0 / math.sqrt(D),
+                                       None) if not smoke else None
+                out.fill_(float("nan"))
+                run()
+                unwritten = int(out.isnan().sum())
+                t1 = bench(run, smoke)
+                t2 = bench(run, smoke)
+                t = t2
+                row = dict(shape=shp.name, layout=lname, density=density, ms=t, ms_first=t1, tflops=flops / t / 1e9,
+                           sdpa_ms=t_sdpa, speedup=t_sdpa / t, ideal=1.0 / density, unwritten=unwritten)
+                if compiled is not None and hasattr(compiled, "n_regs"):
+                    row.update(n_regs=compiled.n_regs, n_spills=compiled.n_spills,
+                               shared=getattr(compiled.metadata, "shared", None))
+                if lname == "random d=1":
+                    row["err_vs"] = ("sdpa", rel_err(out, ref_dense))
+                if flex is not None and time.time() < deadline:
+                    try:
+                        bm = flex_block_mask(flex, blocks, partial.expand_as(blocks), B, Hq, S, S, qb, kb, shp.causal)
+                        fx = lambda: flex_compiled(q, k, v, block_mask=bm, enable_gqa=g > 1,  # noqa: E731
+                                                   kernel_options={"BLOCK_M": qb, "BLOCK_N": kb})
+                        o_flex = fx()
+                        t_flex = bench(fx, smoke)
+                        row.update(flex_ms=t_flex, flex_speedup=t_sdpa / t_flex)
+                        if lname != "random d=1":
+                            row["err_vs"] = ("flex", rel_err(out, o_flex))
+                        del o_flex
+                    except Exception as e:  # noqa: BLE001
+                        log(f"flex failed on {lname}: {type(e).__name__}: {str(e)[:300]}")
+                rows.append(row)
+                ev = row.get("err_vs")
+                log(f"{lname:14s} d={density:.3f} ours {t:.3f} ms (first run {t1:.3f}) {row['tflops']:.0f} TFLOP/s "
+                    f"x{row['speedup']:.2f} vs sdpa (ideal {row['ideal']:.2f})"
+                    + (f" | flex {row['flex_ms']:.3f} ms x{row['flex_speedup']:.2f}" if "flex_ms" in row else "")
+                    + (f" | rel err vs {ev[0]} {ev[1]:.1e}" if ev else "")
+                    + (f" | regs {row['n_regs']} spills {row['n_spills']} smem {row['shared']}" if "n_regs" in row else "")
+                    + (f" | UNWRITTEN {unwritten}" if unwritten else ""))
+            if shp is SHAPES[0]:  # what transformers passes: [B, S, H, D] buffers seen as [B, H, S, D]
+                qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
+                blocks = next(b for n, b in layouts if n == "random d=0.25")
+                idx, cnt = mask_to_layout(blocks[None])
+                run_t = lambda: block_sparse_attention(qt, kt, vt, idx, cnt, q_block=qb, kv_block=kb,  # noqa: E731
+                                                       causal=shp.causal)
+                o_t = run_t()
+                o_c = block_sparse_attention(q, k, v, idx, cnt, q_block=qb, kv_block=kb, causal=shp.causal)
+                t = bench(run_t, smoke)
+                listed = int(cnt.sum())
+                row = dict(shape=shp.name, layout="random d=0.25, [B,S,H,D] views", density=listed / n_allowed, ms=t,
+                           tflops=4 * B * D * qb * kb * listed / t / 1e9, sdpa_ms=t_sdpa, speedup=t_sdpa / t,
+                           ideal=n_allowed / listed, err_vs=("ours contiguous", rel_err(o_t, o_c)))
+                rows.append(row)
+                log(f"views d=0.25: {t:.3f} ms x{row['speedup']:.2f} vs sdpa | rel err vs contiguous {row['err_vs'][1]:.1e}")
+                del qt, kt, vt, o_t, o_c
+            del q, k, v, k_rep, v_rep, out, ref_dense
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - keep the other shapes
+            traceback.print_exc()
+            log(f"timing {shp.name} FAILED: {type(e).__name__}: {str(e)[:300]}")
+    results["timing"] = rows
+    return rows
+
+
+def run_sweep(dev, smoke, results):
+    """Tile-config sweep (num_warps x num_stages) at d = 1 and 0.25 on the timing shapes, plus the cost
+    of an element mask on every block (all-True kv_valid forces the per-key mask path)."""
+    gen = torch.Generator(device=dev)
+    gen.manual_seed(99)
+    rows = []
+    for shp in SHAPES:
+        B, Hq, Hkv, D, S = shp.B, shp.Hq, shp.Hkv, shp.D, shp.S
+        if smoke:
+            S, Hq, Hkv = 1024, max(2, Hq // 8), max(1, Hkv // 8)
+        q = torch.randn(B, Hq, S, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        v = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        qb, kb = shp.q_block, shp.kv_block
+        nq, nk = math.ceil(S / qb), math.ceil(S / kb)
+        allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, shp.causal, dev)
+        default = bso.default_config(qb, kb, D, torch.bfloat16, dev)
+        all_valid = torch.ones(B, S, dtype=torch.bool, device=dev)
+        for density in (1.0, 0.25):
+            blocks = random_layout(Hq, nq, nk, density, allowed, partial, gen)
+            idx, cnt = mask_to_layout(blocks[None])
+            flops = 4 * B * D * qb * kb * int(cnt.sum())
+            variants = [(f"w{w} s{st}", bso.TileConfig(w, st), None) for w in (4, 8) for st in (2, 3, 4)]
+            variants.append((f"default w{default.num_warps} s{default.num_stages} + mask on every block", default,
+                             all_valid))
+            for name, cfg, valid in variants:
+                try:
+                    fn = lambda: block_sparse_attention(q, k, v, idx, cnt, q_block=qb, kv_block=kb,  # noqa: E731
+                                                        causal=shp.causal, kv_valid=valid, config=cfg)
+                    fn()
+                    t1, t2 = bench(fn, smoke), bench(fn, smoke)
+                    row = dict(shape=shp.name, density=density, variant=name, ms=t2, ms_first=t1,
+                               tflops=flops / t2 / 1e9, default=cfg == default and valid is None)
+                    log(f"sweep {shp.name:22s} d={density:<5g} {name:48s} {t2:.3f} ms ({t1:.3f}) "
+                        f"{row['tflops']:.0f} TFLOP/s{'  <- default' if row['default'] else ''}")
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
+                    row = dict(shape=shp.name, density=density, variant=name, error=f"{type(e).__name__}: {e}"[:200])
+                    log(f"sweep {shp.name:22s} d={density:<5g} {name:48s} FAILED {row['error'][:120]}")
+                rows.append(row)
+        del q, k, v
+    results["sweep"] = rows
+    return rows
+
+
+def table(rows):
+    lines = ["| shape | layout | block density d | ours ms | ours TFLOP/s (eff.) | SDPA ms | speedup vs SDPA | ideal 1/d "
+             "| Flex ms | Flex speedup vs SDPA | rel err (vs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ev = r.get("err_vs")
+        flex_ms = f"{r['flex_ms']:.2f}" if "flex_ms" in r else "–"
+        flex_x = f"{r['flex_speedup']:.2f}" if "flex_ms" in r else "–"
+        err = f"{ev[1]:.1e} ({ev[0]})" if ev else "–"
+        lines.append(f"| {r['shape']} | {r['layout']} | {r['density']:.3f} | {r['ms']:.2f} | {r['tflops']:.0f} | "
+                     f"{r['sdpa_ms']:.2f} | {r['speedup']:.2f} | {r['ideal']:.2f} | {flex_ms} | {flex_x} | {err} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="folder for table.md and results.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: exercise the script only")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="only the tile-config sweep (no checks, no table)")
+    ap.add_argument("--budget-s", type=float, default=420.0, help="skip FlexAttention after this many seconds")
+    args = ap.parse_args()
+    t0 = time.time()
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    import triton
+
+    info = dict(torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+                gpu=torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu (smoke)",
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), command=" ".join(sys.argv))
+    log(json.dumps(info))
+    results = {"info": info}
+    if dev.type == "cuda":
+        tflops, tbps = ceilings(dev)
+        results["ceilings"] = dict(bf16_matmul_tflops=tflops, copy_tbps=tbps)
+        log(f"ceilings: bf16 matmul 8192^3 {tflops:.0f} TFLOP/s, d2d copy {tbps:.2f} TB/s (read+write)")
+    if args.sweep:
+        run_sweep(dev, args.smoke, results)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "sweep.json").write_text(json.dumps(results, indent=1, default=str))
+        return
+    dtypes = [torch.float32] if args.smoke else [torch.bfloat16, torch.float16, torch.float32]
+    ok = run_checks(dev, dtypes, args.smoke, results)
+    log(f"correctness: {'ALL OK' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)")
+    rows = run_timing(dev, args.smoke, not args.no_flex, results, t0 + args.budget_s)
+    md = table(rows)
+    header = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, B=1, S=32768, tile 128x64; "
+              f"correctness {'ALL OK' if ok else 'FAILURES'}; total {time.time() - t0:.0f} s")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "table.md").write_text(header + "\n\n" + md + "\n")
+        (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    log("\n" + header + "\n")
+    log(md)
+
+
+if __name__ == "__main__":
+    main()

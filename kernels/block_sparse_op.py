@@ -1,0 +1,351 @@
+"""Launcher, argument checks, grid, default tile config and custom op for the block-sparse kernel.
+
+The ``@triton.jit`` code is in ``block_sparse.py``; the pure-PyTorch versions are in ``reference.py``.
+
+Dispatch of :func:`block_sparse_attention`:
+  * CUDA tensors -> the Triton kernel;
+  * CPU tensors with ``TRITON_INTERPRET=1`` in the environment -> the Triton kernel, run by Triton's
+    interpreter (how the CPU tests exercise the Triton code; the variable must be set before Triton
+    is first imported, since ``triton.jit`` picks compile vs interpret at decoration time);
+  * any other tensors -> :func:`reference.block_sparse_attention_torch` (gathers only listed blocks).
+
+Triton is imported lazily, so the CPU path works where Triton is not installed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+__all__ = ["block_sparse_attention", "supports", "TileConfig", "default_config"]
+
+HEAD_DIMS = (16, 32, 64, 128)
+BLOCK_SIZES = (16, 32, 64, 128)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_MAX_GRID_YZ = 65535  # CUDA limit of grid dims 1 and 2 (heads, batch)
+_OP_NAME = "autosparse::block_sparse_attention"
+_OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, Tensor? kv_valid, "
+              "int q_block, int kv_block, bool causal, float scale) -> Tensor")
+
+
+# ----------------------------------------------------------------------------------------------------
+# tile configuration
+# ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Launch parameters of the kernel (the tile itself is the layout block: BLOCK_M=q_block, BLOCK_N=kv_block)."""
+
+    num_warps: int
+    num_stages: int
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_budget(device_index: int) -> int:
+    props = torch.cuda.get_device_properties(device_index)
+    optin = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+    return int(optin) - 8 * 1024  # headroom for Triton's own scratch (layout conversions, barriers)
+
+
+def default_config(q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype,
+                   device: torch.device) -> TileConfig:
+    """A sane default: 8 warps for q_block 128 at head_dim 128, else 4; for 16-bit dtypes as many
+    pipeline stages (4, 3, 2, 1) as fit in shared memory (Q tile + stages x (K tile + V tile)); fp32: 1.
+
+    Measured on the H200 (benchmarks/NOTES.md, bf16, 128x64 tiles): 4 warps at head_dim 128 runs at less
+    than half the rate of 8; stages 4 vs 3 gains 0-4 %; every-block element masks would cost 11-17 %."""
+    big = q_block >= 128 and head_dim >= 128
+    num_warps = 8 if big else 4
+    elt = dtype.itemsize
+    budget = _smem_budget(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device.type == "cuda" else 227 * 1024
+    num_stages = 1  # fp32 (ieee FMA dots) is there for accuracy, not speed: one stage
+    if elt <= 2:
+        for stages in (4, 3, 2):
+            if elt * (q_block * head_dim + stages * 2 * kv_block * head_dim) <= budget:
+                num_stages = stages
+                break
+    return TileConfig(num_warps=num_warps, num_stages=num_stages)
+
+
+# ----------------------------------------------------------------------------------------------------
+# which backend, and can it serve the call
+# ----------------------------------------------------------------------------------------------------
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _uses_triton(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and _interpreting())
+
+
+def _is_pow2_block(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x in BLOCK_SIZES
+
+
+def _capability_reason(q: Tensor, k: Tensor, v: Tensor, q_block, kv_block) -> Optional[str]:
+    """Why the backend that would run cannot serve these inputs (None if it can)."""
+    if not _is_pow2_block(q_block):
+        return f"q_block {q_block!r} not supported (expected one of {BLOCK_SIZES})"
+    if not _is_pow2_block(kv_block):
+        return f"kv_block {kv_block!r} not supported (expected one of {BLOCK_SIZES})"
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        return f"dtype mismatch q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    if q.device != k.device or q.device != v.device:
+        return f"device mismatch q {q.device}, k {k.device}, v {v.device}"
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"expected 4-D q/k/v, got {q.dim()}/{k.dim()}/{v.dim()}-D"
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        return f"head_dim mismatch q {d}, k {k.shape[-1]}, v {v.shape[-1]}"
+    if not q.is_floating_point():
+        return f"dtype {str(q.dtype).replace('torch.', '')} not supported"
+    if _uses_triton(q.device):
+        if q.dtype not in KERNEL_DTYPES:
+            return f"dtype {str(q.dtype).replace('torch.', '')} not supported"
+        if d not in HEAD_DIMS:
+            return f"head_dim {d} not supported (expected one of {HEAD_DIMS})"
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.numel() > 0 and t.stride(-1) != 1:
+                return f"{name} last dim not contiguous (stride {t.stride(-1)})"
+    return None
+
+
+def supports(q: Tensor, k: Tensor, v: Tensor, q_block: int, kv_block: int) -> Optional[str]:
+    """Return None when :func:`block_sparse_attention` can serve this call, else a short reason.
+
+    Reasons include ``"requires_grad"`` (the op has no backward), ``"dtype float64 not supported"``
+    and ``"head_dim 80 not supported ..."`` (Triton path only: the CPU PyTorch path accepts any
+    floating dtype and head_dim). Callers fall back to dense attention and count the reason.
+    """
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "requires_grad"
+    return _capability_reason(q, k, v, q_block, kv_block)
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------------
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, out) -> float:
+    """Validate everything (no host syncs); return the resolved softmax scale."""
+    for name, t in (("q", q), ("k", k), ("v", v), ("kv_indices", kv_indices), ("kv_counts", kv_counts)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    for name, x in (("q_block", q_block), ("kv_block", kv_block)):
+        if not _is_pow2_block(x):
+            raise ValueError(f"{name} must be a power of two in {BLOCK_SIZES}, got {x!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D [B, Hq, Sq, D], got shape {tuple(q.shape)}")
+    b, hq, sq, d = q.shape
+    if k.dim() != 4 or k.shape[0] != b or k.shape[3] != d:
+        raise ValueError(f"k must be [B={b}, Hkv, Sk, D={d}], got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    hkv, sk = k.shape[1], k.shape[2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"Hq must be a multiple of Hkv (GQA), got Hq={hq}, Hkv={hkv}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k, v must share a dtype, got q={q.dtype}, k={k.dtype}, v={v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k, v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
+    reason = _capability_reason(q, k, v, q_block, kv_block)
+    if reason is not None:
+        raise NotImplementedError(f"block_sparse_attention: {reason}")
+
+    nq = _cdiv(sq, q_block)
+    if kv_indices.dtype != torch.int32 or kv_indices.dim() != 4 or kv_indices.shape[0] not in (1, b) \
+            or tuple(kv_indices.shape[1:3]) != (hq, nq):
+        raise ValueError(f"kv_indices must be int32 [Bl, Hq, NQ, MAXK] with Bl in (1, {b}), Hq={hq}, "
+                         f"NQ=ceil({sq}/{q_block})={nq}, got {kv_indices.dtype} {tuple(kv_indices.shape)}")
+    bl = kv_indices.shape[0]
+    if kv_counts.dtype != torch.int32 or tuple(kv_counts.shape) != (bl, hq, nq):
+        raise ValueError(f"kv_counts must be int32 [Bl={bl}, Hq={hq}, NQ={nq}], "
+                         f"got {kv_counts.dtype} {tuple(kv_counts.shape)}")
+    for name, t in (("kv_indices", kv_indices), ("kv_counts", kv_counts)):
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if kv_valid is not None:
+        if not isinstance(kv_valid, Tensor):
+            raise TypeError(f"kv_valid must be a bool Tensor [B, Sk] or None, got {type(kv_valid).__name__}")
+        if kv_valid.dtype != torch.bool or tuple(kv_valid.shape) != (b, sk):
+            raise ValueError(f"kv_valid must be bool [B={b}, Sk={sk}], got {kv_valid.dtype} {tuple(kv_valid.shape)}")
+        if kv_valid.device != q.device:
+            raise ValueError(f"kv_valid must be on q's device {q.device}, got {kv_valid.device}")
+    if out is not None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"out must be a Tensor or None, got {type(out).__name__}")
+        if tuple(out.shape) != (b, hq, sq, d) or out.dtype != q.dtype or out.device != q.device:
+            raise ValueError(f"out must be {q.dtype} [B, Hq, Sq, D]={(b, hq, sq, d)} on {q.device}, "
+                             f"got {out.dtype} {tuple(out.shape)} on {out.device}")
+        if _uses_triton(q.device) and out.numel() > 0 and out.stride(-1) != 1:
+            raise ValueError(f"out must have a contiguous last dim, got strides {out.stride()}")
+    if scale is None:
+        return 1.0 / math.sqrt(d)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < math.inf):
+        raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
+    return float(scale)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernel handle (compiled, or interpreted on CPU)
+# ----------------------------------------------------------------------------------------------------
+def _jit_module():
+    from . import block_sparse  # lazy: imports triton
+    return block_sparse
+
+
+def _kernel(device: torch.device):
+    mod = _jit_module()
+    if device.type == "cpu":
+        import triton.language as tl
+
+        # triton.jit decides compile vs interpret when a function is decorated, for Triton's own
+        # standard library (tl.zeros, tl.sum, ...) too: the interpreter needs TRITON_INTERPRET=1
+        # before triton is first imported.
+        if type(mod._attn_fwd).__name__ != "InterpretedFunction" or type(tl.zeros).__name__ != "InterpretedFunction":
+            raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; Triton's interpreter "
+                               "needs it in the environment before the first `import triton` (start the "
+                               "process with TRITON_INTERPRET=1), or unset it to use the PyTorch CPU path")
+    return mod._attn_fwd
+
+
+def _launch(q, k, v, kv_indices, kv_counts, kv_valid, out, lse, q_block, kv_block, causal, scale,
+            config: TileConfig | None):
+    b, hq, sq, d = q.shape
+    hkv, sk = k.shape[1], k.shape[2]
+    bl, _, nq, maxk = kv_indices.shape
+    if hq > _MAX_GRID_YZ or b > _MAX_GRID_YZ:
+        raise ValueError(f"grid limit: Hq={hq} and B={b} must each be <= {_MAX_GRID_YZ}")
+    if config is None:
+        config = default_config(q_block, kv_block, d, q.dtype, q.device)
+    valid_arg = kv_valid.contiguous().view(torch.uint8) if kv_valid is not None else kv_counts
+    lse_arg = lse if lse is not None else out
+    kernel = _kernel(q.device)
+    grid = (nq, hq, b)
+    args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0) if lse is not None else 0, lse.stride(1) if lse is not None else 0,
+            kv_indices.stride(0) if bl > 1 else 0, kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
+            kv_counts.stride(0) if bl > 1 else 0, kv_counts.stride(1), kv_counts.stride(2),
+            valid_arg.stride(0) if kv_valid is not None else 0,
+            scale, hq, hq // hkv, sq, sk, maxk)
+    meta = dict(HEAD_DIM=d, BLOCK_M=q_block, BLOCK_N=kv_block, CAUSAL=causal,
+                HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                num_warps=config.num_warps, num_stages=config.num_stages)
+    if q.device.type == "cuda":
+        with torch.cuda.device(q.device):
+            return kernel[grid](*args, **meta)  # the compiled kernel (n_regs, n_spills, metadata)
+    return kernel[grid](*args, **meta)
+
+
+# ----------------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------------
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
+                           q_block: int, kv_block: int, causal: bool, scale: float | None = None,
+                           kv_valid: Tensor | None = None, out: Tensor | None = None,
+                           return_lse: bool = False, config: TileConfig | None = None
+                           ) -> Tensor | tuple[Tensor, Tensor]:
+    """Block-sparse attention forward: each query block attends only its listed key blocks.
+
+    Parameters
+    ----------
+    q : Tensor [B, Hq, Sq, D] — fp16/bf16/fp32 (Triton) or any float (CPU PyTorch path); any strides
+        with a contiguous last dim.
+    k, v : Tensor [B, Hkv, Sk, D] — Hq % Hkv == 0; query head h reads KV head h // (Hq // Hkv).
+    kv_indices : int32 Tensor [Bl, Hq, NQ, MAXK] — Bl in {1, B} (1 broadcasts over batch),
+        NQ = ceil(Sq / q_block). Row (b, h, i) lists the key blocks of query block i; entries past
+        the count are padding and are never read; indices outside [0, NK) are ignored.
+    kv_counts : int32 Tensor [Bl, Hq, NQ] — valid entries per row (clamped to [0, MAXK]).
+    q_block, kv_block : block sizes in tokens, powers of two in 16..128.
+    causal : bottom-right aligned causal mask, key k allowed for query q iff k <= q + (Sk - Sq).
+    scale : softmax scale, default 1 / sqrt(D).
+    kv_valid : optional bool Tensor [B, Sk] — key padding mask (True = real key).
+    out : optional Tensor [B, Hq, Sq, D] (q's dtype, any strides with contiguous last dim) to write into.
+    return_lse : also return lse, float32 [B, Hq, Sq], natural log of the sum of exp(scaled scores).
+
+    Returns
+    -------
+    out [B, Hq, Sq, D] in q's dtype (allocated as ``empty(B, Sq, Hq, D).transpose(1, 2)`` when
+    ``out`` is None), or ``(out, lse)``. Rows with no attended key give 0 and lse = -inf.
+
+    Other Parameters
+    ----------------
+    config : TileConfig (num_warps, num_stages) overriding :func:`default_config` (Triton only).
+    """
+    return _block_sparse_attention(q, k, v, kv_indices, kv_counts, q_block=q_block, kv_block=kv_block,
+                                   causal=causal, scale=scale, kv_valid=kv_valid, out=out,
+                                   return_lse=return_lse, config=config, check_grad=True)
+
+
+def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block, causal, scale, kv_valid,
+                            out, return_lse, config, check_grad):
+    scale = _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, out)
+    if check_grad and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise NotImplementedError("block_sparse_attention has no backward: q/k/v require grad "
+                                  "(call it under torch.no_grad() or fall back to dense attention)")
+    if not _uses_triton(q.device):
+        return reference.block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, q_block=q_block,
+                                                      kv_block=kv_block, causal=causal, scale=scale,
+                                                      kv_valid=kv_valid, out=out, return_lse=return_lse)
+    b, hq, sq, d = q.shape
+    sk = k.shape[2]
+    if out is None:
+        out = torch.empty((b, sq, hq, d), dtype=q.dtype, device=q.device).transpose(1, 2)
+    lse = torch.empty((b, hq, sq), dtype=torch.float32, device=q.device) if return_lse else None
+    if out.numel() > 0:
+        if sk == 0:  # nothing to attend
+            out.zero_()
+            if lse is not None:
+                lse.fill_(float("-inf"))
+        else:
+            _launch(q, k, v, kv_indices, kv_counts, kv_valid, out, lse, q_block, kv_block, causal, scale, config)
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------------------------------
+# custom op (opaque to torch.compile)
+# ----------------------------------------------------------------------------------------------------
+def _op_impl(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, kv_valid: Optional[Tensor],
+             q_block: int, kv_block: int, causal: bool, scale: float) -> Tensor:
+    return _block_sparse_attention(q, k, v, kv_indices, kv_counts, q_block=q_block, kv_block=kv_block,
+                                   causal=causal, scale=scale, kv_valid=kv_valid, out=None, return_lse=False,
+                                   config=None, check_grad=False)
+
+
+def _op_fake(q, k, v, kv_indices, kv_counts, kv_valid, q_block, kv_block, causal, scale):
+    b, hq, sq, d = q.shape
+    return q.new_empty((b, sq, hq, d)).transpose(1, 2)
+
+
+def _op_exists() -> bool:
+    try:
+        torch.ops.autosparse.block_sparse_attention  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+if _op_exists():
+    # This file was already imported under its other name (``kernels`` vs ``autosparse.kernels``).
+    block_sparse_attention_op = torch.ops.autosparse.block_sparse_attention
+else:
+    block_sparse_attention_op = torch.library.custom_op(_OP_NAME, mutates_args=(), schema=_OP_SCHEMA)(_op_impl)
+    block_sparse_attention_op.register_fake(_op_fake)

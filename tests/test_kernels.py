@@ -1,0 +1,380 @@
+"""CPU tests of the block-sparse attention kernel layer.
+
+The Triton kernel runs under Triton's interpreter (fp32/fp16 only: bf16 ``tl.dot`` is wrong in the
+interpreter). ``triton.jit`` picks compile vs interpret when Triton is imported, and conftest imports
+Triton (through transformers) before any test runs, so the interpreted launches run in one worker
+process started with ``TRITON_INTERPRET=1`` (this file, ``--interpret-worker``); the tests compare its
+saved outputs here. The PyTorch block-sparse path runs in-process, as in production. Oracles:
+``dense_attention`` in float64 on ``layout_mask``, and PyTorch FlexAttention (eager, float64) with
+an equivalent BlockMask + mask_mod for a few cases. Every case draws fresh inputs from its own seed;
+outputs are NaN-poisoned before the kernel runs (and checked to be fully written).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+try:  # installed package
+    from autosparse.kernels import (block_sparse_attention, block_sparse_attention_torch, dense_attention,
+                                    layout_mask, supports)
+    from autosparse.kernels import reference as reference_mod
+except ImportError:  # repository root on sys.path
+    from kernels import block_sparse_attention, block_sparse_attention_torch, dense_attention, layout_mask, supports
+    from kernels import reference as reference_mod
+
+TOL = {  # (atol, rtol) against the float64 oracle
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (2e-5, 2e-5),
+    torch.float16: (3e-3, 3e-3),
+}
+LSE_TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.float16: (1e-3, 1e-3)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    B: int
+    Hq: int
+    Hkv: int
+    Sq: int
+    Sk: int
+    D: int
+    q_block: int
+    kv_block: int
+    causal: bool
+    density: float  # fraction of key blocks listed per query block (1.0 = dense layout)
+    batch_layout: bool = False  # Bl = B (else Bl = 1, broadcast over batch)
+    kv_valid: bool = False
+    empty_rows: bool = False  # random counts in [0, MAXK] instead of MAXK, so some rows are empty
+    transposed: bool = False  # q/k/v/out are [B, S, H, D] buffers seen through .transpose(1, 2)
+    count_overflow: bool = False  # some kv_counts exceed MAXK (must be clamped, never read past the row)
+    dtype: torch.dtype = torch.float32
+
+
+# Curated, not a Cartesian product: each case adds something the others do not cover.
+CASES = [
+    Case("base", 1, 2, 2, 128, 128, 64, 32, 32, False, 0.5),
+    Case("ragged_gqa", 1, 6, 2, 150, 97, 64, 32, 16, False, 0.4, empty_rows=True, dtype=torch.float16),
+    Case("causal_dense_layout_d128", 1, 2, 1, 200, 200, 128, 32, 32, True, 1.0),
+    Case("causal_sq_lt_sk", 1, 4, 2, 70, 230, 64, 16, 32, True, 0.6, count_overflow=True, dtype=torch.float16),
+    Case("causal_sq_gt_sk", 1, 2, 1, 96, 40, 32, 16, 16, True, 1.0),
+    Case("batch_bl1_kv_valid_mqa", 2, 4, 1, 64, 100, 64, 16, 32, False, 0.7, kv_valid=True),
+    Case("batch_blB_empty_rows", 2, 3, 3, 100, 100, 64, 32, 16, True, 0.3, batch_layout=True, empty_rows=True,
+         dtype=torch.float16),
+    Case("transposed_views_gqa", 2, 4, 2, 80, 80, 64, 16, 16, True, 0.5, transposed=True),
+    Case("d128_kv_valid_blB", 2, 2, 2, 96, 160, 128, 16, 32, False, 0.5, batch_layout=True, kv_valid=True,
+         dtype=torch.float16),
+    Case("d16_tiny", 1, 2, 2, 64, 64, 16, 16, 16, True, 0.75),
+]
+FLEX_CASES = ["ragged_gqa", "causal_sq_lt_sk", "batch_blB_empty_rows", "d128_kv_valid_blB"]
+
+
+def _gen(case: Case, salt: str = "") -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32((case.name + salt).encode()))
+
+
+def make_inputs(case: Case, salt: str = ""):
+    """Fresh random q, k, v, layout (with garbage padding past the counts) and kv_valid for a case."""
+    g = _gen(case, salt)
+    B, Hq, Hkv, Sq, Sk, D = case.B, case.Hq, case.Hkv, case.Sq, case.Sk, case.D
+
+    def rand(h, s):
+        if case.transposed:
+            return torch.randn(B, s, h, D, generator=g).to(case.dtype).transpose(1, 2)
+        return torch.randn(B, h, s, D, generator=g).to(case.dtype)
+
+    q, k, v = rand(Hq, Sq), rand(Hkv, Sk), rand(Hkv, Sk)
+    nq, nk = math.ceil(Sq / case.q_block), math.ceil(Sk / case.kv_block)
+    bl = B if case.batch_layout else 1
+    maxk = max(1, round(case.density * nk))
+    chosen = torch.rand(bl, Hq, nq, nk, generator=g).argsort(-1)[..., :maxk].sort(-1).values.to(torch.int32)
+    if case.empty_rows:
+        counts = torch.randint(0, maxk + 1, (bl, Hq, nq), generator=g, dtype=torch.int32)
+        counts.view(-1)[:: max(1, counts.numel() // 4)] = 0  # make sure some rows are empty
+    else:
+        counts = torch.full((bl, Hq, nq), maxk, dtype=torch.int32)
+    if case.count_overflow:
+        counts.view(-1)[::3] = maxk + 2
+    # padding past the count: garbage that must never be read as a block
+    garbage = torch.tensor([-7, nk, 10**6, 0], dtype=torch.int32)[torch.randint(0, 4, chosen.shape, generator=g)]
+    slot = torch.arange(maxk, dtype=torch.int32)
+    kv_indices = torch.where(slot < counts[..., None], chosen, garbage)
+    kv_valid = None
+    if case.kv_valid:
+        kv_valid = torch.rand(B, Sk, generator=g) > 0.25
+        kv_valid[0, :] = False  # batch 0: one sequence with no valid key at all ...
+        kv_valid[0, : Sk // 3] = True  # ... except its first third (rows may still end up empty)
+    return q, k, v, kv_indices, counts, kv_valid
+
+
+def oracle(case: Case, q, k, v, kv_indices, kv_counts, kv_valid):
+    mask = layout_mask(kv_indices, kv_counts, q_block=case.q_block, kv_block=case.kv_block, seq_q=case.Sq,
+                       seq_k=case.Sk, causal=case.causal, kv_valid=kv_valid)
+    return dense_attention(q.double(), k.double(), v.double(), mask, return_lse=True)
+
+
+def poisoned_out(case: Case, q):
+    if case.transposed:  # a differently-strided out=: [B, Hq, Sq, D] view of a [B, Sq, Hq, D] buffer
+        return torch.full((case.B, case.Sq, case.Hq, case.D), float("nan"), dtype=case.dtype).transpose(1, 2)
+    return torch.full((case.B, case.Hq, case.Sq, case.D), float("nan"), dtype=case.dtype)
+
+
+def check(case: Case, out, lse, ref, ref_lse):
+    assert out.dtype == case.dtype and tuple(out.shape) == (case.B, case.Hq, case.Sq, case.D)
+    assert not out.isnan().any(), "output not fully written (NaN poison left) or NaN produced"
+    atol, rtol = TOL[case.dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    if lse is not None:
+        assert lse.dtype == torch.float32 and tuple(lse.shape) == (case.B, case.Hq, case.Sq)
+        atol, rtol = LSE_TOL[case.dtype]
+        torch.testing.assert_close(lse.double(), ref_lse, atol=atol, rtol=rtol)
+
+
+# --------------------------------------------------------------------------------------------------
+# interpreter worker: every Triton launch of this file, run once in a TRITON_INTERPRET=1 process
+# --------------------------------------------------------------------------------------------------
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _interpret_jobs():
+    """name -> (case, salt) of every interpreted launch the tests below check."""
+    jobs = {f"oracle/{c.name}": (c, "") for c in CASES}
+    for name in FLEX_CASES:
+        jobs[f"flex/{name}"] = (next(c for c in CASES if c.name == name), "flex")
+    return jobs
+
+
+LAYOUT_CASE = Case("layout", 2, 2, 1, 40, 40, 32, 16, 16, True, 0.5)
+
+
+def _interpret_worker(path: str) -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("the interpreter worker needs TRITON_INTERPRET=1 before triton is imported")
+    results = {}
+    for name, (case, salt) in _interpret_jobs().items():
+        q, k, v, idx, cnt, valid = make_inputs(case, salt)
+        out = poisoned_out(case, q)
+        res, lse = block_sparse_attention(q, k, v, idx, cnt, q_block=case.q_block, kv_block=case.kv_block,
+                                          causal=case.causal, kv_valid=valid, out=out, return_lse=True)
+        results[name] = {"out": out, "lse": lse, "wrote_into_out": res is out}
+    q, k, v, idx, cnt, _ = make_inputs(LAYOUT_CASE)
+    results["layout/default_out"] = block_sparse_attention(q, k, v, idx, cnt, q_block=16, kv_block=16, causal=True)
+    idx0 = torch.full((1, 2, 3, 1), 5, dtype=torch.int32)
+    out0, lse0 = block_sparse_attention(q, k[:, :, :0], v[:, :, :0], idx0, torch.ones((1, 2, 3), dtype=torch.int32),
+                                        q_block=16, kv_block=16, causal=False, return_lse=True)
+    results["layout/empty_keys"] = {"out": out0, "lse": lse0}
+    torch.save(results, path)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    pytest.importorskip("triton")
+    path = tmp_path_factory.mktemp("interpreter") / "results.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret-worker", str(path)],
+                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return torch.load(path)
+
+
+@pytest.fixture
+def no_interpret(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernel (interpreter) and the PyTorch block-sparse path against the float64 dense oracle
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_triton_kernel_matches_dense_oracle(case, interpreted):
+    q, k, v, idx, cnt, valid = make_inputs(case)
+    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid)
+    res = interpreted[f"oracle/{case.name}"]
+    assert res["wrote_into_out"]
+    assert res["out"].stride() == poisoned_out(case, q).stride()
+    check(case, res["out"], res["lse"], ref, ref_lse)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_torch_path_matches_dense_oracle(case, no_interpret):
+    q, k, v, idx, cnt, valid = make_inputs(case, salt="torch")
+    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid)
+    out = poisoned_out(case, q)
+    res, lse = block_sparse_attention(q, k, v, idx, cnt, q_block=case.q_block, kv_block=case.kv_block,
+                                      causal=case.causal, kv_valid=valid, out=out, return_lse=True)
+    assert res is out
+    check(case, out, lse, ref, ref_lse)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=lambda c: c.name)
+def test_torch_path_float64_and_online_chunks(case, monkeypatch):
+    """float64 end to end (tight tolerance), with a tiny memory budget that forces one query block per
+    chunk and the online softmax over several key-slot passes."""
+    case = dataclasses.replace(case, dtype=torch.float64)
+    q, k, v, idx, cnt, valid = make_inputs(case, salt="f64")
+    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid)
+    out, lse = block_sparse_attention_torch(q, k, v, idx, cnt, q_block=case.q_block, kv_block=case.kv_block,
+                                            causal=case.causal, kv_valid=valid, return_lse=True)
+    monkeypatch.setattr(reference_mod, "MAX_CHUNK_BYTES", 4 * case.q_block * case.kv_block * 8)
+    out_small, lse_small = block_sparse_attention_torch(q, k, v, idx, cnt, q_block=case.q_block,
+                                                        kv_block=case.kv_block, causal=case.causal,
+                                                        kv_valid=valid, return_lse=True)
+    lse = lse.double()  # lse is float32 by contract
+    for o, l in ((out, lse), (out_small, lse_small.double())):
+        torch.testing.assert_close(o, ref, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(l, ref_lse, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("name", FLEX_CASES)
+def test_matches_flex_attention(name, interpreted):
+    """Independent second oracle: FlexAttention (eager, float64) with the layout as BlockMask + mask_mod."""
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    case = next(c for c in CASES if c.name == name)
+    q, k, v, idx, cnt, valid = make_inputs(case, salt="flex")
+    B, Hq, Sq, Sk, qb, kb = case.B, case.Hq, case.Sq, case.Sk, case.q_block, case.kv_block
+    nq, nk = math.ceil(Sq / qb), math.ceil(Sk / kb)
+    # block table built directly from the lists (not through layout_mask)
+    blocks = torch.zeros(idx.shape[0], Hq, nq, nk, dtype=torch.bool)
+    for b in range(idx.shape[0]):
+        for h in range(Hq):
+            for i in range(nq):
+                blocks[b, h, i, idx[b, h, i, : cnt[b, h, i]].long()] = True
+    blocks = blocks.expand(B, -1, -1, -1)
+    shift = Sk - Sq
+    valid_t = valid if valid is not None else torch.ones(B, Sk, dtype=torch.bool)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = blocks[b, h, q_idx // qb, kv_idx // kb] & valid_t[b, kv_idx]
+        if case.causal:
+            ok = ok & (kv_idx <= q_idx + shift)
+        return ok
+
+    kv_num = blocks.sum(-1).to(torch.int32).contiguous()
+    kv_list = torch.argsort((~blocks).to(torch.int8), dim=-1, stable=True).to(torch.int32).contiguous()
+    block_mask = flex.BlockMask.from_kv_blocks(kv_num, kv_list, BLOCK_SIZE=(qb, kb), mask_mod=mask_mod,
+                                               seq_lengths=(Sq, Sk))
+    kw = {"return_aux": flex.AuxRequest(lse=True)} if hasattr(flex, "AuxRequest") else {"return_lse": True}
+    ref, aux = flex.flex_attention(q.double(), k.double(), v.double(), block_mask=block_mask,
+                                   enable_gqa=Hq != case.Hkv, **kw)
+    ref_lse = aux.lse if hasattr(aux, "lse") else aux
+    res = interpreted[f"flex/{name}"]
+    check(case, res["out"], res["lse"], ref, ref_lse)
+
+
+def test_dense_layout_equals_sdpa(no_interpret):
+    """A full layout without masks is plain attention: compare with F.scaled_dot_product_attention."""
+    case = Case("dense_sdpa", 2, 6, 2, 130, 130, 64, 32, 32, False, 1.0, dtype=torch.float64)
+    q, k, v, idx, cnt, _ = make_inputs(case)
+    out = block_sparse_attention(q, k, v, idx, cnt, q_block=32, kv_block=32, causal=False)
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+    out_c = block_sparse_attention(q, k, v, idx, cnt, q_block=32, kv_block=32, causal=True, scale=0.3)
+    ref_c = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=True,
+                                           scale=0.3)
+    torch.testing.assert_close(out_c, ref_c, atol=1e-10, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------------------------------
+# API contract: output layout, edge sizes, checks, supports(), custom op
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["interpret", "torch"])
+def test_default_output_layout_and_empty_key_sequence(mode, request, monkeypatch):
+    q, k, v, idx, cnt, _ = make_inputs(LAYOUT_CASE)
+    if mode == "interpret":
+        results = request.getfixturevalue("interpreted")
+        out, empty = results["layout/default_out"], results["layout/empty_keys"]
+        out0, lse0 = empty["out"], empty["lse"]
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        out = block_sparse_attention(q, k, v, idx, cnt, q_block=16, kv_block=16, causal=True)
+        idx0 = torch.full((1, 2, 3, 1), 5, dtype=torch.int32)
+        out0, lse0 = block_sparse_attention(q, k[:, :, :0], v[:, :, :0], idx0, torch.ones((1, 2, 3), dtype=torch.int32),
+                                            q_block=16, kv_block=16, causal=False, return_lse=True)
+    assert tuple(out.shape) == (2, 2, 40, 32)
+    assert out.transpose(1, 2).is_contiguous()  # allocated as empty(B, Sq, Hq, D).transpose(1, 2)
+    ref, _ = oracle(LAYOUT_CASE, q, k, v, idx, cnt, None)
+    check(LAYOUT_CASE, out, None, ref, None)
+    # Sk = 0: nothing to attend, every row is 0 with lse = -inf
+    assert (out0 == 0).all() and (lse0 == float("-inf")).all()
+
+
+def test_argument_checks(no_interpret):
+    case = Case("checks", 1, 4, 2, 64, 64, 64, 16, 16, False, 0.5)
+    q, k, v, idx, cnt, _ = make_inputs(case)
+    kw = dict(q_block=16, kv_block=16, causal=False)
+    with pytest.raises(ValueError, match="kv_indices must be int32"):
+        block_sparse_attention(q, k, v, idx.long(), cnt, **kw)
+    with pytest.raises(ValueError, match=r"NQ=ceil\(64/16\)=4"):
+        block_sparse_attention(q, k, v, idx[:, :, :3], cnt, **kw)
+    with pytest.raises(ValueError, match="kv_counts must be int32"):
+        block_sparse_attention(q, k, v, idx, cnt[:, :, :3], **kw)
+    with pytest.raises(ValueError, match="Hq must be a multiple of Hkv"):
+        block_sparse_attention(q[:, :3], k, v, idx[:, :3], cnt[:, :3], **kw)
+    with pytest.raises(ValueError, match="q_block must be a power of two"):
+        block_sparse_attention(q, k, v, idx, cnt, q_block=24, kv_block=16, causal=False)
+    with pytest.raises(ValueError, match="kv_valid must be bool"):
+        block_sparse_attention(q, k, v, idx, cnt, kv_valid=torch.ones(1, 63, dtype=torch.bool), **kw)
+    with pytest.raises(ValueError, match="out must be"):
+        block_sparse_attention(q, k, v, idx, cnt, out=torch.empty(1, 4, 64, 32), **kw)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        block_sparse_attention(q, k, v, idx, cnt, scale=-1.0, **kw)
+    with pytest.raises(TypeError, match="q, k, v must share a dtype"):
+        block_sparse_attention(q, k.half(), v, idx, cnt, **kw)
+    with pytest.raises(NotImplementedError, match="no backward"):
+        block_sparse_attention(q.requires_grad_(), k, v, idx, cnt, **kw)
+
+
+def test_supports_reasons(monkeypatch):
+    q, k, v = torch.randn(1, 2, 32, 64), torch.randn(1, 2, 32, 64), torch.randn(1, 2, 32, 64)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert supports(q, k, v, 16, 16) is None
+    assert supports(q.double(), k.double(), v.double(), 16, 16) is None  # CPU PyTorch path: any float
+    assert supports(q, k, v, 16, 48) == "kv_block 48 not supported (expected one of (16, 32, 64, 128))"
+    assert supports(q.requires_grad_(), k, v, 16, 16) == "requires_grad"
+    with torch.no_grad():
+        assert supports(q, k, v, 16, 16) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton path: the kernel's own limits
+    q80 = torch.randn(1, 2, 32, 80)
+    assert supports(q80, q80, q80, 16, 16).startswith("head_dim 80 not supported")
+    assert supports(q.detach().double(), k.double(), v.double(), 16, 16) == "dtype float64 not supported"
+    with pytest.raises(NotImplementedError, match="head_dim 80 not supported"):
+        idx = torch.zeros(1, 2, 2, 1, dtype=torch.int32)
+        block_sparse_attention(q80, q80, q80, idx, idx[..., 0], q_block=16, kv_block=16, causal=False)
+
+
+def test_custom_op_matches_and_fake_strides(no_interpret):
+    case = Case("op", 2, 4, 2, 48, 80, 32, 16, 16, True, 0.5, kv_valid=True)
+    q, k, v, idx, cnt, valid = make_inputs(case)
+    scale = 0.2
+    got = torch.ops.autosparse.block_sparse_attention(q, k, v, idx, cnt, valid, 16, 16, True, scale)
+    want = block_sparse_attention(q, k, v, idx, cnt, q_block=16, kv_block=16, causal=True, scale=scale,
+                                  kv_valid=valid)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fi, fc, fvalid = (mode.from_tensor(t) for t in (q, k, v, idx, cnt, valid))
+        fake = torch.ops.autosparse.block_sparse_attention(fq, fk, fv, fi, fc, fvalid, 16, 16, True, scale)
+    assert fake.shape == got.shape and fake.stride() == got.stride() and fake.dtype == got.dtype
+    torch.library.opcheck(torch.ops.autosparse.block_sparse_attention.default,
+                          (q, k, v, idx, cnt, valid, 16, 16, True, scale))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--interpret-worker":
+        _interpret_worker(sys.argv[2])
+    else:
+        raise SystemExit(f"usage: TRITON_INTERPRET=1 python {sys.argv[0]} --interpret-worker OUT.pt")
