@@ -1,0 +1,152 @@
+"""patch_model on the GPU: a Llama-3.1-8B-shaped model (random weights, few layers), bf16 prefill.
+
+1. Correctness: patched logits vs the same model run with float32 dense attention on the profile's
+   token mask (``BlockLayout.to_dense()``), at a short length, with and without padding.
+2. Speed: prefill forward time, dense (SDPA, default backend) vs patched, at long lengths, for a
+   uniform sink+local profile; also the attention call alone through the op vs SDPA.
+
+    python benchmarks/llm_prefill.py [--layers 2] [--lengths 32768 65536]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import autosparse  # noqa: E402
+from autosparse import BlockGeometry, BlockLayout, Profile  # noqa: E402
+from autosparse.kernels.reference import dense_attention  # noqa: E402
+from autosparse.models import attention_layers  # noqa: E402
+
+
+def llama_8b_shaped(layers: int) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0, attn_implementation="sdpa",
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
+
+
+def reference_logits(model, profile: Profile, ids, mask=None) -> torch.Tensor:
+    heads = {layer.module: profile.layers[layer.name].heads for layer in attention_layers(model)}
+
+    def attend(module, query, key, value, attn_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        geometry = BlockGeometry(query.shape[2], key.shape[2], *profile.block_size, causal=True)
+        allowed = BlockLayout.from_patterns(heads[module], geometry, query.device).to_dense()[None]
+        if attn_mask is not None:
+            allowed = allowed & attn_mask
+        out = dense_attention(query.float(), key.float(), value.float(), mask=allowed, scale=scaling)
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("bench_reference", attend)
+    AttentionMaskInterface.register("bench_reference", sdpa_mask)
+    model.set_attn_implementation("bench_reference")
+    try:
+        with torch.inference_mode():
+            return model(input_ids=ids, attention_mask=mask).logits.float()
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def timed(fn, repeats: int = 5) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536])
+    parser.add_argument("--window", type=int, default=2048)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}")
+    model = llama_8b_shaped(args.layers)
+    spec = {"kind": "sink_local", "sinks": 64, "window": args.window}
+    profile = Profile.uniform(model, spec)
+
+    # -- 1. correctness ----------------------------------------------------------------------
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, 32000, (2, 3000), device="cuda", generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :777] = 0  # left padding in the second row
+    small = Profile.uniform(model, {"kind": "sink_local", "sinks": 4, "window": 512})
+    for name, attention_mask in (("no padding", None), ("left padding", mask)):
+        expected = reference_logits(model, small, ids, attention_mask)
+        with torch.inference_mode():
+            dense = model(input_ids=ids, attention_mask=attention_mask).logits.float()
+        autosparse.patch_model(model, small)
+        with torch.inference_mode():
+            got = model(input_ids=ids, attention_mask=attention_mask).logits.float()
+        calls = autosparse.stats(model)
+        autosparse.unpatch_model(model)
+        valid = (attention_mask if attention_mask is not None else torch.ones_like(ids)).bool()
+        print(f"correctness ({name}, S=3000, bf16): rel err patched vs fp32 masked reference "
+              f"{rel(got[valid], expected[valid]):.2e}; dense SDPA vs the same reference "
+              f"{rel(dense[valid], expected[valid]):.2e} (the pattern's own effect); {calls}")
+        assert torch.isfinite(got[valid]).all()
+        assert calls.sparse == args.layers and not calls.fallback
+
+    # -- 2. speed ----------------------------------------------------------------------------
+    rows = []
+    for length in args.lengths:
+        ids = torch.randint(0, 32000, (1, length), device="cuda", generator=gen)
+        layer = attention_layers(model)[0]
+        geometry = BlockGeometry(length, length, *profile.block_size, causal=True)
+        layout = BlockLayout.from_patterns(profile.layers[layer.name].heads, geometry, "cuda")
+        q = torch.randn(1, 32, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        k = torch.randn(1, 8, length, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+        v = torch.randn_like(k)
+
+        def sdpa():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+        def sparse():
+            torch.ops.autosparse.block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, None,
+                                                        *profile.block_size, True, 128 ** -0.5)
+
+        def forward():
+            with torch.inference_mode():
+                model(input_ids=ids, use_cache=False)
+
+        attn_dense, attn_sparse = timed(sdpa), timed(sparse)
+        fwd_dense = timed(forward, repeats=3)
+        autosparse.patch_model(model, profile)
+        fwd_sparse = timed(forward, repeats=3)
+        autosparse.unpatch_model(model)
+        rows.append((length, layout.density(), attn_dense, attn_sparse, fwd_dense, fwd_sparse))
+
+    print(f"\n{args.layers}-layer Llama-3.1-8B-shaped model (32 q / 8 kv heads, d=128), bf16, B=1, causal prefill, "
+          f"profile {spec}, blocks {profile.block_size}")
+    print("| S | block density | attention SDPA ms | attention autosparse ms | speedup | ideal 1/d "
+          "| forward dense ms | forward patched ms | forward speedup |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for length, density, ad, asp, fd, fs in rows:
+        print(f"| {length} | {density:.3f} | {ad:.2f} | {asp:.2f} | {ad / asp:.2f}x | {1 / density:.1f}x "
+              f"| {fd:.1f} | {fs:.1f} | {fd / fs:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
