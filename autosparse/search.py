@@ -87,7 +87,7 @@ class _Calibrator:
     def observe(self, name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
                 scale: float) -> None:
         """q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` of one layer call (no padding)."""
-        batch, heads, q_len, _ = query.shape
+        heads, q_len = query.shape[1:3]
         kv_len = key.shape[2]
         geometry = BlockGeometry(q_len, kv_len, *self.config.block_size, causal)
         rows = torch.randperm(q_len, generator=self.generator)[: self.config.query_rows].sort().values
@@ -115,8 +115,9 @@ class _Calibrator:
         dense_blocks = float(geometry.reachable().sum())
         for c, pattern in enumerate(self.candidates):
             block_mask = pattern.block_mask(geometry)
-            layer.blocks[c] += float(block_mask.sum())
-            if float(block_mask.sum()) == dense_blocks:
+            blocks = float(block_mask.sum())
+            layer.blocks[c] += blocks
+            if blocks == dense_blocks:
                 continue  # computes every block: exactly dense, no error
             keep = block_mask[q_blocks].to(probs)  # [R, NK]
             approx = torch.einsum("bhrjd,rj->bhrd", block_out, keep)
