@@ -323,8 +323,8 @@ def run_timing(dev, smoke, use_flex, results, deadline):
                 out.fill_(float("nan"))
                 run = lambda: block_sparse_attention(q, k, v, idx, cnt, q_block=qb, kv_block=kb,  # noqa: E731
                                                      causal=shp.causal, out=out)
-                compiled = bso._launch(q, k, v, idx, cnt, None, out, None, qb, kb, shp.causal, 1.0 / math.sqrt(D),
-                                       None) if not smoke else None
+                compiled = bso._launch(q, k, v, idx, cnt, None, None, out, None, qb, kb, shp.causal,
+                                       1.0 / math.sqrt(D), None) if not smoke else None
                 out.fill_(float("nan"))
                 run()
                 unwritten = int(out.isnan().sum())
@@ -385,9 +385,33 @@ def run_timing(dev, smoke, use_flex, results, deadline):
     return rows
 
 
+SWEEP_VARIANTS = {  # name -> (layout blocks, TileConfig); d=128 and d=64 shapes get their own lists
+    128: [("ptr 128x64 w8 s4", (128, 64), bso.TileConfig(8, 4, use_tma=False)),
+          ("tma 128x64 w8 s4", (128, 64), bso.TileConfig(8, 4, use_tma=True)),
+          ("tma 128x64 w8 s3", (128, 64), bso.TileConfig(8, 3, use_tma=True)),
+          ("tma 128x64 w8 s3 ws", (128, 64), bso.TileConfig(8, 3, use_tma=True, warp_specialize=True)),
+          ("tma 128x64 w4 s3 ws", (128, 64), bso.TileConfig(4, 3, use_tma=True, warp_specialize=True)),
+          ("tma m64 128x64 w4 s3", (128, 64), bso.TileConfig(4, 3, block_m=64, use_tma=True)),
+          ("ptr 128x128 w8 s2", (128, 128), bso.TileConfig(8, 2, use_tma=False)),
+          ("tma 128x128 w8 s2", (128, 128), bso.TileConfig(8, 2, use_tma=True)),
+          ("tma 128x128 w8 s3", (128, 128), bso.TileConfig(8, 3, use_tma=True)),
+          ("tma 128x128 w8 s2 ws", (128, 128), bso.TileConfig(8, 2, use_tma=True, warp_specialize=True)),
+          ("tma m64 128x128 w4 s2", (128, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True))],
+    64: [("ptr 128x64 w4 s4", (128, 64), bso.TileConfig(4, 4, use_tma=False)),
+         ("tma 128x64 w4 s4", (128, 64), bso.TileConfig(4, 4, use_tma=True)),
+         ("tma 128x64 w8 s4", (128, 64), bso.TileConfig(8, 4, use_tma=True)),
+         ("tma 128x64 w4 s3 ws", (128, 64), bso.TileConfig(4, 3, use_tma=True, warp_specialize=True)),
+         ("tma m64 128x64 w4 s4", (128, 64), bso.TileConfig(4, 4, block_m=64, use_tma=True)),
+         ("tma 128x128 w8 s3", (128, 128), bso.TileConfig(8, 3, use_tma=True)),
+         ("tma 128x128 w4 s3", (128, 128), bso.TileConfig(4, 3, use_tma=True)),
+         ("tma 128x128 w8 s3 ws", (128, 128), bso.TileConfig(8, 3, use_tma=True, warp_specialize=True))],
+}
+
+
 def run_sweep(dev, smoke, results):
-    """Tile-config sweep (num_warps x num_stages) at d = 1 and 0.25 on the timing shapes, plus the cost
-    of an element mask on every block (all-True kv_valid forces the per-key mask path)."""
+    """Kernel-variant sweep (pointer vs TMA loads, warp specialisation, 128x64 vs 128x128 layout
+    blocks, 64-row query tiles, warps x stages) at d = 1 (and 0.25 on the first shape), checked
+    against SDPA (d = 1) or the pointer-path variant."""
     gen = torch.Generator(device=dev)
     gen.manual_seed(99)
     rows = []
@@ -398,33 +422,51 @@ def run_sweep(dev, smoke, results):
         q = torch.randn(B, Hq, S, D, device=dev, dtype=torch.bfloat16, generator=gen)
         k = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, generator=gen)
         v = torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, generator=gen)
-        qb, kb = shp.q_block, shp.kv_block
-        nq, nk = math.ceil(S / qb), math.ceil(S / kb)
-        allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, shp.causal, dev)
-        default = bso.default_config(qb, kb, D, torch.bfloat16, dev)
-        all_valid = torch.ones(B, S, dtype=torch.bool, device=dev)
-        for density in (1.0, 0.25):
-            blocks = random_layout(Hq, nq, nk, density, allowed, partial, gen)
-            idx, cnt = mask_to_layout(blocks[None])
-            flops = 4 * B * D * qb * kb * int(cnt.sum())
-            variants = [(f"w{w} s{st}", bso.TileConfig(w, st), None) for w in (4, 8) for st in (2, 3, 4)]
-            variants.append((f"default w{default.num_warps} s{default.num_stages} + mask on every block", default,
-                             all_valid))
-            for name, cfg, valid in variants:
+        g = Hq // Hkv
+        ref = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
+                                             is_causal=shp.causal)
+        t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),  # noqa: E731
+                                                              v.repeat_interleave(g, 1), is_causal=shp.causal), smoke)
+        log(f"\n== sweep {shp.name}: sdpa {t_sdpa:.3f} ms")
+        for density in ((1.0, 0.25) if shp is SHAPES[0] else (1.0,)):
+            layouts, base_outs = {}, {}
+            for name, (qb, kb), cfg in SWEEP_VARIANTS[D]:
+                if (qb, kb) not in layouts:
+                    nq, nk = math.ceil(S / qb), math.ceil(S / kb)
+                    allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, shp.causal, dev)
+                    layouts[(qb, kb)] = mask_to_layout(random_layout(Hq, nq, nk, density, allowed, partial, gen)[None])
+                idx, cnt = layouts[(qb, kb)]
+                flops = 4 * B * D * qb * kb * int(cnt.sum())
                 try:
+                    out = torch.full_like(q, float("nan"))
                     fn = lambda: block_sparse_attention(q, k, v, idx, cnt, q_block=qb, kv_block=kb,  # noqa: E731
-                                                        causal=shp.causal, kv_valid=valid, config=cfg)
-                    fn()
+                                                        causal=shp.causal, config=cfg, out=out)
+                    compiled = bso._launch(q, k, v, idx, cnt, None, None, out, None, qb, kb, shp.causal,
+                                           1.0 / math.sqrt(D), cfg) if not smoke else fn()
+                    unwritten = int(out.isnan().sum())
+                    if density == 1.0:
+                        err = rel_err(out, ref)
+                    else:  # against the first variant on the same layout
+                        first = base_outs.setdefault((qb, kb), out.clone())
+                        err = rel_err(out, first)
                     t1, t2 = bench(fn, smoke), bench(fn, smoke)
                     row = dict(shape=shp.name, density=density, variant=name, ms=t2, ms_first=t1,
-                               tflops=flops / t2 / 1e9, default=cfg == default and valid is None)
-                    log(f"sweep {shp.name:22s} d={density:<5g} {name:48s} {t2:.3f} ms ({t1:.3f}) "
-                        f"{row['tflops']:.0f} TFLOP/s{'  <- default' if row['default'] else ''}")
-                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory
-                    row = dict(shape=shp.name, density=density, variant=name, error=f"{type(e).__name__}: {e}"[:200])
-                    log(f"sweep {shp.name:22s} d={density:<5g} {name:48s} FAILED {row['error'][:120]}")
+                               tflops=flops / t2 / 1e9, sdpa_ms=t_sdpa, vs_sdpa_rate=None, err=err,
+                               unwritten=unwritten)
+                    if compiled is not None and hasattr(compiled, "n_regs"):
+                        row.update(n_regs=compiled.n_regs, n_spills=compiled.n_spills,
+                                   shared=getattr(compiled.metadata, "shared", None))
+                    dense_t = t2 / (int(cnt.sum()) / (Hq * (allowed.sum().item())))
+                    row["vs_sdpa_rate"] = t_sdpa / dense_t
+                    log(f"sweep {shp.name:22s} d={density:<5g} {name:24s} {t2:.3f} ms ({t1:.3f}) "
+                        f"{row['tflops']:.0f} TFLOP/s rate vs sdpa {row['vs_sdpa_rate']:.2f} err {err:.1e}"
+                        f" regs {row.get('n_regs')} spills {row.get('n_spills')} smem {row.get('shared')}"
+                        + (f" UNWRITTEN {unwritten}" if unwritten else ""))
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory, unsupported feature
+                    row = dict(shape=shp.name, density=density, variant=name, error=f"{type(e).__name__}: {e}"[:300])
+                    log(f"sweep {shp.name:22s} d={density:<5g} {name:24s} FAILED {row['error']}")
                 rows.append(row)
-        del q, k, v
+        del q, k, v, ref
     results["sweep"] = rows
     return rows
 
@@ -448,7 +490,7 @@ def main():
     ap.add_argument("--out", default=None, help="folder for table.md and results.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: exercise the script only")
     ap.add_argument("--no-flex", action="store_true")
-    ap.add_argument("--sweep", action="store_true", help="only the tile-config sweep (no checks, no table)")
+    ap.add_argument("--sweep", action="store_true", help="the kernel-variant sweep, after the checks (no table)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip FlexAttention after this many seconds")
     args = ap.parse_args()
     t0 = time.time()
@@ -464,15 +506,15 @@ def main():
         tflops, tbps = ceilings(dev)
         results["ceilings"] = dict(bf16_matmul_tflops=tflops, copy_tbps=tbps)
         log(f"ceilings: bf16 matmul 8192^3 {tflops:.0f} TFLOP/s, d2d copy {tbps:.2f} TB/s (read+write)")
+    dtypes = [torch.float32] if args.smoke else [torch.bfloat16, torch.float16, torch.float32]
+    ok = run_checks(dev, dtypes, args.smoke, results)
+    log(f"correctness: {'ALL OK' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)")
     if args.sweep:
         run_sweep(dev, args.smoke, results)
         if args.out:
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "sweep.json").write_text(json.dumps(results, indent=1, default=str))
         return
-    dtypes = [torch.float32] if args.smoke else [torch.bfloat16, torch.float16, torch.float32]
-    ok = run_checks(dev, dtypes, args.smoke, results)
-    log(f"correctness: {'ALL OK' if ok else 'FAILURES'} ({time.time() - t0:.0f} s)")
     rows = run_timing(dev, args.smoke, not args.no_flex, results, t0 + args.budget_s)
     md = table(rows)
     header = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, B=1, S=32768, tile 128x64; "

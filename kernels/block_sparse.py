@@ -3,15 +3,24 @@
 Flash attention (online softmax over key tiles, never materialising the score matrix):
   * FlashAttention, Dao et al. 2022, https://arxiv.org/abs/2205.14135
   * FlashAttention-2, Dao 2023, https://arxiv.org/abs/2307.08691
-Block-sparse variant: each program owns one query block of one (batch, head) and visits only the key
-blocks listed for it in a look-up table (``kv_indices[b, h, i, :kv_counts[b, h, i]]``), as in
+Block-sparse variant: each program owns one query tile of one (batch, head) and visits only the key
+blocks listed for its layout row in a look-up table (``kv_indices[b, h, i, :kv_counts[b, h, i]]``), as in
   * Triton's block-sparse attention and FlashAttention's block-sparse forward,
   * FlexAttention's BlockMask, https://pytorch.org/blog/flexattention/
 
-Only ``@triton.jit`` code lives here; the launcher, checks, grid and tile configuration are in
-``block_sparse_op.py``. The Triton tile equals the layout block (BLOCK_M = q_block,
-BLOCK_N = kv_block). Element masks (causal diagonal, ragged last key block, key padding, bad block
-index) are applied only on the key blocks that need them: full blocks run the mask-free path.
+Only ``@triton.jit`` code lives here; the launcher, checks, schedule and tile configuration are in
+``block_sparse_op.py``.
+
+* The key tile is the layout's key block (BLOCK_N = kv_block). The query tile is the layout's query
+  block or a power-of-two fraction of it (BLOCK_M = q_block / Q_SPLIT): the Q_SPLIT tiles of one
+  layout row share its key list and run next to each other, so they share its K/V tiles in L2.
+* Programs are dealt out by a schedule (``Sched``, one entry per layout row, heaviest rows first) so a
+  launch whose heads differ 10x in work does not end on a tail of long programs.
+* Element masks (causal diagonal, ragged last key block, key padding, bad block index) are applied
+  only on the key blocks that need them: full blocks run the mask-free path.
+* K/V (and Q/O) move either through plain pointer loads or, where the tensors allow it, through
+  Hopper's tensor-memory-accelerator descriptors (``USE_TMA``: 4-D descriptors over [B, H, S, D],
+  out-of-range rows come back as zeros and stores past the end are dropped by the hardware).
 """
 
 import triton
@@ -20,36 +29,39 @@ import triton.language as tl
 
 @triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q,  #
-                    K_head, V_head, KvValid_row, Idx_row, count,  #
+                    K_head, V_head, k_desc, v_desc, off_b, off_hkv,  #
+                    KvValid_row, Idx_row, count,  #
                     stride_kn, stride_vn, stride_ik,  #
                     q_start, causal_shift, Sk, qk_scale,  #
                     offs_m, offs_n, offs_d,  #
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
                     CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
-                    DOT_PRECISION: tl.constexpr):
-    """Visit the ``count`` listed key blocks of one query block; returns (acc, l_i, m_i).
+                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+    """Visit the ``count`` listed key blocks of one query tile; returns (acc, l_i, m_i).
 
     Scores are kept in the log2 domain (``qk_scale`` = scale * log2(e)). A row that has seen no
     allowed key keeps m_i = -inf, l_i = 0, acc = 0 (the epilogue writes 0 for it).
     """
     NK = tl.cdiv(Sk, BLOCK_N)
-    for it in range(0, count):
+    for it in tl.range(0, count, warp_specialize=WARP_SPEC):
         # -- which key block ----------------------------------------------------------------------
         blk = tl.load(Idx_row + it * stride_ik)
         in_range = (blk >= 0) & (blk < NK)
-        out_of_range = (blk < 0) | (blk >= NK)
         blk = tl.where(in_range, blk, 0)  # a bad index is read as block 0 and fully masked below
         start_n = blk * BLOCK_N
-        # -- load K^T [HEAD_DIM, BLOCK_N] ---------------------------------------------------------
-        k_ptrs = K_head + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-        if EVEN_N:
-            kT = tl.load(k_ptrs)
+        # -- scores q @ k^T -----------------------------------------------------------------------
+        if USE_TMA:
+            k = k_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+            qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
         else:
-            kT = tl.load(k_ptrs, mask=(start_n + offs_n)[None, :] < Sk, other=0.0)
-        # -- compute qk ---------------------------------------------------------------------------
-        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+            k_ptrs = K_head + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+            if EVEN_N:
+                kT = tl.load(k_ptrs)
+            else:
+                kT = tl.load(k_ptrs, mask=(start_n + offs_n)[None, :] < Sk, other=0.0)
+            qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         # -- element mask, only on blocks that need one -------------------------------------------
-        needs_mask = out_of_range
+        needs_mask = ~in_range
         if not EVEN_N:
             needs_mask = needs_mask | (start_n + BLOCK_N > Sk)
         if CAUSAL:
@@ -72,19 +84,23 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        # -- load V [BLOCK_N, HEAD_DIM] and accumulate --------------------------------------------
-        v_ptrs = V_head + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if EVEN_N:
-            v = tl.load(v_ptrs)
+        # -- P @ V --------------------------------------------------------------------------------
+        if USE_TMA:
+            v = v_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
         else:
-            v = tl.load(v_ptrs, mask=(start_n + offs_n)[:, None] < Sk, other=0.0)
+            v_ptrs = V_head + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+            if EVEN_N:
+                v = tl.load(v_ptrs)
+            else:
+                v = tl.load(v_ptrs, mask=(start_n + offs_n)[:, None] < Sk, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid,  #
+def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
+              q_desc, k_desc, v_desc, o_desc,  #
               stride_qb, stride_qh, stride_qm,  #
               stride_kb, stride_kh, stride_kn,  #
               stride_vb, stride_vh, stride_vn,  #
@@ -93,44 +109,50 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid,  #
               stride_ib, stride_ih, stride_iq, stride_ik,  #
               stride_cb, stride_ch, stride_cq,  #
               stride_valid_b,  #
-              sm_scale, Hq, GROUP, Sq, Sk, MAXK,  #
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  #
+              sm_scale, GROUP, Sq, Sk, MAXK, NQ,  #
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr,  #
               CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, STORE_LSE: tl.constexpr,  #
-              EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One program = one query block (axis 0) of one head (axis 1) of one batch entry (axis 2).
+              EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,  #
+              WARP_SPEC: tl.constexpr):
+    """One program = one query tile (BLOCK_M rows) of one layout row (head h, query block i) of one
+    batch entry; the row comes from the schedule: ``Sched[program_id(0) // Q_SPLIT] = h * NQ + i``.
 
     Q [B, Hq, Sq, HEAD_DIM], K/V [B, Hkv, Sk, HEAD_DIM] (last dim contiguous), Out like Q,
     Lse fp32 [B, Hq, Sq], KvIdx int32 [Bl, Hq, NQ, MAXK], KvCnt int32 [Bl, Hq, NQ] (stride_ib/cb = 0
-    when Bl = 1), KvValid uint8 [B, Sk]. Query head h reads KV head h // GROUP.
+    when Bl = 1), KvValid uint8 [B, Sk], Sched int32 [Hq * NQ]. Query head h reads KV head h // GROUP.
+    With USE_TMA the four descriptors cover Q/K/V/Out as 4-D [B, H, S, HEAD_DIM] tensors.
     """
-    tl.static_assert(BLOCK_M >= 16, "BLOCK_M (q_block) must be >= 16 for tl.dot")
+    tl.static_assert(BLOCK_M >= 16, "BLOCK_M must be >= 16 for tl.dot")
     tl.static_assert(BLOCK_N >= 16, "BLOCK_N (kv_block) must be >= 16 for tl.dot")
     tl.static_assert(HEAD_DIM >= 16, "HEAD_DIM must be >= 16 for tl.dot")
     tl.static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0, "HEAD_DIM must be a power of two")
 
-    start_m = tl.program_id(0)
-    off_h = tl.program_id(1)
-    off_b = tl.program_id(2)
+    pid = tl.program_id(0)
+    off_b = tl.program_id(1)
+    row = tl.load(Sched + pid // Q_SPLIT)
+    off_h = row // NQ
+    block_m = row % NQ  # layout query block
     off_hkv = off_h // GROUP
-    q_start = start_m * BLOCK_M
+    q_start = block_m * (BLOCK_M * Q_SPLIT) + (pid % Q_SPLIT) * BLOCK_M
 
-    # -- int64 batch/head (and block start) offsets ------------------------------------------------
-    q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-    o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
     K_head = K + off_b.to(tl.int64) * stride_kb + off_hkv.to(tl.int64) * stride_kh
     V_head = V + off_b.to(tl.int64) * stride_vb + off_hkv.to(tl.int64) * stride_vh
-    Idx_row = KvIdx + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + start_m.to(tl.int64) * stride_iq
-    cnt_ptr = KvCnt + off_b.to(tl.int64) * stride_cb + off_h.to(tl.int64) * stride_ch + start_m.to(tl.int64) * stride_cq
+    Idx_row = KvIdx + off_b.to(tl.int64) * stride_ib + off_h.to(tl.int64) * stride_ih + block_m.to(tl.int64) * stride_iq
+    cnt_ptr = KvCnt + off_b.to(tl.int64) * stride_cb + off_h.to(tl.int64) * stride_ch + block_m.to(tl.int64) * stride_cq
     KvValid_row = KvValid + off_b.to(tl.int64) * stride_valid_b
 
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m < Sq
 
     # -- load the query tile once ------------------------------------------------------------------
-    row_ok = offs_m < Sq
-    q = tl.load(q_base + offs_mb[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if USE_TMA:
+        q = q_desc.load([off_b, off_h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
+    else:
+        q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
+        q = tl.load(q_base + offs_mb[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
 
     count = tl.load(cnt_ptr)
     count = tl.minimum(tl.maximum(count, 0), MAXK)  # never read padding or past the row
@@ -142,18 +164,24 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid,  #
     causal_shift = Sk - Sq  # bottom-right aligned causal: key k allowed for query q iff k <= q + shift
 
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q,  #
-                                    K_head, V_head, KvValid_row, Idx_row, count,  #
+                                    K_head, V_head, k_desc, v_desc, off_b, off_hkv,  #
+                                    KvValid_row, Idx_row, count,  #
                                     stride_kn, stride_vn, stride_ik,  #
                                     q_start, causal_shift, Sk, qk_scale,  #
                                     offs_m, offs_n, offs_d,  #
-                                    BLOCK_M, BLOCK_N, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION)
+                                    BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION,  #
+                                    USE_TMA, WARP_SPEC)
 
     # epilogue: rows with no attended key (l_i == 0) give 0 and lse = -inf
     has_any = l_i > 0.0
     l_safe = tl.where(has_any, l_i, 1.0)
     acc = acc / l_safe[:, None]
-    tl.store(o_base + offs_mb[:, None] * stride_om + offs_d[None, :], acc.to(Out.type.element_ty),
-             mask=row_ok[:, None])
+    if USE_TMA:
+        o_desc.store([off_b, off_h, q_start, 0], acc.to(Out.type.element_ty).reshape(1, 1, BLOCK_M, HEAD_DIM))
+    else:
+        o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
+        tl.store(o_base + offs_mb[:, None] * stride_om + offs_d[None, :], acc.to(Out.type.element_ty),
+                 mask=row_ok[:, None])
     if STORE_LSE:
         lse = tl.where(has_any, (m_i + tl.math.log2(l_safe)) * 0.69314718055994530942, float("-inf"))
         lse_ptrs = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m

@@ -25,14 +25,15 @@ from torch import Tensor
 
 from . import reference
 
-__all__ = ["block_sparse_attention", "supports", "TileConfig", "default_config"]
+__all__ = ["block_sparse_attention", "supports", "TileConfig", "default_config", "row_schedule"]
 
 HEAD_DIMS = (16, 32, 64, 128)
 BLOCK_SIZES = (16, 32, 64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_GRID_YZ = 65535  # CUDA limit of grid dims 1 and 2 (heads, batch)
+_MAX_GRID_YZ = 65535  # CUDA limit of grid dim 1 (batch)
 _OP_NAME = "autosparse::block_sparse_attention"
 _OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, Tensor? kv_valid, "
+              "Tensor? schedule, "
               "int q_block, int kv_block, bool causal, float scale) -> Tensor")
 
 
@@ -41,10 +42,18 @@ _OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_count
 # ----------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-    """Launch parameters of the kernel (the tile itself is the layout block: BLOCK_M=q_block, BLOCK_N=kv_block)."""
+    """Launch parameters of the kernel.
+
+    ``block_m`` is the query tile (None: the layout's q_block; smaller powers of two split each layout
+    row into q_block // block_m programs). The key tile is always the layout's kv_block.
+    ``use_tma``: None picks tensor descriptors whenever the GPU (sm_90+) and the tensors' strides allow.
+    """
 
     num_warps: int
     num_stages: int
+    block_m: Optional[int] = None
+    use_tma: Optional[bool] = None
+    warp_specialize: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +146,7 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, out) -> float:
+def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, schedule, out) -> float:
     """Validate everything (no host syncs); return the resolved softmax scale."""
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_indices", kv_indices), ("kv_counts", kv_counts)):
         if not isinstance(t, Tensor):
@@ -184,6 +193,12 @@ def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale
             raise ValueError(f"kv_valid must be bool [B={b}, Sk={sk}], got {kv_valid.dtype} {tuple(kv_valid.shape)}")
         if kv_valid.device != q.device:
             raise ValueError(f"kv_valid must be on q's device {q.device}, got {kv_valid.device}")
+    if schedule is not None:
+        if not isinstance(schedule, Tensor) or schedule.dtype != torch.int32 or tuple(schedule.shape) != (hq * nq,) \
+                or schedule.device != q.device:
+            raise ValueError(f"schedule must be int32 [Hq * NQ = {hq * nq}] on {q.device} (row_schedule), got "
+                             f"{getattr(schedule, 'dtype', type(schedule).__name__)} "
+                             f"{tuple(getattr(schedule, 'shape', ()))}")
     if out is not None:
         if not isinstance(out, Tensor):
             raise TypeError(f"out must be a Tensor or None, got {type(out).__name__}")
@@ -222,20 +237,72 @@ def _kernel(device: torch.device):
     return mod._attn_fwd
 
 
-def _launch(q, k, v, kv_indices, kv_counts, kv_valid, out, lse, q_block, kv_block, causal, scale,
+def row_schedule(kv_counts: Tensor, group: int = 1) -> Tensor:
+    """The order programs are dealt out in: int32 ``[Hq * NQ]`` layout rows ``h * NQ + i``.
+
+    Heaviest rows first (longest-processing-time order), so a launch whose heads differ 10x in work
+    ends on short programs instead of a tail of long ones. Among equal rows the ``group`` query heads
+    of one KV head and one query block stay next to each other: they read the same K/V tiles, which
+    then come from L2 for all but the first. ``kv_counts`` is ``[Bl, Hq, NQ]``; with per-batch
+    layouts (Bl > 1) a row weighs as its heaviest batch entry.
+    """
+    _, hq, nq = kv_counts.shape
+    work = kv_counts.amax(0).to(torch.int64)  # [Hq, NQ]
+    dev = kv_counts.device
+    h = torch.arange(hq, device=dev)[:, None]
+    i = torch.arange(nq, device=dev)[None, :]
+    tie = ((h // group) * nq + i) * group + h % group  # (kv head, query block, head in group)
+    key = (work.max() - work) * (hq * nq) + tie
+    return torch.argsort(key.flatten()).to(torch.int32)
+
+
+def _tma_ok(*tensors: Tensor) -> bool:
+    """Tensor descriptors need sm_90+, 16-byte aligned base addresses and 16-byte multiple strides."""
+    t0 = tensors[0]
+    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+        return False
+    for t in tensors:
+        elt = t.element_size()
+        if t.data_ptr() % 16 or any((st * elt) % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def _descriptor(t: Tensor, rows: int):
+    """4-D descriptor over [B, H, S, D] moving [1, 1, rows, D] tiles."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+
+
+def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
             config: TileConfig | None):
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     bl, _, nq, maxk = kv_indices.shape
-    if hq > _MAX_GRID_YZ or b > _MAX_GRID_YZ:
-        raise ValueError(f"grid limit: Hq={hq} and B={b} must each be <= {_MAX_GRID_YZ}")
     if config is None:
         config = default_config(q_block, kv_block, d, q.dtype, q.device)
+    block_m = config.block_m or q_block
+    if block_m not in BLOCK_SIZES or block_m > q_block:
+        raise ValueError(f"config.block_m must be a power of two in {BLOCK_SIZES} and <= q_block {q_block}, "
+                         f"got {block_m}")
+    q_split = q_block // block_m
+    if schedule is None:
+        schedule = row_schedule(kv_counts, hq // hkv)
+    use_tma = config.use_tma
+    if use_tma is None:
+        use_tma = _tma_ok(q, k, v, out)
+    descs = (None,) * 4
+    if use_tma:
+        descs = (_descriptor(q, block_m), _descriptor(k, kv_block), _descriptor(v, kv_block),
+                 _descriptor(out, block_m))
     valid_arg = kv_valid.contiguous().view(torch.uint8) if kv_valid is not None else kv_counts
     lse_arg = lse if lse is not None else out
     kernel = _kernel(q.device)
-    grid = (nq, hq, b)
-    args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg,
+    grid = (hq * nq * q_split, b)
+    if b > _MAX_GRID_YZ:
+        raise ValueError(f"grid limit: B={b} must be <= {_MAX_GRID_YZ}")
+    args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg, schedule, *descs,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -244,11 +311,11 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, out, lse, q_block, kv_bloc
             kv_indices.stride(0) if bl > 1 else 0, kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
             kv_counts.stride(0) if bl > 1 else 0, kv_counts.stride(1), kv_counts.stride(2),
             valid_arg.stride(0) if kv_valid is not None else 0,
-            scale, hq, hq // hkv, sq, sk, maxk)
-    meta = dict(HEAD_DIM=d, BLOCK_M=q_block, BLOCK_N=kv_block, CAUSAL=causal,
+            scale, hq // hkv, sq, sk, maxk, nq)
+    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=kv_block, Q_SPLIT=q_split, CAUSAL=causal,
                 HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(use_tma),
+                WARP_SPEC=config.warp_specialize, num_warps=config.num_warps, num_stages=config.num_stages)
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
             return kernel[grid](*args, **meta)  # the compiled kernel (n_regs, n_spills, metadata)
@@ -260,8 +327,8 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, out, lse, q_block, kv_bloc
 # ----------------------------------------------------------------------------------------------------
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
                            q_block: int, kv_block: int, causal: bool, scale: float | None = None,
-                           kv_valid: Tensor | None = None, out: Tensor | None = None,
-                           return_lse: bool = False, config: TileConfig | None = None
+                           kv_valid: Tensor | None = None, schedule: Tensor | None = None,
+                           out: Tensor | None = None, return_lse: bool = False, config: TileConfig | None = None
                            ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention forward: each query block attends only its listed key blocks.
 
@@ -278,6 +345,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
     causal : bottom-right aligned causal mask, key k allowed for query q iff k <= q + (Sk - Sq).
     scale : softmax scale, default 1 / sqrt(D).
     kv_valid : optional bool Tensor [B, Sk] — key padding mask (True = real key).
+    schedule : optional int32 Tensor [Hq * NQ], the order layout rows are dealt out to the GPU
+        (a permutation of ``h * NQ + i``; :func:`row_schedule`, which ``BlockLayout`` caches). None
+        computes it from ``kv_counts`` on every call. Only the order changes, never the result.
     out : optional Tensor [B, Hq, Sq, D] (q's dtype, any strides with contiguous last dim) to write into.
     return_lse : also return lse, float32 [B, Hq, Sq], natural log of the sum of exp(scaled scores).
 
@@ -291,13 +361,13 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
     config : TileConfig (num_warps, num_stages) overriding :func:`default_config` (Triton only).
     """
     return _block_sparse_attention(q, k, v, kv_indices, kv_counts, q_block=q_block, kv_block=kv_block,
-                                   causal=causal, scale=scale, kv_valid=kv_valid, out=out,
+                                   causal=causal, scale=scale, kv_valid=kv_valid, schedule=schedule, out=out,
                                    return_lse=return_lse, config=config, check_grad=True)
 
 
 def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block, causal, scale, kv_valid,
-                            out, return_lse, config, check_grad):
-    scale = _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, out)
+                            schedule, out, return_lse, config, check_grad):
+    scale = _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, schedule, out)
     if check_grad and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise NotImplementedError("block_sparse_attention has no backward: q/k/v require grad "
                                   "(call it under torch.no_grad() or fall back to dense attention)")
@@ -316,7 +386,8 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
             if lse is not None:
                 lse.fill_(float("-inf"))
         else:
-            _launch(q, k, v, kv_indices, kv_counts, kv_valid, out, lse, q_block, kv_block, causal, scale, config)
+            _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
+                    config)
     return (out, lse) if return_lse else out
 
 
@@ -324,13 +395,13 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
 # custom op (opaque to torch.compile)
 # ----------------------------------------------------------------------------------------------------
 def _op_impl(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, kv_valid: Optional[Tensor],
-             q_block: int, kv_block: int, causal: bool, scale: float) -> Tensor:
+             schedule: Optional[Tensor], q_block: int, kv_block: int, causal: bool, scale: float) -> Tensor:
     return _block_sparse_attention(q, k, v, kv_indices, kv_counts, q_block=q_block, kv_block=kv_block,
-                                   causal=causal, scale=scale, kv_valid=kv_valid, out=None, return_lse=False,
-                                   config=None, check_grad=False)
+                                   causal=causal, scale=scale, kv_valid=kv_valid, schedule=schedule, out=None,
+                                   return_lse=False, config=None, check_grad=False)
 
 
-def _op_fake(q, k, v, kv_indices, kv_counts, kv_valid, q_block, kv_block, causal, scale):
+def _op_fake(q, k, v, kv_indices, kv_counts, kv_valid, schedule, q_block, kv_block, causal, scale):
     b, hq, sq, d = q.shape
     return q.new_empty((b, sq, hq, d)).transpose(1, 2)
 

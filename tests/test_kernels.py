@@ -359,7 +359,7 @@ def test_custom_op_matches_and_fake_strides(no_interpret):
     case = Case("op", 2, 4, 2, 48, 80, 32, 16, 16, True, 0.5, kv_valid=True)
     q, k, v, idx, cnt, valid = make_inputs(case)
     scale = 0.2
-    got = torch.ops.autosparse.block_sparse_attention(q, k, v, idx, cnt, valid, 16, 16, True, scale)
+    got = torch.ops.autosparse.block_sparse_attention(q, k, v, idx, cnt, valid, None, 16, 16, True, scale)
     want = block_sparse_attention(q, k, v, idx, cnt, q_block=16, kv_block=16, causal=True, scale=scale,
                                   kv_valid=valid)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
@@ -367,10 +367,10 @@ def test_custom_op_matches_and_fake_strides(no_interpret):
 
     with FakeTensorMode() as mode:
         fq, fk, fv, fi, fc, fvalid = (mode.from_tensor(t) for t in (q, k, v, idx, cnt, valid))
-        fake = torch.ops.autosparse.block_sparse_attention(fq, fk, fv, fi, fc, fvalid, 16, 16, True, scale)
+        fake = torch.ops.autosparse.block_sparse_attention(fq, fk, fv, fi, fc, fvalid, None, 16, 16, True, scale)
     assert fake.shape == got.shape and fake.stride() == got.stride() and fake.dtype == got.dtype
     torch.library.opcheck(torch.ops.autosparse.block_sparse_attention.default,
-                          (q, k, v, idx, cnt, valid, 16, 16, True, scale))
+                          (q, k, v, idx, cnt, valid, None, 16, 16, True, scale))
 
 
 if __name__ == "__main__":
