@@ -386,19 +386,23 @@ def run_timing(dev, smoke, use_flex, results, deadline):
 
 
 SWEEP_VARIANTS = {  # name -> (layout blocks, TileConfig); d=128 and d=64 shapes get their own lists
-    128: [("tma 128x128 w8 s3", (128, 128), bso.TileConfig(8, 3, use_tma=True)),
-          ("tma 128x64 w8 s4", (128, 64), bso.TileConfig(8, 4, use_tma=True)),
-          ("tma m64 128x64 w4 s2", (128, 64), bso.TileConfig(4, 2, block_m=64, use_tma=True)),
-          ("tma m64 128x64 w4 s3", (128, 64), bso.TileConfig(4, 3, block_m=64, use_tma=True)),
-          ("ptr m64 128x64 w4 s2", (128, 64), bso.TileConfig(4, 2, block_m=64, use_tma=False)),
-          ("tma m64 128x128 w4 s1", (128, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-          ("tma m64 64x64 w4 s2", (64, 64), bso.TileConfig(4, 2, block_m=64, use_tma=True))],
-    64: [("tma 128x128 w4 s3", (128, 128), bso.TileConfig(4, 3, use_tma=True)),
-         ("tma 128x64 w4 s4", (128, 64), bso.TileConfig(4, 4, use_tma=True)),
-         ("tma m64 128x64 w4 s2", (128, 64), bso.TileConfig(4, 2, block_m=64, use_tma=True)),
-         ("tma m64 128x64 w4 s3", (128, 64), bso.TileConfig(4, 3, block_m=64, use_tma=True)),
-         ("tma m64 128x128 w4 s2", (128, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True)),
-         ("tma 128x128 w4 s2", (128, 128), bso.TileConfig(4, 2, use_tma=True))],
+    128: [("m64 64x128 w4 s1", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
+          ("m64 64x128 w4 s1 prefetch", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True,
+                                                                     prefetch_scores=True)),
+          ("m64 128x64 w4 s1 prefetch", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True,
+                                                                     prefetch_scores=True)),
+          ("m64 128x64 w4 s2 prefetch", (128, 64), bso.TileConfig(4, 2, block_m=64, use_tma=True,
+                                                                     prefetch_scores=True)),
+          ("128x128 w8 s2 prefetch", (128, 128), bso.TileConfig(8, 2, use_tma=True, prefetch_scores=True)),
+          ("128x64 w8 s3 prefetch", (128, 64), bso.TileConfig(8, 3, use_tma=True, prefetch_scores=True))],
+    64: [("m64 128x128 w4 s1", (128, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
+         ("m64 128x128 w4 s1 prefetch", (128, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True,
+                                                                      prefetch_scores=True)),
+         ("m64 128x128 w4 s2 prefetch", (128, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True,
+                                                                      prefetch_scores=True)),
+         ("m64 128x64 w4 s2 prefetch", (128, 64), bso.TileConfig(4, 2, block_m=64, use_tma=True,
+                                                                    prefetch_scores=True)),
+         ("128x128 w8 s2 prefetch", (128, 128), bso.TileConfig(8, 2, use_tma=True, prefetch_scores=True))],
 }
 
 
@@ -433,14 +437,15 @@ def run_sweep(dev, smoke, results):
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),  # noqa: E731
                                                               v.repeat_interleave(g, 1), is_causal=shp.causal), smoke)
         log(f"\n== sweep {shp.name}: sdpa {t_sdpa:.3f} ms")
-        for density in ((1.0, 0.1) if shp is SHAPES[0] else (1.0,)):
+        for density in ((1.0, 0.1) if shp is not SHAPES[-1] else (1.0,)):
             layouts, base_outs = {}, {}
             for name, (qb, kb), cfg in SWEEP_VARIANTS[D]:
                 if (qb, kb) not in layouts:
                     nq, nk = math.ceil(S / qb), math.ceil(S / kb)
                     allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, shp.causal, dev)
-                    layouts[(qb, kb)] = mask_to_layout(random_layout(Hq, nq, nk, density, allowed, partial, gen)[None])
-                idx, cnt = layouts[(qb, kb)]
+                    layouts[(qb, kb)] = (*mask_to_layout(random_layout(Hq, nq, nk, density, allowed, partial,
+                                                                       gen)[None]), Hq * int(allowed.sum()))
+                idx, cnt, n_allowed = layouts[(qb, kb)]
                 flops = 4 * B * D * qb * kb * int(cnt.sum())
                 try:
                     out = torch.full_like(q, float("nan"))
@@ -462,7 +467,7 @@ def run_sweep(dev, smoke, results):
                         row.update(n_regs=compiled.n_regs, n_spills=compiled.n_spills,
                                    shared=getattr(compiled.metadata, "shared", None),
                                    per_sm=occupancy(compiled, cfg.num_warps))
-                    dense_t = t2 / (int(cnt.sum()) / (Hq * (allowed.sum().item())))
+                    dense_t = t2 / (int(cnt.sum()) / n_allowed)
                     row["vs_sdpa_rate"] = t_sdpa / dense_t
                     log(f"sweep {shp.name:22s} d={density:<5g} {name:24s} {t2:.3f} ms ({t1:.3f}) "
                         f"{row['tflops']:.0f} TFLOP/s rate vs sdpa {row['vs_sdpa_rate']:.2f} err {err:.1e}"

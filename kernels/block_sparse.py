@@ -28,6 +28,80 @@ import triton.language as tl
 
 
 @triton.jit
+def _key_block(Idx_row, it, stride_ik, NK, BLOCK_N: tl.constexpr):
+    """First key of the ``it``-th listed block, and whether its index is valid (a bad index is read as
+    block 0 and fully masked)."""
+    blk = tl.load(Idx_row + it * stride_ik)
+    in_range = (blk >= 0) & (blk < NK)
+    return tl.where(in_range, blk, 0) * BLOCK_N, in_range
+
+
+@triton.jit
+def _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,  #
+            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_N: tl.constexpr,  #
+            DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """q @ k^T for the key block starting at ``start_n`` (unscaled, fp32)."""
+    if USE_TMA:
+        k = k_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        return tl.dot(q, k.T, input_precision=DOT_PRECISION)
+    k_ptrs = K_head + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
+    if EVEN_N:
+        kT = tl.load(k_ptrs)
+    else:
+        kT = tl.load(k_ptrs, mask=(start_n + offs_n)[None, :] < Sk, other=0.0)
+    return tl.dot(q, kT, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,  #
+                V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,  #
+                q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,  #
+                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
+                CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
+                DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """Fold one key block's scores into the running (acc, l_i, m_i): mask, online softmax, P @ V.
+
+    Scores are kept in the log2 domain (``qk_scale`` = scale * log2(e)). A row that has seen no
+    allowed key keeps m_i = -inf, l_i = 0, acc = 0 (the epilogue writes 0 for it).
+    """
+    # -- element mask, only on blocks that need one -----------------------------------------------
+    needs_mask = ~in_range
+    if not EVEN_N:
+        needs_mask = needs_mask | (start_n + BLOCK_N > Sk)
+    if CAUSAL:
+        # the block's last key is beyond the first query row's causal limit
+        needs_mask = needs_mask | (start_n + BLOCK_N - 1 > q_start + causal_shift)
+    if needs_mask:
+        offs_k = start_n + offs_n
+        keep = ((offs_k < Sk) & in_range)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_k[None, :] <= (offs_m + causal_shift)[:, None])
+        qk = tl.where(keep, qk, float("-inf"))
+    if HAS_KV_VALID:
+        offs_k = start_n + offs_n
+        valid = tl.load(KvValid_row + offs_k, mask=offs_k < Sk, other=0) != 0
+        qk = tl.where(valid[None, :], qk, float("-inf"))
+    # -- online softmax update --------------------------------------------------------------------
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    # -- P @ V ------------------------------------------------------------------------------------
+    if USE_TMA:
+        v = v_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+    else:
+        v_ptrs = V_head + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
+        if EVEN_N:
+            v = tl.load(v_ptrs)
+        else:
+            v = tl.load(v_ptrs, mask=(start_n + offs_n)[:, None] < Sk, other=0.0)
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_inner(acc, l_i, m_i, q,  #
                     K_head, V_head, k_desc, v_desc, off_b, off_hkv,  #
                     KvValid_row, Idx_row, count,  #
@@ -36,65 +110,41 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
                     offs_m, offs_n, offs_d,  #
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
                     CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
-                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_SCORES: tl.constexpr):
     """Visit the ``count`` listed key blocks of one query tile; returns (acc, l_i, m_i).
 
-    Scores are kept in the log2 domain (``qk_scale`` = scale * log2(e)). A row that has seen no
-    allowed key keeps m_i = -inf, l_i = 0, acc = 0 (the epilogue writes 0 for it).
+    With PREFETCH_SCORES the next block's q @ k^T is issued before this block's softmax, so the
+    tensor cores have work while the softmax runs (FlashAttention-3's intra-warpgroup overlap,
+    https://arxiv.org/abs/2407.08608); it costs a second score tile of registers.
     """
     NK = tl.cdiv(Sk, BLOCK_N)
-    for it in tl.range(0, count, warp_specialize=WARP_SPEC):
-        # -- which key block ----------------------------------------------------------------------
-        blk = tl.load(Idx_row + it * stride_ik)
-        in_range = (blk >= 0) & (blk < NK)
-        blk = tl.where(in_range, blk, 0)  # a bad index is read as block 0 and fully masked below
-        start_n = blk * BLOCK_N
-        # -- scores q @ k^T -----------------------------------------------------------------------
-        if USE_TMA:
-            k = k_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-            qk = tl.dot(q, k.T, input_precision=DOT_PRECISION)
-        else:
-            k_ptrs = K_head + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-            if EVEN_N:
-                kT = tl.load(k_ptrs)
-            else:
-                kT = tl.load(k_ptrs, mask=(start_n + offs_n)[None, :] < Sk, other=0.0)
-            qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
-        # -- element mask, only on blocks that need one -------------------------------------------
-        needs_mask = ~in_range
-        if not EVEN_N:
-            needs_mask = needs_mask | (start_n + BLOCK_N > Sk)
-        if CAUSAL:
-            # the block's last key is beyond the first query row's causal limit
-            needs_mask = needs_mask | (start_n + BLOCK_N - 1 > q_start + causal_shift)
-        if needs_mask:
-            offs_k = start_n + offs_n
-            keep = ((offs_k < Sk) & in_range)[None, :]
-            if CAUSAL:
-                keep = keep & (offs_k[None, :] <= (offs_m + causal_shift)[:, None])
-            qk = tl.where(keep, qk, float("-inf"))
-        if HAS_KV_VALID:
-            offs_k = start_n + offs_n
-            valid = tl.load(KvValid_row + offs_k, mask=offs_k < Sk, other=0) != 0
-            qk = tl.where(valid[None, :], qk, float("-inf"))
-        # -- online softmax update ----------------------------------------------------------------
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        # -- P @ V --------------------------------------------------------------------------------
-        if USE_TMA:
-            v = v_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
-        else:
-            v_ptrs = V_head + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
-            if EVEN_N:
-                v = tl.load(v_ptrs)
-            else:
-                v = tl.load(v_ptrs, mask=(start_n + offs_n)[:, None] < Sk, other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-        m_i = m_new
+    if PREFETCH_SCORES:
+        start_n, in_range = _key_block(Idx_row, 0, stride_ik, NK, BLOCK_N)
+        qk = _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,
+                     BLOCK_N, HEAD_DIM, EVEN_N, DOT_PRECISION, USE_TMA)
+        for it in range(1, count):
+            next_start, next_in_range = _key_block(Idx_row, it, stride_ik, NK, BLOCK_N)
+            next_qk = _scores(q, next_start, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,
+                              BLOCK_N, HEAD_DIM, EVEN_N, DOT_PRECISION, USE_TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
+                                        V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
+                                        q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
+                                        BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
+            qk, start_n, in_range = next_qk, next_start, next_in_range
+        if count > 0:
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
+                                        V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
+                                        q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
+                                        BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
+    else:
+        for it in range(0, count):
+            start_n, in_range = _key_block(Idx_row, it, stride_ik, NK, BLOCK_N)
+            qk = _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,
+                         BLOCK_N, HEAD_DIM, EVEN_N, DOT_PRECISION, USE_TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
+                                        V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
+                                        q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
+                                        BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
     return acc, l_i, m_i
 
 
@@ -113,7 +163,7 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr,  #
               CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, STORE_LSE: tl.constexpr,  #
               EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,  #
-              WARP_SPEC: tl.constexpr):
+              PREFETCH_SCORES: tl.constexpr):
     """One program = one query tile (BLOCK_M rows) of one layout row (head h, query block i) of one
     batch entry; the row comes from the schedule: ``Sched[program_id(0) // Q_SPLIT] = h * NQ + i``.
 
@@ -170,7 +220,7 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
                                     q_start, causal_shift, Sk, qk_scale,  #
                                     offs_m, offs_n, offs_d,  #
                                     BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION,  #
-                                    USE_TMA, WARP_SPEC)
+                                    USE_TMA, PREFETCH_SCORES)
 
     # epilogue: rows with no attended key (l_i == 0) give 0 and lse = -inf
     has_any = l_i > 0.0
