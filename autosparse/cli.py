@@ -1,4 +1,4 @@
-"""The ``autosparse`` command: ``profile`` a model, ``show`` a profile, run the ``demo``."""
+"""The ``autosparse`` command: ``profile`` a model, ``show`` a profile, ``tune`` the kernel, run the ``demo``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from autosparse.profile import Profile
+from autosparse.profile import DEFAULT_BLOCK_SIZE, Profile
 
 __all__ = ["main"]
 
@@ -57,6 +57,22 @@ def _print_summary(profile: Profile) -> None:
         print(f"mean attention density {sum(densities) / len(densities):.3f} over {len(rows)} layers")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    from autosparse.kernels import tuning
+
+    if not torch.cuda.is_available():
+        raise ValueError("tune times the Triton kernel on a CUDA GPU; none is visible")
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    for head_dim in args.head_dim:
+        for dtype_name in args.dtype:
+            result = tuning.tune(head_dim, dtypes[dtype_name], q_block=args.block_size[0], kv_block=args.block_size[1],
+                                 seq_len=args.seq_len, heads=args.heads)
+            times = ", ".join(f"{name} {ms:.3f} ms" if isinstance(ms, float) else f"{name} ({ms})"
+                              for name, ms in result["times_ms"].items())
+            print(f"head_dim {head_dim} {dtype_name}: best {result['best']} | {times}")
+    print(f"saved to {tuning.cache_path()}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     from autosparse.demo import run_demo
 
@@ -73,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--budget", type=float, default=0.05, help="max relative attention-output error per head")
     profile.add_argument("--seq-len", type=int, default=4096, help="tokens per calibration input")
     profile.add_argument("--inputs", type=int, default=1, help="calibration inputs taken from the text")
-    profile.add_argument("--block-size", type=int, nargs=2, default=(128, 64), metavar=("Q", "KV"))
+    profile.add_argument("--block-size", type=int, nargs=2, default=DEFAULT_BLOCK_SIZE, metavar=("Q", "KV"))
     profile.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     profile.add_argument("--out", required=True, help="where to write the profile JSON")
     profile.set_defaults(run=_profile)
@@ -81,6 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="print a per-layer summary of a profile")
     show.add_argument("profile")
     show.set_defaults(run=_show)
+
+    tune = commands.add_parser("tune", help="time the kernel's tile configs on this GPU and cache the fastest")
+    tune.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    tune.add_argument("--dtype", nargs="+", choices=("bf16", "fp16"), default=["bf16"])
+    tune.add_argument("--block-size", type=int, nargs=2, default=DEFAULT_BLOCK_SIZE, metavar=("Q", "KV"))
+    tune.add_argument("--seq-len", type=int, default=16384)
+    tune.add_argument("--heads", type=int, default=8)
+    tune.set_defaults(run=_tune)
 
     demo = commands.add_parser("demo", help="profile SmolLM2-135M on CPU, run it patched, print speed and error")
     demo.add_argument("--out", default="smollm2-135m.profile.json")

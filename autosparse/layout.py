@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
+from autosparse.kernels.block_sparse_op import row_schedule
 from autosparse.kernels.reference import layout_mask
 from autosparse.patterns import BlockGeometry, Pattern
 
@@ -35,6 +36,7 @@ class BlockLayout:
     kv_indices: torch.Tensor
     kv_counts: torch.Tensor
     head_density: torch.Tensor
+    _schedules: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_block_mask(cls, block_mask: torch.Tensor, geometry: BlockGeometry) -> BlockLayout:
@@ -69,6 +71,13 @@ class BlockLayout:
     @property
     def device(self) -> torch.device:
         return self.kv_indices.device
+
+    def schedule(self, group: int = 1) -> torch.Tensor:
+        """The kernel's program order for this layout (heaviest rows first, GQA groups together),
+        built once per ``group`` (query heads per KV head) on the layout's device."""
+        if group not in self._schedules:
+            self._schedules[group] = row_schedule(self.kv_counts, group)
+        return self._schedules[group]
 
     def density(self) -> float:
         """Computed key blocks over those dense (causal-aware) attention computes, all heads."""

@@ -34,6 +34,7 @@ _STATE_ATTR = "_autosparse_state"
 _PLAN_ATTR = "_autosparse_plan"
 # Keyword arguments of transformers attention functions that change the math; SDPA-only models
 # never pass them, so seeing one means the call is not plain attention.
+_MAX_LAYOUTS_PER_LAYER = 32
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "sliding_window")
 
 
@@ -78,6 +79,8 @@ class _LayerPlan:
     patterns: tuple[Pattern, ...]
     block_size: tuple[int, int]
     state: _PatchState
+    # (q_len, kv_len, causal, device) -> layout: a steady-state call costs one small-tuple lookup.
+    layouts: dict[tuple, BlockLayout] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_dense(self) -> bool:
@@ -185,13 +188,19 @@ def autosparse_attention(
         return sdpa_attention_forward(*args, **kwargs)
 
     q_block, kv_block = plan.block_size
-    geometry = BlockGeometry(query.shape[2], key.shape[2], q_block, kv_block, causal)
-    layout = BlockLayout.from_patterns(plan.patterns, geometry, query.device)
+    layout_key = (query.shape[2], key.shape[2], causal, query.device)
+    layout = plan.layouts.get(layout_key)
+    if layout is None:
+        if len(plan.layouts) >= _MAX_LAYOUTS_PER_LAYER:  # many prompt lengths: forget the oldest
+            del plan.layouts[next(iter(plan.layouts))]
+        geometry = BlockGeometry(query.shape[2], key.shape[2], q_block, kv_block, causal)
+        layout = plan.layouts[layout_key] = BlockLayout.from_patterns(plan.patterns, geometry, query.device)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if kv_valid is not None:
         kv_valid = kv_valid.expand(query.shape[0], -1)
     out = torch.ops.autosparse.block_sparse_attention(
-        query, key, value, layout.kv_indices, layout.kv_counts, kv_valid, q_block, kv_block, causal, scale
+        query, key, value, layout.kv_indices, layout.kv_counts, kv_valid,
+        layout.schedule(query.shape[1] // key.shape[1]), q_block, kv_block, causal, scale,
     )
     state.stats.sparse += 1
     return out.transpose(1, 2).contiguous(), None

@@ -25,7 +25,7 @@ from autosparse.patterns import Pattern, pattern_from_spec
 __all__ = ["SCHEMA_VERSION", "LayerProfile", "Profile", "environment"]
 
 SCHEMA_VERSION = 1
-DEFAULT_BLOCK_SIZE = (128, 64)
+DEFAULT_BLOCK_SIZE = (64, 128)  # query x key tokens: the fastest kernel layout on the H200 (benchmarks/NOTES.md)
 
 
 def _version() -> str:
@@ -175,14 +175,15 @@ class Profile:
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
             raise ValueError(f"{source}: schema_version: expected {SCHEMA_VERSION}, found {version!r}")
-        for key in ("autosparse_version", "model", "layers"):
+        for key in ("autosparse_version", "model", "layers", "block_size"):
             if key not in data:
                 raise ValueError(f"{source}: {key}: missing")
         model = _expect(data["model"], dict, f"{source}: model")
         for key in ("class", "config", "fingerprint"):
             if key not in model:
                 raise ValueError(f"{source}: model.{key}: missing")
-        block_size = _expect(data.get("block_size", list(DEFAULT_BLOCK_SIZE)), list, f"{source}: block_size")
+        # Required: patterns mean whole blocks, so a profile without its block size has no meaning.
+        block_size = _expect(data["block_size"], list, f"{source}: block_size")
         if len(block_size) != 2 or any(
             isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1) for b in block_size
         ):

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from autosparse.models import AttentionLayer, attention_layers, model_signature
 from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Window
-from autosparse.profile import LayerProfile, Profile
+from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile
 
 __all__ = ["SearchConfig", "candidate_patterns", "search_profile"]
 
@@ -42,7 +42,7 @@ class SearchConfig:
     """
 
     budget: float = 0.05
-    block_size: tuple[int, int] = (128, 64)
+    block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE
     windows: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     sinks: int = 4
     query_rows: int = 256

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -93,12 +94,12 @@ def structured_layout(h, nq, nk, q_block, kv_block, causal, allowed, sink_blocks
     i = torch.arange(nq, device=dev)[:, None]
     j = torch.arange(nk, device=dev)[None, :]
     center = (i * q_block + q_block // 2) // kv_block
-    w = window_tokens // kv_block  # window length in key blocks
+    w = max(1, window_tokens // kv_block)  # window length in key blocks
     if causal:
         last = ((i + 1) * q_block - 1) // kv_block
         local = (j <= last) & (j > last - w)
     else:
-        local = (j >= center - w // 2) & (j < center + w // 2)
+        local = (j >= center - w // 2) & (j < center - w // 2 + w)
     m = (local | (j < sink_blocks)) & allowed
     return m[None].expand(h, -1, -1)
 
@@ -255,28 +256,59 @@ def _check_one(c, dtype, dev, gen, seed, smoke):
 @dataclasses.dataclass(frozen=True)
 class TimeShape:
     name: str
+    B: int
     Hq: int
     Hkv: int
     D: int
-    causal: bool
-    S: int = 32768
-    B: int = 1
-    q_block: int = 128
-    kv_block: int = 64
+    S: int
+    causal: bool = False
+    q_block: int = 64
+    kv_block: int = 128
 
 
-SHAPES = [
-    TimeShape("H12 d128", 12, 12, 128, False),
-    TimeShape("H12 d64", 12, 12, 64, False),
-    TimeShape("GQA 32/8 d128 causal", 32, 8, 128, True),
-]
-DENSITIES = [1.0, 0.5, 0.25, 0.1]
+def _shapes(prefix_lengths):
+    rows = []
+    for S in prefix_lengths:
+        B, H = (2, 24) if S <= 8192 else (1, 12)
+        rows += [TimeShape(f"B{B} H{H} d128 S{S // 1024}K", B, H, H, 128, S),
+                 TimeShape(f"B{B} H{H} d64 S{S // 1024}K", B, H, H, 64, S)]
+    return rows
+
+
+SHAPES = _shapes((8192, 32768, 131072)) + [TimeShape("GQA 32/8 d128 causal S32K", 1, 32, 8, 128, 32768, True)]
+SWEEP_SHAPES = [TimeShape("H12 d128", 1, 12, 12, 128, 32768), TimeShape("H12 d64", 1, 12, 12, 64, 32768),
+                TimeShape("GQA 32/8 d128 causal", 1, 32, 8, 128, 32768, True)]
+DENSITIES = [1.0, 0.5, 0.25, 0.1, 0.05]
+
+
+def structured_layouts(shp, nq, nk, allowed):
+    """Window (10 % of the keys around each query block) and sink + local (first key block + 5 %)."""
+    S = shp.S
+    return [("window 0.1·S", structured_layout(shp.Hq, nq, nk, shp.q_block, shp.kv_block, shp.causal, allowed, 0,
+                                               int(0.1 * S))),
+            ("sink+local 0.05·S", structured_layout(shp.Hq, nq, nk, shp.q_block, shp.kv_block, shp.causal, allowed,
+                                                    1, int(0.05 * S)))]
+
+
+def flex_runner(flex_compiled, flex, blocks, partial, q, k, v, shp):
+    """FlexAttention with the same block layout; its tile must divide the layout block."""
+    bm = flex_block_mask(flex, blocks, partial.expand_as(blocks), shp.B, shp.Hq, shp.S, shp.S, shp.q_block,
+                         shp.kv_block, shp.causal)
+    last = None
+    for tiles in ((shp.q_block, shp.kv_block), (shp.q_block, min(64, shp.kv_block))):
+        fn = functools.partial(flex_compiled, q, k, v, block_mask=bm, enable_gqa=shp.Hq != shp.Hkv,
+                               kernel_options={"BLOCK_M": tiles[0], "BLOCK_N": tiles[1]})
+        try:
+            return fn, fn()
+        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory at this tile
+            last = e
+    raise last
 
 
 def run_timing(dev, smoke, use_flex, results, deadline):
     gen = torch.Generator(device=dev)
     gen.manual_seed(1234)
-    flex = None
+    flex = flex_compiled = None
     if use_flex:
         try:
             import torch.nn.attention.flex_attention as flex
@@ -288,9 +320,10 @@ def run_timing(dev, smoke, use_flex, results, deadline):
     rows = []
     for shp in SHAPES:
         try:
-            B, Hq, Hkv, D, S = shp.B, shp.Hq, shp.Hkv, shp.D, shp.S
             if smoke:
-                S, Hq, Hkv = 1024, max(2, Hq // 8), max(1, Hkv // 8)
+                shp = dataclasses.replace(shp, S=min(shp.S // 16, 2048), Hq=max(2, shp.Hq // 8),
+                                          Hkv=max(1, shp.Hkv // 8), B=1)
+            B, Hq, Hkv, D, S = shp.B, shp.Hq, shp.Hkv, shp.D, shp.S
             dtype = torch.bfloat16
             q = torch.randn(B, Hq, S, D, device=dev, dtype=dtype, generator=gen)
             k = torch.randn(B, Hkv, S, D, device=dev, dtype=dtype, generator=gen)
@@ -300,9 +333,7 @@ def run_timing(dev, smoke, use_flex, results, deadline):
             v_rep = v.repeat_interleave(g, 1) if g > 1 else v
             qb, kb = shp.q_block, shp.kv_block
             nq, nk = math.ceil(S / qb), math.ceil(S / kb)
-            cfg = bso.default_config(qb, kb, D, dtype, dev)
-            log(f"\n== {shp.name}: B={B} Hq={Hq} Hkv={Hkv} S={S} D={D} causal={shp.causal} "
-                f"tile {qb}x{kb} warps={cfg.num_warps} stages={cfg.num_stages}")
+            log(f"\n== {shp.name}: B={B} Hq={Hq} Hkv={Hkv} S={S} D={D} causal={shp.causal} layout {qb}x{kb}")
 
             # dense baseline: default SDPA (cuDNN on the H200)
             sdpa = lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=shp.causal)  # noqa: E731
@@ -313,26 +344,25 @@ def run_timing(dev, smoke, use_flex, results, deadline):
             allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, shp.causal, dev)
             n_allowed = int(allowed.sum()) * Hq
             layouts = [(f"random d={d:g}", random_layout(Hq, nq, nk, d, allowed, partial, gen)) for d in DENSITIES]
-            layouts.append(("sink+local", structured_layout(Hq, nq, nk, qb, kb, shp.causal, allowed, 1, 3072)))
+            layouts += structured_layouts(shp, nq, nk, allowed)
             out = torch.empty(B, S, Hq, D, device=dev, dtype=dtype).transpose(1, 2)
             for lname, blocks in layouts:
                 idx, cnt = mask_to_layout(blocks[None])
-                listed = int(cnt.sum())
-                density = listed / n_allowed
-                flops = 4 * B * D * qb * kb * listed  # dense-equivalent work of the listed blocks
+                sched = bso.row_schedule(cnt, g)
+                listed = int(cnt.sum()) * B
+                density = listed / (n_allowed * B)
+                flops = 4 * D * qb * kb * listed  # dense-equivalent work of the listed blocks
+                run = functools.partial(block_sparse_attention, q, k, v, idx, cnt, q_block=qb, kv_block=kb,
+                                        causal=shp.causal, schedule=sched, out=out)
                 out.fill_(float("nan"))
-                run = lambda: block_sparse_attention(q, k, v, idx, cnt, q_block=qb, kv_block=kb,  # noqa: E731
-                                                     causal=shp.causal, out=out)
-                compiled = bso._launch(q, k, v, idx, cnt, None, None, out, None, qb, kb, shp.causal,
-                                       1.0 / math.sqrt(D), None) if not smoke else None
-                out.fill_(float("nan"))
-                run()
+                compiled = bso._launch(q, k, v, idx, cnt, None, sched, out, None, qb, kb, shp.causal,
+                                       1.0 / math.sqrt(D), None) if not smoke else run()
                 unwritten = int(out.isnan().sum())
                 t1 = bench(run, smoke)
-                t2 = bench(run, smoke)
-                t = t2
+                t = bench(run, smoke)
                 row = dict(shape=shp.name, layout=lname, density=density, ms=t, ms_first=t1, tflops=flops / t / 1e9,
                            sdpa_ms=t_sdpa, speedup=t_sdpa / t, ideal=1.0 / density, unwritten=unwritten)
+                row["of_ideal"] = row["speedup"] / row["ideal"]
                 if compiled is not None and hasattr(compiled, "n_regs"):
                     row.update(n_regs=compiled.n_regs, n_spills=compiled.n_spills,
                                shared=getattr(compiled.metadata, "shared", None))
@@ -340,10 +370,7 @@ def run_timing(dev, smoke, use_flex, results, deadline):
                     row["err_vs"] = ("sdpa", rel_err(out, ref_dense))
                 if flex is not None and time.time() < deadline:
                     try:
-                        bm = flex_block_mask(flex, blocks, partial.expand_as(blocks), B, Hq, S, S, qb, kb, shp.causal)
-                        fx = lambda: flex_compiled(q, k, v, block_mask=bm, enable_gqa=g > 1,  # noqa: E731
-                                                   kernel_options={"BLOCK_M": qb, "BLOCK_N": kb})
-                        o_flex = fx()
+                        fx, o_flex = flex_runner(flex_compiled, flex, blocks, partial, q, k, v, shp)
                         t_flex = bench(fx, smoke)
                         row.update(flex_ms=t_flex, flex_speedup=t_sdpa / t_flex)
                         if lname != "random d=1":
@@ -353,18 +380,18 @@ def run_timing(dev, smoke, use_flex, results, deadline):
                         log(f"flex failed on {lname}: {type(e).__name__}: {str(e)[:300]}")
                 rows.append(row)
                 ev = row.get("err_vs")
-                log(f"{lname:14s} d={density:.3f} ours {t:.3f} ms (first run {t1:.3f}) {row['tflops']:.0f} TFLOP/s "
-                    f"x{row['speedup']:.2f} vs sdpa (ideal {row['ideal']:.2f})"
+                log(f"{lname:18s} d={density:.3f} ours {t:.3f} ms (first run {t1:.3f}) {row['tflops']:.0f} TFLOP/s "
+                    f"x{row['speedup']:.2f} vs sdpa (ideal {row['ideal']:.2f}, {row['of_ideal']:.2f} of it)"
                     + (f" | flex {row['flex_ms']:.3f} ms x{row['flex_speedup']:.2f}" if "flex_ms" in row else "")
                     + (f" | rel err vs {ev[0]} {ev[1]:.1e}" if ev else "")
                     + (f" | regs {row['n_regs']} spills {row['n_spills']} smem {row['shared']}" if "n_regs" in row else "")
                     + (f" | UNWRITTEN {unwritten}" if unwritten else ""))
-            if shp is SHAPES[0]:  # what transformers passes: [B, S, H, D] buffers seen as [B, H, S, D]
+            if shp is SHAPES[2]:  # what transformers passes: [B, S, H, D] buffers seen as [B, H, S, D]
                 qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
                 blocks = next(b for n, b in layouts if n == "random d=0.25")
                 idx, cnt = mask_to_layout(blocks[None])
-                run_t = lambda: block_sparse_attention(qt, kt, vt, idx, cnt, q_block=qb, kv_block=kb,  # noqa: E731
-                                                       causal=shp.causal)
+                run_t = functools.partial(block_sparse_attention, qt, kt, vt, idx, cnt, q_block=qb, kv_block=kb,
+                                          causal=shp.causal)
                 o_t = run_t()
                 o_c = block_sparse_attention(q, k, v, idx, cnt, q_block=qb, kv_block=kb, causal=shp.causal)
                 t = bench(run_t, smoke)
@@ -372,6 +399,7 @@ def run_timing(dev, smoke, use_flex, results, deadline):
                 row = dict(shape=shp.name, layout="random d=0.25, [B,S,H,D] views", density=listed / n_allowed, ms=t,
                            tflops=4 * B * D * qb * kb * listed / t / 1e9, sdpa_ms=t_sdpa, speedup=t_sdpa / t,
                            ideal=n_allowed / listed, err_vs=("ours contiguous", rel_err(o_t, o_c)))
+                row["of_ideal"] = row["speedup"] / row["ideal"]
                 rows.append(row)
                 log(f"views d=0.25: {t:.3f} ms x{row['speedup']:.2f} vs sdpa | rel err vs contiguous {row['err_vs'][1]:.1e}")
                 del qt, kt, vt, o_t, o_c
@@ -385,24 +413,133 @@ def run_timing(dev, smoke, use_flex, results, deadline):
     return rows
 
 
-SWEEP_VARIANTS = {  # name -> (layout blocks, TileConfig); d=128 and d=64 shapes get their own lists
-    128: [("m64 64x128 w4 s1", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-          ("m64 64x128 w4 s1 prefetch", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True,
-                                                                     prefetch_scores=True)),
-          ("m64 128x64 w4 s1 prefetch", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True,
-                                                                     prefetch_scores=True)),
-          ("m64 128x64 w4 s2 prefetch", (128, 64), bso.TileConfig(4, 2, block_m=64, use_tma=True,
-                                                                     prefetch_scores=True)),
-          ("128x128 w8 s2 prefetch", (128, 128), bso.TileConfig(8, 2, use_tma=True, prefetch_scores=True)),
-          ("128x64 w8 s3 prefetch", (128, 64), bso.TileConfig(8, 3, use_tma=True, prefetch_scores=True))],
-    64: [("m64 128x128 w4 s1", (128, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-         ("m64 128x128 w4 s1 prefetch", (128, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True,
-                                                                      prefetch_scores=True)),
-         ("m64 128x128 w4 s2 prefetch", (128, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True,
-                                                                      prefetch_scores=True)),
-         ("m64 128x64 w4 s2 prefetch", (128, 64), bso.TileConfig(4, 2, block_m=64, use_tma=True,
-                                                                    prefetch_scores=True)),
-         ("128x128 w8 s2 prefetch", (128, 128), bso.TileConfig(8, 2, use_tma=True, prefetch_scores=True))],
+def run_mixed_heads(dev, smoke, results):
+    """Head fusion: 25 % dense heads + 75 % heads at d = 0.1 in one launch (heaviest-first schedule,
+    and the plain head-major order) against the two groups launched separately (sum of the parts)."""
+    shp = TimeShape("mixed H12 d128 S32K", 1, 12, 12, 128, 1024 if smoke else 32768)
+    gen = torch.Generator(device=dev).manual_seed(7)
+    B, H, D, S, qb, kb = shp.B, shp.Hq, shp.D, shp.S, shp.q_block, shp.kv_block
+    q, k, v = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(3))
+    nq, nk = math.ceil(S / qb), math.ceil(S / kb)
+    allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, False, dev)
+    n_dense = H // 4
+    sparse = random_layout(H - n_dense, nq, nk, 0.1, allowed, partial, gen)
+    blocks = torch.cat([sparse, allowed[None].expand(n_dense, -1, -1)])  # dense heads last: worst head-major order
+    idx, cnt = mask_to_layout(blocks[None])
+    t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v), smoke)
+    natural = torch.arange(H * nq, device=dev, dtype=torch.int32)
+    lpt = bso.row_schedule(cnt)
+    kw = dict(q_block=qb, kv_block=kb, causal=False)
+    ref = block_sparse_attention(q, k, v, idx, cnt, schedule=natural, **kw)
+    t_fused = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=lpt, **kw), smoke)
+    t_natural = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=natural, **kw), smoke)
+    same = rel_err(block_sparse_attention(q, k, v, idx, cnt, schedule=lpt, **kw), ref)
+    s_idx, s_cnt = mask_to_layout(sparse[None])
+    d_idx, d_cnt = mask_to_layout(allowed[None].expand(n_dense, -1, -1)[None])
+    qs, qd = q[:, : H - n_dense].contiguous(), q[:, H - n_dense:].contiguous()
+    ks, kd = k[:, : H - n_dense].contiguous(), k[:, H - n_dense:].contiguous()
+    vs, vd = v[:, : H - n_dense].contiguous(), v[:, H - n_dense:].contiguous()
+    t_sparse = bench(functools.partial(block_sparse_attention, qs, ks, vs, s_idx, s_cnt, **kw), smoke)
+    t_dense = bench(functools.partial(block_sparse_attention, qd, kd, vd, d_idx, d_cnt, **kw), smoke)
+    t_dense_sdpa = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd), smoke)
+    row = dict(shape=shp.name, n_dense=n_dense, density=int(cnt.sum()) / (H * int(allowed.sum())), sdpa_all_ms=t_sdpa,
+               fused_lpt_ms=t_fused, fused_head_major_ms=t_natural, parts_ms=t_sparse + t_dense,
+               sparse_part_ms=t_sparse, dense_part_ms=t_dense, dense_part_sdpa_ms=t_dense_sdpa,
+               lpt_vs_head_major_rel_err=same)
+    log(f"\n== head fusion ({n_dense} dense heads + {H - n_dense} at d=0.1, layer density {row['density']:.3f}): "
+        f"one launch {t_fused:.3f} ms (heaviest-first) / {t_natural:.3f} ms (head-major); parts {t_sparse:.3f} + "
+        f"{t_dense:.3f} = {t_sparse + t_dense:.3f} ms (dense part by SDPA {t_dense_sdpa:.3f}); all-dense SDPA "
+        f"{t_sdpa:.3f} ms; schedules agree to {same:.1e}")
+    results["mixed_heads"] = row
+
+
+def run_gqa_order(dev, smoke, results):
+    """GQA K/V reuse: the default schedule keeps the query heads of one KV head adjacent (their K/V
+    tiles come from L2); compare an order that spreads them across the launch."""
+    shp = TimeShape("GQA 32/8 d128 causal S32K", 1, 32, 8, 128, 1024 if smoke else 32768, True)
+    gen = torch.Generator(device=dev).manual_seed(8)
+    B, Hq, Hkv, D, S, qb, kb = shp.B, shp.Hq, shp.Hkv, shp.D, shp.S, shp.q_block, shp.kv_block
+    q = torch.randn(B, Hq, S, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    k, v = (torch.randn(B, Hkv, S, D, device=dev, dtype=torch.bfloat16, generator=gen) for _ in range(2))
+    nq, nk = math.ceil(S / qb), math.ceil(S / kb)
+    allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, True, dev)
+    out = {}
+    for density in (1.0, 0.1):
+        blocks = structured_layout(Hq, nq, nk, qb, kb, True, allowed, 1, int(density * S)) if density < 1 \
+            else allowed[None].expand(Hq, -1, -1)
+        idx, cnt = mask_to_layout(blocks[None])
+        g = Hq // Hkv
+        grouped = bso.row_schedule(cnt, g)
+        spread = bso.row_schedule(cnt, 1)  # head-major ties: the 4 heads of a KV head 4 x NQ rows apart
+        h = torch.arange(Hq, device=dev)
+        by_group_member = torch.argsort((h % g) * Hkv + h // g)  # heads ordered g0 of all kv heads, then g1, ...
+        spread = (by_group_member[:, None] * nq + torch.arange(nq, device=dev)[None]).flatten().to(torch.int32) \
+            if density == 1.0 else spread
+        kw = dict(q_block=qb, kv_block=kb, causal=True)
+        t_g = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=grouped, **kw), smoke)
+        t_s = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=spread, **kw), smoke)
+        out[f"d={density:g}"] = dict(grouped_ms=t_g, spread_ms=t_s)
+        log(f"GQA order d={density:g}: groups together {t_g:.3f} ms, spread {t_s:.3f} ms")
+    results["gqa_order"] = out
+
+
+def run_layout_cost(dev, smoke, results):
+    """What a patched call pays for its layout: building it (once per shape, on the device), fetching
+    it from the layer's cache (every call), against the kernel time of that call."""
+    from autosparse.layout import BlockLayout
+    from autosparse.patterns import BlockGeometry, SinkLocal, Window
+
+    out = {}
+    for S in ((2048,) if smoke else (8192, 32768, 131072)):
+        H, D = 12, 128
+        patterns = tuple(SinkLocal(sinks=64, window=S // 8) if h % 3 else Window(window=S // 4) for h in range(H))
+        geo = BlockGeometry(S, S, 64, 128, True)
+        t0 = time.perf_counter()
+        layout = BlockLayout.from_patterns(patterns, geo, dev)
+        sched = layout.schedule(1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        build_ms = (time.perf_counter() - t0) * 1e3
+        cache = {(S, S, True, dev): layout}
+        n = 2000
+        t0 = time.perf_counter()
+        for _ in range(n):
+            lay = cache[(S, S, True, dev)]
+            lay.schedule(1)
+        fetch_us = (time.perf_counter() - t0) / n * 1e6
+        q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        run = functools.partial(block_sparse_attention, q, k, v, layout.kv_indices, layout.kv_counts, q_block=64,
+                                kv_block=128, causal=True, schedule=sched)
+        kernel_ms = bench(run, smoke)
+        run()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            run()
+        host_us = (time.perf_counter() - t0) / 50 * 1e6  # Python + launch, before the GPU catches up
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        out[S] = dict(build_ms=build_ms, fetch_us=fetch_us, host_call_us=host_us, kernel_ms=kernel_ms,
+                      density=layout.density(), fetch_share=fetch_us / (kernel_ms * 1e3))
+        log(f"layout cost S={S}: build {build_ms:.1f} ms once (on {dev}), fetch {fetch_us:.2f} us per call = "
+            f"{100 * fetch_us / (kernel_ms * 1e3):.3f} % of the kernel's {kernel_ms:.3f} ms (density "
+            f"{layout.density():.3f}); host time per call incl. launch {host_us:.1f} us")
+        del q, k, v
+    results["layout_cost"] = out
+
+
+SWEEP_VARIANTS = {  # name -> (layout blocks, TileConfig); runs 4-7 of benchmarks/NOTES.md tried more
+    128: [("m64 64x128 w4 s1 (default)", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
+          ("m64 64x128 w4 s2", (64, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True)),
+          ("m128 128x128 w8 s3", (128, 128), bso.TileConfig(8, 3, use_tma=True)),
+          ("m64 128x64 w4 s1", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
+          ("v1: ptr m128 128x64 w8 s4", (128, 64), bso.TileConfig(8, 4, use_tma=False))],
+    64: [("m64 64x128 w4 s1 (default)", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
+         ("m64 64x128 w4 s2", (64, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True)),
+         ("m128 128x128 w4 s3", (128, 128), bso.TileConfig(4, 3, use_tma=True)),
+         ("m64 128x64 w4 s1", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
+         ("v1: ptr m128 128x64 w4 s4", (128, 64), bso.TileConfig(4, 4, use_tma=False))],
 }
 
 
@@ -424,7 +561,7 @@ def run_sweep(dev, smoke, results):
     gen = torch.Generator(device=dev)
     gen.manual_seed(99)
     rows = []
-    for shp in SHAPES:
+    for shp in SWEEP_SHAPES:
         B, Hq, Hkv, D, S = shp.B, shp.Hq, shp.Hkv, shp.D, shp.S
         if smoke:
             S, Hq, Hkv = 1024, max(2, Hq // 8), max(1, Hkv // 8)
@@ -437,7 +574,7 @@ def run_sweep(dev, smoke, results):
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),  # noqa: E731
                                                               v.repeat_interleave(g, 1), is_causal=shp.causal), smoke)
         log(f"\n== sweep {shp.name}: sdpa {t_sdpa:.3f} ms")
-        for density in ((1.0, 0.1) if shp is not SHAPES[-1] else (1.0,)):
+        for density in ((1.0, 0.1) if shp is not SWEEP_SHAPES[-1] else (1.0,)):
             layouts, base_outs = {}, {}
             for name, (qb, kb), cfg in SWEEP_VARIANTS[D]:
                 if (qb, kb) not in layouts:
@@ -484,15 +621,16 @@ def run_sweep(dev, smoke, results):
 
 def table(rows):
     lines = ["| shape | layout | block density d | ours ms | ours TFLOP/s (eff.) | SDPA ms | speedup vs SDPA | ideal 1/d "
-             "| Flex ms | Flex speedup vs SDPA | rel err (vs) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| of ideal | Flex ms | Flex speedup vs SDPA | rel err (vs) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ev = r.get("err_vs")
         flex_ms = f"{r['flex_ms']:.2f}" if "flex_ms" in r else "–"
         flex_x = f"{r['flex_speedup']:.2f}" if "flex_ms" in r else "–"
         err = f"{ev[1]:.1e} ({ev[0]})" if ev else "–"
-        lines.append(f"| {r['shape']} | {r['layout']} | {r['density']:.3f} | {r['ms']:.2f} | {r['tflops']:.0f} | "
-                     f"{r['sdpa_ms']:.2f} | {r['speedup']:.2f} | {r['ideal']:.2f} | {flex_ms} | {flex_x} | {err} |")
+        lines.append(f"| {r['shape']} | {r['layout']} | {r['density']:.3f} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+                     f"{r['sdpa_ms']:.3f} | {r['speedup']:.2f} | {r['ideal']:.2f} | {r['of_ideal']:.2f} | {flex_ms} | "
+                     f"{flex_x} | {err} |")
     return "\n".join(lines)
 
 
@@ -526,10 +664,16 @@ def main():
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "sweep.json").write_text(json.dumps(results, indent=1, default=str))
         return
+    for section in (run_mixed_heads, run_gqa_order, run_layout_cost):
+        try:
+            section(dev, args.smoke, results)
+        except Exception as e:  # noqa: BLE001 - keep the table
+            traceback.print_exc()
+            log(f"{section.__name__} FAILED: {type(e).__name__}: {str(e)[:300]}")
     rows = run_timing(dev, args.smoke, not args.no_flex, results, t0 + args.budget_s)
     md = table(rows)
-    header = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, B=1, S=32768, tile 128x64; "
-              f"correctness {'ALL OK' if ok else 'FAILURES'}; total {time.time() - t0:.0f} s")
+    header = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, layout blocks 64x128, default "
+              f"tile config; correctness {'ALL OK' if ok else 'FAILURES'}; total {time.time() - t0:.0f} s")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -110,41 +110,22 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
                     offs_m, offs_n, offs_d,  #
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
                     CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
-                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, PREFETCH_SCORES: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Visit the ``count`` listed key blocks of one query tile; returns (acc, l_i, m_i).
 
-    With PREFETCH_SCORES the next block's q @ k^T is issued before this block's softmax, so the
-    tensor cores have work while the softmax runs (FlashAttention-3's intra-warpgroup overlap,
-    https://arxiv.org/abs/2407.08608); it costs a second score tile of registers.
+    The loop is deliberately plain (one stage, no score prefetch): on the H200 three or four
+    resident programs per SM overlap each other's loads, softmax and tensor-core work better than
+    deeper pipelines or prefetched scores, which cost registers and so programs (benchmarks/NOTES.md).
     """
     NK = tl.cdiv(Sk, BLOCK_N)
-    if PREFETCH_SCORES:
-        start_n, in_range = _key_block(Idx_row, 0, stride_ik, NK, BLOCK_N)
+    for it in range(0, count):
+        start_n, in_range = _key_block(Idx_row, it, stride_ik, NK, BLOCK_N)
         qk = _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,
                      BLOCK_N, HEAD_DIM, EVEN_N, DOT_PRECISION, USE_TMA)
-        for it in range(1, count):
-            next_start, next_in_range = _key_block(Idx_row, it, stride_ik, NK, BLOCK_N)
-            next_qk = _scores(q, next_start, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,
-                              BLOCK_N, HEAD_DIM, EVEN_N, DOT_PRECISION, USE_TMA)
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
-                                        V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
-                                        q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
-                                        BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
-            qk, start_n, in_range = next_qk, next_start, next_in_range
-        if count > 0:
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
-                                        V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
-                                        q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
-                                        BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
-    else:
-        for it in range(0, count):
-            start_n, in_range = _key_block(Idx_row, it, stride_ik, NK, BLOCK_N)
-            qk = _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,
-                         BLOCK_N, HEAD_DIM, EVEN_N, DOT_PRECISION, USE_TMA)
-            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
-                                        V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
-                                        q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
-                                        BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
+        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
+                                    V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
+                                    q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
+                                    BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
     return acc, l_i, m_i
 
 
@@ -162,8 +143,7 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
               sm_scale, GROUP, Sq, Sk, MAXK, NQ,  #
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr,  #
               CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, STORE_LSE: tl.constexpr,  #
-              EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,  #
-              PREFETCH_SCORES: tl.constexpr):
+              EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """One program = one query tile (BLOCK_M rows) of one layout row (head h, query block i) of one
     batch entry; the row comes from the schedule: ``Sched[program_id(0) // Q_SPLIT] = h * NQ + i``.
 
@@ -220,7 +200,7 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
                                     q_start, causal_shift, Sk, qk_scale,  #
                                     offs_m, offs_n, offs_d,  #
                                     BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION,  #
-                                    USE_TMA, PREFETCH_SCORES)
+                                    USE_TMA)
 
     # epilogue: rows with no attended key (l_i == 0) give 0 and lse = -inf
     has_any = l_i > 0.0

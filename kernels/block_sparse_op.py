@@ -47,15 +47,12 @@ class TileConfig:
     ``block_m`` is the query tile (None: the layout's q_block; smaller powers of two split each layout
     row into q_block // block_m programs). The key tile is always the layout's kv_block.
     ``use_tma``: None picks tensor descriptors whenever the GPU (sm_90+) and the tensors' strides allow.
-    ``prefetch_scores``: issue the next key block's scores before this block's softmax (more
-    registers, more overlap).
     """
 
     num_warps: int
     num_stages: int
     block_m: Optional[int] = None
     use_tma: Optional[bool] = None
-    prefetch_scores: bool = False
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,24 +63,35 @@ def _smem_budget(device_index: int) -> int:
 
 
 def default_config(q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device) -> TileConfig:
-    """A sane default: 8 warps for q_block 128 at head_dim 128, else 4; for 16-bit dtypes as many
-    pipeline stages (4, 3, 2, 1) as fit in shared memory (Q tile + stages x (K tile + V tile)); fp32: 1.
+                   device: torch.device, tma: bool = False) -> TileConfig:
+    """The tuned config for this GPU if ``autosparse tune`` stored one (``tuning.lookup``), else a rule.
 
-    Measured on the H200 (benchmarks/NOTES.md, bf16, 128x64 tiles): 4 warps at head_dim 128 runs at less
-    than half the rate of 8; stages 4 vs 3 gains 0-4 %; every-block element masks would cost 11-17 %."""
+    With tensor descriptors (sm_90+, 16-bit): 64-row query tiles, 4 warps, 1 stage. Measured on the
+    H200 (benchmarks/NOTES.md, runs 4-7): three or four such programs per SM overlap each other's
+    loads, softmax and tensor-core work, 3-15 % faster than 128-row tiles with 8 warps and deep
+    pipelines. Pointer loads need more registers (64-row, 1-stage tiles spill there), so they keep
+    v1's rule: 8 warps for q_block 128 at head_dim 128, else 4, and as many stages (4, 3, 2) as fit in
+    shared memory. fp32 (ieee dots, there for accuracy): 1 stage.
+    """
+    from . import tuning
+
+    tuned = tuning.lookup(device, q_block, kv_block, head_dim, dtype, tma)
+    if tuned is not None:
+        return tuned
+    elt = dtype.itemsize
+    if tma and elt <= 2:
+        return TileConfig(num_warps=4, num_stages=1, block_m=min(64, q_block), use_tma=True)
     big = q_block >= 128 and head_dim >= 128
     num_warps = 8 if big else 4
-    elt = dtype.itemsize
     budget = _smem_budget(device.index if device.index is not None else torch.cuda.current_device()) \
         if device.type == "cuda" else 227 * 1024
-    num_stages = 1  # fp32 (ieee FMA dots) is there for accuracy, not speed: one stage
+    num_stages = 1
     if elt <= 2:
         for stages in (4, 3, 2):
             if elt * (q_block * head_dim + stages * 2 * kv_block * head_dim) <= budget:
                 num_stages = stages
                 break
-    return TileConfig(num_warps=num_warps, num_stages=num_stages)
+    return TileConfig(num_warps=num_warps, num_stages=num_stages, use_tma=tma)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,8 +290,11 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     bl, _, nq, maxk = kv_indices.shape
+    use_tma = config.use_tma if config is not None else None
+    if use_tma is None:
+        use_tma = _tma_ok(q, k, v, out)
     if config is None:
-        config = default_config(q_block, kv_block, d, q.dtype, q.device)
+        config = default_config(q_block, kv_block, d, q.dtype, q.device, use_tma)
     block_m = config.block_m or q_block
     if block_m not in BLOCK_SIZES or block_m > q_block:
         raise ValueError(f"config.block_m must be a power of two in {BLOCK_SIZES} and <= q_block {q_block}, "
@@ -291,9 +302,6 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     q_split = q_block // block_m
     if schedule is None:
         schedule = row_schedule(kv_counts, hq // hkv)
-    use_tma = config.use_tma
-    if use_tma is None:
-        use_tma = _tma_ok(q, k, v, out)
     descs = (None,) * 4
     if use_tma:
         descs = (_descriptor(q, block_m), _descriptor(k, kv_block), _descriptor(v, kv_block),
@@ -317,7 +325,7 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=kv_block, Q_SPLIT=q_split, CAUSAL=causal,
                 HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(use_tma),
-                PREFETCH_SCORES=config.prefetch_scores, num_warps=config.num_warps, num_stages=config.num_stages)
+                num_warps=config.num_warps, num_stages=config.num_stages)
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
             return kernel[grid](*args, **meta)  # the compiled kernel (n_regs, n_spills, metadata)

@@ -42,6 +42,7 @@ LAYER = "model.layers.0.self_attn"
         (lambda d: d.pop("layers"), "layers: missing"),
         (lambda d: d["model"].pop("fingerprint"), "model.fingerprint: missing"),
         (lambda d: d.update(block_size=[100, 64]), "block_size: expected [q_block, kv_block]"),
+        (lambda d: d.pop("block_size"), "block_size: missing"),
         (lambda d: d["layers"][LAYER]["heads"].pop(), "heads: expected 4 patterns (num_heads), found 3"),
         (lambda d: d["layers"][LAYER]["heads"].__setitem__(1, {"kind": "magic"}), "heads[1].kind: expected one of"),
         (lambda d: d["layers"][LAYER].update(num_heads="4"), "num_heads: expected int, found '4'"),

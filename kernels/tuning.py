@@ -1,0 +1,161 @@
+"""Per-GPU tile tuning of the block-sparse kernel, cached on disk.
+
+``tune(...)`` times a handful of candidate :class:`TileConfig` on this GPU for one
+(head_dim, dtype, layout block, load path) and stores the fastest in a JSON file
+(``$AUTOSPARSE_CACHE_DIR/tile_configs.json``, default ``~/.cache/autosparse``); ``lookup(...)``
+returns it, and ``default_config`` consults it before its built-in rule. Keys carry the GPU name,
+compute capability and Triton version, so a cache never leaks across machines or compilers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CANDIDATES", "cache_path", "lookup", "tune"]
+
+# Candidates measured on the H200 (benchmarks/NOTES.md, runs 4-7): 64-row tiles with 4 warps and one
+# stage (3-4 programs per SM) lead; the deeper-pipelined 128-row tiles stay as alternatives for
+# other GPUs and shapes.
+CANDIDATES: tuple[tuple[int, int, int], ...] = (  # (block_m, num_warps, num_stages)
+    (64, 4, 1), (64, 4, 2), (64, 4, 3), (128, 4, 1), (128, 4, 3), (128, 8, 2), (128, 8, 3), (128, 8, 4),
+)
+
+
+def cache_path() -> Path:
+    root = os.environ.get("AUTOSPARSE_CACHE_DIR") or Path.home() / ".cache" / "autosparse"
+    return Path(root) / "tile_configs.json"
+
+
+def _device_key(device: torch.device) -> str:
+    import triton
+
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(index)
+        name = f"{torch.cuda.get_device_name(index)} sm{major}{minor}"
+    else:
+        name = device.type
+    return f"{name} triton {triton.__version__}"
+
+
+def _key(device: torch.device, q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype, tma: bool) -> str:
+    dt = str(dtype).replace("torch.", "")
+    return f"{_device_key(device)} | d{head_dim} {dt} {q_block}x{kv_block} {'tma' if tma else 'ptr'}"
+
+
+@functools.lru_cache(maxsize=1)
+def _load(path: str, mtime: float) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        return data
+    except (OSError, ValueError) as err:
+        log.warning("ignoring the tile-config cache %s: %s", path, err)
+        return {}
+
+
+def _entries() -> dict:
+    path = cache_path()
+    try:
+        mtime = path.stat().st_mtime
+    except OSError:
+        return {}
+    return _load(str(path), mtime)
+
+
+def lookup(device: torch.device, q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype, tma: bool):
+    """The tuned TileConfig for this GPU and shape class, or None."""
+    from .block_sparse_op import TileConfig
+
+    entry = _entries().get(_key(device, q_block, kv_block, head_dim, dtype, tma))
+    if not isinstance(entry, dict):
+        return None
+    try:
+        return TileConfig(num_warps=int(entry["num_warps"]), num_stages=int(entry["num_stages"]),
+                          block_m=int(entry["block_m"]), use_tma=tma)
+    except (KeyError, TypeError, ValueError):
+        log.warning("ignoring malformed tile-config cache entry %r", entry)
+        return None
+
+
+def _save(key: str, entry: dict) -> None:
+    path = cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = dict(_entries())
+    data[key] = entry
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tile_configs.", suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file, never half
+
+
+def _do_bench(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def tune(head_dim: int, dtype: torch.dtype = torch.bfloat16, q_block: int = 64, kv_block: int = 128, *,
+         device: torch.device | str = "cuda", seq_len: int = 16384, heads: int = 8, density: float = 0.25,
+         candidates: Sequence[tuple[int, int, int]] = CANDIDATES,
+         time_fn: Callable[[Callable[[], object]], float] = _do_bench, save: bool = True) -> dict:
+    """Time every candidate (block_m, num_warps, num_stages) on a random layout of ``density`` and
+    store the fastest; returns ``{"best": TileConfig, "times_ms": {candidate: ms or error}}``.
+
+    Candidates that do not compile (shared memory, registers) are skipped and reported. The result
+    is checked against the first candidate's output, so a config that computes garbage never wins.
+    """
+    from . import block_sparse_op as bso
+
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(3))
+    nq, nk = math.ceil(seq_len / q_block), math.ceil(seq_len / kv_block)
+    keep = max(1, round(density * nk))
+    scores = torch.rand(1, heads, nq, nk, device=device, generator=gen)
+    idx = torch.sort(torch.topk(scores, keep, dim=-1).indices, dim=-1).values.to(torch.int32).contiguous()
+    cnt = torch.full((1, heads, nq), keep, dtype=torch.int32, device=device)
+    tma = bso._tma_ok(q, k, v)
+    times: dict[str, float | str] = {}
+    best, best_ms, reference = None, math.inf, None
+    for block_m, num_warps, num_stages in candidates:
+        name = f"m{block_m} w{num_warps} s{num_stages}"
+        if block_m > q_block:
+            continue
+        config = bso.TileConfig(num_warps=num_warps, num_stages=num_stages, block_m=block_m, use_tma=tma)
+        run = functools.partial(bso.block_sparse_attention, q, k, v, idx, cnt, q_block=q_block, kv_block=kv_block,
+                                causal=False, config=config)
+        try:
+            out = run()
+        except Exception as err:  # noqa: BLE001 - out of shared memory / registers: not a candidate here
+            times[name] = f"{type(err).__name__}: {str(err)[:120]}"
+            continue
+        if reference is None:
+            reference = out
+        elif not torch.allclose(out.float(), reference.float(), atol=2e-2, rtol=2e-2):
+            times[name] = "wrong result"
+            continue
+        ms = time_fn(run)
+        times[name] = ms
+        if ms < best_ms:
+            best, best_ms = config, ms
+    if best is None:
+        raise RuntimeError(f"no tile config ran for head_dim {head_dim} {dtype} {q_block}x{kv_block}: {times}")
+    if save:
+        entry = dict(block_m=best.block_m, num_warps=best.num_warps, num_stages=best.num_stages, ms=best_ms,
+                     shape=dict(seq_len=seq_len, heads=heads, density=density), times_ms=times)
+        _save(_key(device, q_block, kv_block, head_dim, dtype, tma), entry)
+    return {"best": dataclasses.replace(best), "times_ms": times}
