@@ -305,7 +305,7 @@ def flex_runner(flex_compiled, flex, blocks, partial, q, k, v, shp):
     raise last
 
 
-def run_timing(dev, smoke, use_flex, results, deadline):
+def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
     gen = torch.Generator(device=dev)
     gen.manual_seed(1234)
     flex = flex_compiled = None
@@ -318,7 +318,12 @@ def run_timing(dev, smoke, use_flex, results, deadline):
             log(f"flex unavailable: {e!r}")
             flex = None
     rows = []
+    results["timing"] = rows
     for shp in SHAPES:
+        if time.time() > stop_at:
+            log(f"timing {shp.name} SKIPPED: past --stop-s")
+            continue
+        save()
         try:
             if smoke:
                 shp = dataclasses.replace(shp, S=min(shp.S // 16, 2048), Hq=max(2, shp.Hq // 8),
@@ -409,7 +414,7 @@ def run_timing(dev, smoke, use_flex, results, deadline):
         except Exception as e:  # noqa: BLE001 - keep the other shapes
             traceback.print_exc()
             log(f"timing {shp.name} FAILED: {type(e).__name__}: {str(e)[:300]}")
-    results["timing"] = rows
+    save()
     return rows
 
 
@@ -641,6 +646,7 @@ def main():
     ap.add_argument("--no-flex", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="the kernel-variant sweep, after the checks (no table)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip FlexAttention after this many seconds")
+    ap.add_argument("--stop-s", type=float, default=530.0, help="skip the remaining shapes after this many seconds")
     args = ap.parse_args()
     t0 = time.time()
     dev = torch.device("cpu" if args.smoke else "cuda")
@@ -670,7 +676,12 @@ def main():
         except Exception as e:  # noqa: BLE001 - keep the table
             traceback.print_exc()
             log(f"{section.__name__} FAILED: {type(e).__name__}: {str(e)[:300]}")
-    rows = run_timing(dev, args.smoke, not args.no_flex, results, t0 + args.budget_s)
+    def save():
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str))
+
+    rows = run_timing(dev, args.smoke, not args.no_flex, results, t0 + args.budget_s, t0 + args.stop_s, save)
     md = table(rows)
     header = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, layout blocks 64x128, default "
               f"tile config; correctness {'ALL OK' if ok else 'FAILURES'}; total {time.time() - t0:.0f} s")
