@@ -133,7 +133,10 @@ def rel_err(a, b):
 # --------------------------------------------------------------------------------------------------
 # timing helpers
 # --------------------------------------------------------------------------------------------------
-def bench(fn, smoke):
+def bench(fn, smoke, graph=False):
+    """Median ms. ``graph``: replay a CUDA graph of ``fn`` (GPU time, no Python launch cost; falls back
+    to eager timing where capture fails), else time eager calls (host cost included when it exceeds
+    the GPU time)."""
     if smoke:
         fn()
         t = time.perf_counter()
@@ -141,6 +144,12 @@ def bench(fn, smoke):
         return (time.perf_counter() - t) * 1e3
     import triton.testing
 
+    if graph:
+        try:
+            return float(triton.testing.do_bench_cudagraph(fn, rep=150, return_mode="median"))
+        except Exception as e:  # noqa: BLE001
+            log(f"graph capture failed ({type(e).__name__}: {str(e)[:120]}); timing eagerly")
+            torch.cuda.synchronize()
     return float(triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median"))
 
 
@@ -343,7 +352,7 @@ def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
             # dense baseline: default SDPA (cuDNN on the H200)
             sdpa = lambda: F.scaled_dot_product_attention(q, k_rep, v_rep, is_causal=shp.causal)  # noqa: E731
             ref_dense = sdpa()
-            t_sdpa = bench(sdpa, smoke)
+            t_sdpa = min(bench(sdpa, smoke, graph=True), bench(sdpa, smoke, graph=True))
             dense_flops = 4 * B * Hq * S * S * D * (0.5 if shp.causal else 1.0)
             log(f"sdpa: {t_sdpa:.3f} ms, {dense_flops / t_sdpa / 1e9:.0f} TFLOP/s")
             allowed, partial = allowed_blocks(nq, nk, qb, kb, S, S, shp.causal, dev)
@@ -363,10 +372,13 @@ def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
                 compiled = bso._launch(q, k, v, idx, cnt, None, sched, out, None, qb, kb, shp.causal,
                                        1.0 / math.sqrt(D), None) if not smoke else run()
                 unwritten = int(out.isnan().sum())
-                t1 = bench(run, smoke)
-                t = bench(run, smoke)
-                row = dict(shape=shp.name, layout=lname, density=density, ms=t, ms_first=t1, tflops=flops / t / 1e9,
-                           sdpa_ms=t_sdpa, speedup=t_sdpa / t, ideal=1.0 / density, unwritten=unwritten)
+                t1 = bench(run, smoke, graph=True)
+                t2 = bench(run, smoke, graph=True)
+                t = min(t1, t2)
+                t_eager = bench(run, smoke)
+                row = dict(shape=shp.name, layout=lname, density=density, ms=t, ms_runs=(t1, t2), eager_ms=t_eager,
+                           tflops=flops / t / 1e9, sdpa_ms=t_sdpa, speedup=t_sdpa / t, ideal=1.0 / density,
+                           unwritten=unwritten)
                 row["of_ideal"] = row["speedup"] / row["ideal"]
                 if compiled is not None and hasattr(compiled, "n_regs"):
                     row.update(n_regs=compiled.n_regs, n_spills=compiled.n_spills,
@@ -376,7 +388,7 @@ def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
                 if flex is not None and time.time() < deadline:
                     try:
                         fx, o_flex = flex_runner(flex_compiled, flex, blocks, partial, q, k, v, shp)
-                        t_flex = bench(fx, smoke)
+                        t_flex = bench(fx, smoke, graph=True)
                         row.update(flex_ms=t_flex, flex_speedup=t_sdpa / t_flex)
                         if lname != "random d=1":
                             row["err_vs"] = ("flex", rel_err(out, o_flex))
@@ -385,7 +397,8 @@ def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
                         log(f"flex failed on {lname}: {type(e).__name__}: {str(e)[:300]}")
                 rows.append(row)
                 ev = row.get("err_vs")
-                log(f"{lname:18s} d={density:.3f} ours {t:.3f} ms (first run {t1:.3f}) {row['tflops']:.0f} TFLOP/s "
+                log(f"{lname:18s} d={density:.3f} ours {t:.3f} ms (runs {t1:.3f}, {t2:.3f}; eager call {t_eager:.3f}) "
+                    f"{row['tflops']:.0f} TFLOP/s "
                     f"x{row['speedup']:.2f} vs sdpa (ideal {row['ideal']:.2f}, {row['of_ideal']:.2f} of it)"
                     + (f" | flex {row['flex_ms']:.3f} ms x{row['flex_speedup']:.2f}" if "flex_ms" in row else "")
                     + (f" | rel err vs {ev[0]} {ev[1]:.1e}" if ev else "")
@@ -399,7 +412,7 @@ def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
                                           causal=shp.causal)
                 o_t = run_t()
                 o_c = block_sparse_attention(q, k, v, idx, cnt, q_block=qb, kv_block=kb, causal=shp.causal)
-                t = bench(run_t, smoke)
+                t = bench(run_t, smoke, graph=True)
                 listed = int(cnt.sum())
                 row = dict(shape=shp.name, layout="random d=0.25, [B,S,H,D] views", density=listed / n_allowed, ms=t,
                            tflops=4 * B * D * qb * kb * listed / t / 1e9, sdpa_ms=t_sdpa, speedup=t_sdpa / t,
@@ -431,22 +444,22 @@ def run_mixed_heads(dev, smoke, results):
     sparse = random_layout(H - n_dense, nq, nk, 0.1, allowed, partial, gen)
     blocks = torch.cat([sparse, allowed[None].expand(n_dense, -1, -1)])  # dense heads last: worst head-major order
     idx, cnt = mask_to_layout(blocks[None])
-    t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v), smoke)
+    t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k, v), smoke, graph=True)
     natural = torch.arange(H * nq, device=dev, dtype=torch.int32)
     lpt = bso.row_schedule(cnt)
     kw = dict(q_block=qb, kv_block=kb, causal=False)
     ref = block_sparse_attention(q, k, v, idx, cnt, schedule=natural, **kw)
-    t_fused = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=lpt, **kw), smoke)
-    t_natural = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=natural, **kw), smoke)
+    t_fused = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=lpt, **kw), smoke, graph=True)
+    t_natural = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=natural, **kw), smoke, graph=True)
     same = rel_err(block_sparse_attention(q, k, v, idx, cnt, schedule=lpt, **kw), ref)
     s_idx, s_cnt = mask_to_layout(sparse[None])
     d_idx, d_cnt = mask_to_layout(allowed[None].expand(n_dense, -1, -1)[None])
     qs, qd = q[:, : H - n_dense].contiguous(), q[:, H - n_dense:].contiguous()
     ks, kd = k[:, : H - n_dense].contiguous(), k[:, H - n_dense:].contiguous()
     vs, vd = v[:, : H - n_dense].contiguous(), v[:, H - n_dense:].contiguous()
-    t_sparse = bench(functools.partial(block_sparse_attention, qs, ks, vs, s_idx, s_cnt, **kw), smoke)
-    t_dense = bench(functools.partial(block_sparse_attention, qd, kd, vd, d_idx, d_cnt, **kw), smoke)
-    t_dense_sdpa = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd), smoke)
+    t_sparse = bench(functools.partial(block_sparse_attention, qs, ks, vs, s_idx, s_cnt, **kw), smoke, graph=True)
+    t_dense = bench(functools.partial(block_sparse_attention, qd, kd, vd, d_idx, d_cnt, **kw), smoke, graph=True)
+    t_dense_sdpa = bench(lambda: F.scaled_dot_product_attention(qd, kd, vd), smoke, graph=True)
     row = dict(shape=shp.name, n_dense=n_dense, density=int(cnt.sum()) / (H * int(allowed.sum())), sdpa_all_ms=t_sdpa,
                fused_lpt_ms=t_fused, fused_head_major_ms=t_natural, parts_ms=t_sparse + t_dense,
                sparse_part_ms=t_sparse, dense_part_ms=t_dense, dense_part_sdpa_ms=t_dense_sdpa,
@@ -481,8 +494,8 @@ def run_gqa_order(dev, smoke, results):
         spread = (by_group_member[:, None] * nq + torch.arange(nq, device=dev)[None]).flatten().to(torch.int32) \
             if density == 1.0 else spread
         kw = dict(q_block=qb, kv_block=kb, causal=True)
-        t_g = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=grouped, **kw), smoke)
-        t_s = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=spread, **kw), smoke)
+        t_g = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=grouped, **kw), smoke, graph=True)
+        t_s = bench(functools.partial(block_sparse_attention, q, k, v, idx, cnt, schedule=spread, **kw), smoke, graph=True)
         out[f"d={density:g}"] = dict(grouped_ms=t_g, spread_ms=t_s)
         log(f"GQA order d={density:g}: groups together {t_g:.3f} ms, spread {t_s:.3f} ms")
     results["gqa_order"] = out
@@ -515,36 +528,27 @@ def run_layout_cost(dev, smoke, results):
         q, k, v = (torch.randn(1, H, S, D, device=dev, dtype=torch.bfloat16) for _ in range(3))
         run = functools.partial(block_sparse_attention, q, k, v, layout.kv_indices, layout.kv_counts, q_block=64,
                                 kv_block=128, causal=True, schedule=sched)
-        kernel_ms = bench(run, smoke)
-        run()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(50):
-            run()
-        host_us = (time.perf_counter() - t0) / 50 * 1e6  # Python + launch, before the GPU catches up
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        out[S] = dict(build_ms=build_ms, fetch_us=fetch_us, host_call_us=host_us, kernel_ms=kernel_ms,
+        kernel_ms = bench(run, smoke, graph=True)
+        out[S] = dict(build_ms=build_ms, fetch_us=fetch_us, kernel_ms=kernel_ms,
                       density=layout.density(), fetch_share=fetch_us / (kernel_ms * 1e3))
         log(f"layout cost S={S}: build {build_ms:.1f} ms once (on {dev}), fetch {fetch_us:.2f} us per call = "
             f"{100 * fetch_us / (kernel_ms * 1e3):.3f} % of the kernel's {kernel_ms:.3f} ms (density "
-            f"{layout.density():.3f}); host time per call incl. launch {host_us:.1f} us")
+            f"{layout.density():.3f})")
         del q, k, v
     results["layout_cost"] = out
 
 
 SWEEP_VARIANTS = {  # name -> (layout blocks, TileConfig); runs 4-7 of benchmarks/NOTES.md tried more
     128: [("m64 64x128 w4 s1 (default)", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-          ("m64 64x128 w4 s2", (64, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True)),
-          ("m128 128x128 w8 s3", (128, 128), bso.TileConfig(8, 3, use_tma=True)),
+          ("+ lazy rescale", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True, lazy_rescale=True)),
+          ("+ maxnreg 128", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True, max_registers=128)),
+          ("+ lazy + maxnreg 128", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True, lazy_rescale=True,
+                                                            max_registers=128)),
           ("m64 128x64 w4 s1", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-          ("v1: ptr m128 128x64 w8 s4", (128, 64), bso.TileConfig(8, 4, use_tma=False))],
+          ("m64 128x64 w4 s1 lazy", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True, lazy_rescale=True))],
     64: [("m64 64x128 w4 s1 (default)", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-         ("m64 64x128 w4 s2", (64, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True)),
-         ("m128 128x128 w4 s3", (128, 128), bso.TileConfig(4, 3, use_tma=True)),
-         ("m64 128x64 w4 s1", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-         ("v1: ptr m128 128x64 w4 s4", (128, 64), bso.TileConfig(4, 4, use_tma=False))],
+         ("+ lazy rescale", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True, lazy_rescale=True)),
+         ("m64 128x64 w4 s1", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True))],
 }
 
 
@@ -577,7 +581,7 @@ def run_sweep(dev, smoke, results):
         ref = F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1), v.repeat_interleave(g, 1),
                                              is_causal=shp.causal)
         t_sdpa = bench(lambda: F.scaled_dot_product_attention(q, k.repeat_interleave(g, 1),  # noqa: E731
-                                                              v.repeat_interleave(g, 1), is_causal=shp.causal), smoke)
+                                                              v.repeat_interleave(g, 1), is_causal=shp.causal), smoke, graph=True)
         log(f"\n== sweep {shp.name}: sdpa {t_sdpa:.3f} ms")
         for density in ((1.0, 0.1) if shp is not SWEEP_SHAPES[-1] else (1.0,)):
             layouts, base_outs = {}, {}
@@ -601,7 +605,7 @@ def run_sweep(dev, smoke, results):
                     else:  # against the first variant on the same layout
                         first = base_outs.setdefault((qb, kb), out.clone())
                         err = rel_err(out, first)
-                    t1, t2 = bench(fn, smoke), bench(fn, smoke)
+                    t1, t2 = bench(fn, smoke, graph=True), bench(fn, smoke)
                     row = dict(shape=shp.name, density=density, variant=name, ms=t2, ms_first=t1,
                                tflops=flops / t2 / 1e9, sdpa_ms=t_sdpa, vs_sdpa_rate=None, err=err,
                                unwritten=unwritten)

@@ -47,12 +47,16 @@ class TileConfig:
     ``block_m`` is the query tile (None: the layout's q_block; smaller powers of two split each layout
     row into q_block // block_m programs). The key tile is always the layout's kv_block.
     ``use_tma``: None picks tensor descriptors whenever the GPU (sm_90+) and the tensors' strides allow.
+    ``lazy_rescale``: rescale the accumulator only when a row max grows by more than 2^8.
+    ``max_registers``: cap registers per thread (more resident programs, maybe spills).
     """
 
     num_warps: int
     num_stages: int
     block_m: Optional[int] = None
     use_tma: Optional[bool] = None
+    lazy_rescale: bool = False
+    max_registers: Optional[int] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,9 +66,11 @@ def _smem_budget(device_index: int) -> int:
     return int(optin) - 8 * 1024  # headroom for Triton's own scratch (layout conversions, barriers)
 
 
+@functools.lru_cache(maxsize=256)
 def default_config(q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype,
                    device: torch.device, tma: bool = False) -> TileConfig:
     """The tuned config for this GPU if ``autosparse tune`` stored one (``tuning.lookup``), else a rule.
+    Memoised per argument tuple (``tuning.tune`` clears it).
 
     With tensor descriptors (sm_90+, 16-bit): 64-row query tiles, 4 warps, 1 stage. Measured on the
     H200 (benchmarks/NOTES.md, runs 4-7): three or four such programs per SM overlap each other's
@@ -266,23 +272,46 @@ def row_schedule(kv_counts: Tensor, group: int = 1) -> Tensor:
     return torch.argsort(key.flatten()).to(torch.int32)
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
 def _tma_ok(*tensors: Tensor) -> bool:
-    """Tensor descriptors need sm_90+, 16-byte aligned base addresses and 16-byte multiple strides."""
+    """Tensor descriptors need sm_90+, 16-byte aligned base addresses and 16-byte multiple, non-zero
+    strides."""
     t0 = tensors[0]
-    if t0.device.type != "cuda" or torch.cuda.get_device_capability(t0.device)[0] < 9:
+    if t0.device.type != "cuda" or _capability(t0.device.index)[0] < 9:
         return False
     for t in tensors:
         elt = t.element_size()
-        if t.data_ptr() % 16 or any((st * elt) % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
+        if t.data_ptr() % 16 or t.stride(-1) != 1 or any(st <= 0 or (st * elt) % 16 for st in t.stride()[:-1]):
             return False
     return True
 
 
+_DESCRIPTOR_TEMPLATES: dict[tuple, object] = {}
+
+
 def _descriptor(t: Tensor, rows: int):
-    """4-D descriptor over [B, H, S, D] moving [1, 1, rows, D] tiles."""
+    """4-D descriptor over [B, H, S, D] moving [1, 1, rows, D] tiles.
+
+    Built once per (shape, strides, dtype, rows) and copied with the new base for later calls:
+    Triton's constructor validates every field, which costs more host time than a small kernel."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+    key = (t.shape, t.stride(), t.dtype, rows)
+    template = _DESCRIPTOR_TEMPLATES.get(key)
+    if template is None:
+        template = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+        if len(_DESCRIPTOR_TEMPLATES) > 1024:
+            _DESCRIPTOR_TEMPLATES.clear()
+        _DESCRIPTOR_TEMPLATES[key] = template
+        return template
+    desc = object.__new__(TensorDescriptor)
+    desc.__dict__.update(template.__dict__)
+    desc.base = t
+    return desc
 
 
 def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
@@ -325,8 +354,11 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=kv_block, Q_SPLIT=q_split, CAUSAL=causal,
                 HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(use_tma),
+                LAZY_RESCALE=config.lazy_rescale,
                 num_warps=config.num_warps, num_stages=config.num_stages)
-    if q.device.type == "cuda":
+    if config.max_registers is not None:
+        meta["maxnreg"] = config.max_registers
+    if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):
             return kernel[grid](*args, **meta)  # the compiled kernel (n_regs, n_spills, metadata)
     return kernel[grid](*args, **meta)

@@ -158,4 +158,5 @@ def tune(head_dim: int, dtype: torch.dtype = torch.bfloat16, q_block: int = 64, 
         entry = dict(block_m=best.block_m, num_warps=best.num_warps, num_stages=best.num_stages, ms=best_ms,
                      shape=dict(seq_len=seq_len, heads=heads, density=density), times_ms=times)
         _save(_key(device, q_block, kv_block, head_dim, dtype, tma), entry)
+        bso.default_config.cache_clear()
     return {"best": dataclasses.replace(best), "times_ms": times}

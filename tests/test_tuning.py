@@ -16,7 +16,9 @@ from autosparse.kernels import tuning  # noqa: E402
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("AUTOSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return tmp_path
+    bso.default_config.cache_clear()
+    yield tmp_path
+    bso.default_config.cache_clear()
 
 
 def test_tune_stores_the_fastest_and_default_config_uses_it(cache_dir):
