@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from autosparse.kernels import block_sparse_attention
 
 _spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
-bench = importlib.util.module_from_spec(_spec)
+bench = sys.modules["bench_kernels"] = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(bench)  # the layout helpers of benchmarks/kernels.py
 
 
