@@ -538,17 +538,16 @@ def run_layout_cost(dev, smoke, results):
     results["layout_cost"] = out
 
 
-SWEEP_VARIANTS = {  # name -> (layout blocks, TileConfig); runs 4-7 of benchmarks/NOTES.md tried more
+SWEEP_VARIANTS = {  # name -> (layout blocks, TileConfig); runs 4-9 of benchmarks/NOTES.md tried more
     128: [("m64 64x128 w4 s1 (default)", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-          ("+ lazy rescale", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True, lazy_rescale=True)),
-          ("+ maxnreg 128", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True, max_registers=128)),
-          ("+ lazy + maxnreg 128", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True, lazy_rescale=True,
-                                                            max_registers=128)),
+          ("m64 64x128 w4 s2", (64, 128), bso.TileConfig(4, 2, block_m=64, use_tma=True)),
+          ("m128 128x128 w8 s3", (128, 128), bso.TileConfig(8, 3, use_tma=True)),
           ("m64 128x64 w4 s1", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-          ("m64 128x64 w4 s1 lazy", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True, lazy_rescale=True))],
+          ("v1: ptr m128 128x64 w8 s4", (128, 64), bso.TileConfig(8, 4, use_tma=False))],
     64: [("m64 64x128 w4 s1 (default)", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
-         ("+ lazy rescale", (64, 128), bso.TileConfig(4, 1, block_m=64, use_tma=True, lazy_rescale=True)),
-         ("m64 128x64 w4 s1", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True))],
+         ("m128 128x128 w4 s3", (128, 128), bso.TileConfig(4, 3, use_tma=True)),
+         ("m64 128x64 w4 s1", (128, 64), bso.TileConfig(4, 1, block_m=64, use_tma=True)),
+         ("v1: ptr m128 128x64 w4 s4", (128, 64), bso.TileConfig(4, 4, use_tma=False))],
 }
 
 

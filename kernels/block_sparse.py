@@ -58,7 +58,7 @@ def _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,  #
                 q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,  #
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
                 CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
-                DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold one key block's scores into the running (acc, l_i, m_i): mask, online softmax, P @ V.
 
     Scores are kept in the log2 domain (``qk_scale`` = scale * log2(e)). A row that has seen no
@@ -83,26 +83,11 @@ def _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,  #
         qk = tl.where(valid[None, :], qk, float("-inf"))
     # -- online softmax update --------------------------------------------------------------------
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    if LAZY_RESCALE:
-        # Keep the stale row max (and skip rescaling acc) until some row's max grows by more than
-        # 2^8: p stays <= 256, exact in fp32 and bf16 alike (FlashAttention-4's conditional rescale).
-        # A first finite max (m_i = -inf) always rescales; rows still all -inf give NaN, not > 8.
-        if tl.max(m_new - m_i) > 8.0:
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_use)
-            l_i = l_i * alpha
-            acc = acc * alpha[:, None]
-            m_i = m_new
-        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        l_i = l_i + tl.sum(p, 1)
-        m_new = m_i
-    else:
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
     # -- P @ V ------------------------------------------------------------------------------------
     if USE_TMA:
         v = v_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -125,12 +110,13 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
                     offs_m, offs_n, offs_d,  #
                     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
                     CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
-                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr, LAZY_RESCALE: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """Visit the ``count`` listed key blocks of one query tile; returns (acc, l_i, m_i).
 
-    The loop is deliberately plain (one stage, no score prefetch): on the H200 three or four
-    resident programs per SM overlap each other's loads, softmax and tensor-core work better than
-    deeper pipelines or prefetched scores, which cost registers and so programs (benchmarks/NOTES.md).
+    The loop is deliberately plain (one stage, no score prefetch, no conditional rescale): on the
+    H200 three or four resident programs per SM overlap each other's loads, softmax and tensor-core
+    work better than deeper pipelines, prefetched scores or branches, which all cost registers and
+    so resident programs (benchmarks/NOTES.md, runs 4-9).
     """
     NK = tl.cdiv(Sk, BLOCK_N)
     for it in range(0, count):
@@ -140,8 +126,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
         acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
                                     V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
                                     q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
-                                    BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA,
-                                    LAZY_RESCALE)
+                                    BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
     return acc, l_i, m_i
 
 
@@ -159,8 +144,7 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
               sm_scale, GROUP, Sq, Sk, MAXK, NQ,  #
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr,  #
               CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, STORE_LSE: tl.constexpr,  #
-              EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,  #
-              LAZY_RESCALE: tl.constexpr):
+              EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
     """One program = one query tile (BLOCK_M rows) of one layout row (head h, query block i) of one
     batch entry; the row comes from the schedule: ``Sched[program_id(0) // Q_SPLIT] = h * NQ + i``.
 
@@ -217,7 +201,7 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
                                     q_start, causal_shift, Sk, qk_scale,  #
                                     offs_m, offs_n, offs_d,  #
                                     BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION,  #
-                                    USE_TMA, LAZY_RESCALE)
+                                    USE_TMA)
 
     # epilogue: rows with no attended key (l_i == 0) give 0 and lse = -inf
     has_any = l_i > 0.0

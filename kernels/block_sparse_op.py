@@ -47,16 +47,12 @@ class TileConfig:
     ``block_m`` is the query tile (None: the layout's q_block; smaller powers of two split each layout
     row into q_block // block_m programs). The key tile is always the layout's kv_block.
     ``use_tma``: None picks tensor descriptors whenever the GPU (sm_90+) and the tensors' strides allow.
-    ``lazy_rescale``: rescale the accumulator only when a row max grows by more than 2^8.
-    ``max_registers``: cap registers per thread (more resident programs, maybe spills).
     """
 
     num_warps: int
     num_stages: int
     block_m: Optional[int] = None
     use_tma: Optional[bool] = None
-    lazy_rescale: bool = False
-    max_registers: Optional[int] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -354,10 +350,7 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=kv_block, Q_SPLIT=q_split, CAUSAL=causal,
                 HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(use_tma),
-                LAZY_RESCALE=config.lazy_rescale,
                 num_warps=config.num_warps, num_stages=config.num_stages)
-    if config.max_registers is not None:
-        meta["maxnreg"] = config.max_registers
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):
             return kernel[grid](*args, **meta)  # the compiled kernel (n_regs, n_spills, metadata)

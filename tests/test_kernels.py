@@ -77,6 +77,10 @@ CASES = [
     Case("d16_tiny", 1, 2, 2, 64, 64, 16, 16, 16, True, 0.75),
 ]
 FLEX_CASES = ["ragged_gqa", "causal_sq_lt_sk", "batch_blB_empty_rows", "d128_kv_valid_blB"]
+# Run again through tensor descriptors (TMA loads/stores), query tiles half the layout block, and a
+# reversed program schedule: none of them may change the result.
+TMA_CASES = ["base", "ragged_gqa", "causal_sq_lt_sk", "batch_blB_empty_rows", "transposed_views_gqa",
+             "d128_kv_valid_blB"]
 
 
 def _gen(case: Case, salt: str = "") -> torch.Generator:
@@ -147,11 +151,21 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _interpret_jobs():
-    """name -> (case, salt) of every interpreted launch the tests below check."""
-    jobs = {f"oracle/{c.name}": (c, "") for c in CASES}
+    """name -> (case, salt, variant) of every interpreted launch the tests below check."""
+    jobs = {f"oracle/{c.name}": (c, "", False) for c in CASES}
     for name in FLEX_CASES:
-        jobs[f"flex/{name}"] = (next(c for c in CASES if c.name == name), "flex")
+        jobs[f"flex/{name}"] = (next(c for c in CASES if c.name == name), "flex", False)
+    for name in TMA_CASES:
+        jobs[f"tma/{name}"] = (next(c for c in CASES if c.name == name), "tma", True)
     return jobs
+
+
+def _variant_kwargs(case: Case, cnt):
+    """TMA descriptors, query tile = half the layout block (>= 16), reversed heaviest-first schedule."""
+    from autosparse.kernels import TileConfig, row_schedule
+
+    config = TileConfig(num_warps=4, num_stages=1, block_m=max(16, case.q_block // 2), use_tma=True)
+    return {"config": config, "schedule": row_schedule(cnt, case.Hq // case.Hkv).flip(0).contiguous()}
 
 
 LAYOUT_CASE = Case("layout", 2, 2, 1, 40, 40, 32, 16, 16, True, 0.5)
@@ -161,11 +175,12 @@ def _interpret_worker(path: str) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("the interpreter worker needs TRITON_INTERPRET=1 before triton is imported")
     results = {}
-    for name, (case, salt) in _interpret_jobs().items():
+    for name, (case, salt, variant) in _interpret_jobs().items():
         q, k, v, idx, cnt, valid = make_inputs(case, salt)
         out = poisoned_out(case, q)
+        extra = _variant_kwargs(case, cnt) if variant else {}
         res, lse = block_sparse_attention(q, k, v, idx, cnt, q_block=case.q_block, kv_block=case.kv_block,
-                                          causal=case.causal, kv_valid=valid, out=out, return_lse=True)
+                                          causal=case.causal, kv_valid=valid, out=out, return_lse=True, **extra)
         results[name] = {"out": out, "lse": lse, "wrote_into_out": res is out}
     q, k, v, idx, cnt, _ = make_inputs(LAYOUT_CASE)
     results["layout/default_out"] = block_sparse_attention(q, k, v, idx, cnt, q_block=16, kv_block=16, causal=True)
@@ -205,6 +220,14 @@ def test_triton_kernel_matches_dense_oracle(case, interpreted):
     assert res["wrote_into_out"]
     assert res["out"].stride() == poisoned_out(case, q).stride()
     check(case, res["out"], res["lse"], ref, ref_lse)
+
+
+@pytest.mark.parametrize("name", TMA_CASES)
+def test_triton_kernel_tma_split_tiles_any_schedule(name, interpreted):
+    case = next(c for c in CASES if c.name == name)
+    q, k, v, idx, cnt, valid = make_inputs(case, "tma")
+    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid)
+    check(case, interpreted[f"tma/{name}"]["out"], interpreted[f"tma/{name}"]["lse"], ref, ref_lse)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -329,6 +352,10 @@ def test_argument_checks(no_interpret):
         block_sparse_attention(q, k, v, idx, cnt, kv_valid=torch.ones(1, 63, dtype=torch.bool), **kw)
     with pytest.raises(ValueError, match="out must be"):
         block_sparse_attention(q, k, v, idx, cnt, out=torch.empty(1, 4, 64, 32), **kw)
+    with pytest.raises(ValueError, match=r"schedule must be int32 \[Hq \* NQ"):
+        block_sparse_attention(q, k, v, idx, cnt, schedule=torch.arange(3, dtype=torch.int32), **kw)
+    with pytest.raises(ValueError, match="schedule must be int32"):
+        block_sparse_attention(q, k, v, idx, cnt, schedule=torch.arange(cnt.numel()), **kw)
     with pytest.raises(ValueError, match="scale must be a positive"):
         block_sparse_attention(q, k, v, idx, cnt, scale=-1.0, **kw)
     with pytest.raises(TypeError, match="q, k, v must share a dtype"):

@@ -152,3 +152,25 @@ def test_patch_from_path_checks_the_model(llama, tmp_path):
     assert autosparse.patch_model(llama, str(path)) is llama
     with pytest.raises(ValueError, match="num_hidden_layers"):
         autosparse.patch_model(tiny_llama(layers=3), path)
+
+
+def test_layouts_are_built_once_per_shape_and_bounded(llama, monkeypatch):
+    from autosparse import patch as patch_module
+
+    built = []
+    original = BlockLayout.from_patterns.__func__
+
+    def counting(cls, patterns, geometry, device="cpu"):
+        built.append(geometry.q_len)
+        return original(cls, patterns, geometry, device)
+
+    monkeypatch.setattr(BlockLayout, "from_patterns", classmethod(counting))
+    monkeypatch.setattr(patch_module, "_MAX_LAYOUTS_PER_LAYER", 3)
+    autosparse.patch_model(llama, mixed_profile(llama))
+    for length in (40, 40, 41, 42, 43, 40):
+        logits(llama, random_ids(1, length, seed=length))
+    # one sparse layer: a layout per new length; 40 was forgotten (bound 3) and rebuilt at the end
+    assert built == [40, 41, 42, 43, 40]
+    plan = next(layer.module for layer in attention_layers(llama) if layer.index == 0)._autosparse_plan
+    assert [key[0] for key in plan.layouts] == [42, 43, 40]
+    assert autosparse.stats(llama).sparse == 6
