@@ -314,7 +314,7 @@ def flex_runner(flex_compiled, flex, blocks, partial, q, k, v, shp):
     raise last
 
 
-def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
+def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save, shapes=SHAPES):
     gen = torch.Generator(device=dev)
     gen.manual_seed(1234)
     flex = flex_compiled = None
@@ -328,7 +328,7 @@ def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
             flex = None
     rows = []
     results["timing"] = rows
-    for shp in SHAPES:
+    for shp in shapes:
         if time.time() > stop_at:
             log(f"timing {shp.name} SKIPPED: past --stop-s")
             continue
@@ -404,7 +404,7 @@ def run_timing(dev, smoke, use_flex, results, deadline, stop_at, save):
                     + (f" | rel err vs {ev[0]} {ev[1]:.1e}" if ev else "")
                     + (f" | regs {row['n_regs']} spills {row['n_spills']} smem {row['shared']}" if "n_regs" in row else "")
                     + (f" | UNWRITTEN {unwritten}" if unwritten else ""))
-            if shp is SHAPES[2]:  # what transformers passes: [B, S, H, D] buffers seen as [B, H, S, D]
+            if shp.name == SHAPES[2].name:  # what transformers passes: [B, S, H, D] buffers seen as [B, H, S, D]
                 qt, kt, vt = (x.transpose(1, 2).contiguous().transpose(1, 2) for x in (q, k, v))
                 blocks = next(b for n, b in layouts if n == "random d=0.25")
                 idx, cnt = mask_to_layout(blocks[None])
@@ -650,6 +650,9 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="the kernel-variant sweep, after the checks (no table)")
     ap.add_argument("--budget-s", type=float, default=420.0, help="skip FlexAttention after this many seconds")
     ap.add_argument("--stop-s", type=float, default=530.0, help="skip the remaining shapes after this many seconds")
+    ap.add_argument("--shapes", default="", help="comma-separated substrings: time only the table shapes named "
+                    "(in this order), e.g. 'GQA,d64 S128K'")
+    ap.add_argument("--no-sections", action="store_true", help="skip head fusion, GQA order and layout cost")
     args = ap.parse_args()
     t0 = time.time()
     dev = torch.device("cpu" if args.smoke else "cuda")
@@ -673,7 +676,7 @@ def main():
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "sweep.json").write_text(json.dumps(results, indent=1, default=str))
         return
-    for section in (run_mixed_heads, run_gqa_order, run_layout_cost):
+    for section in () if args.no_sections else (run_mixed_heads, run_gqa_order, run_layout_cost):
         try:
             section(dev, args.smoke, results)
         except Exception as e:  # noqa: BLE001 - keep the table
@@ -684,7 +687,10 @@ def main():
             Path(args.out).mkdir(parents=True, exist_ok=True)
             (Path(args.out) / "results.json").write_text(json.dumps(results, indent=1, default=str))
 
-    rows = run_timing(dev, args.smoke, not args.no_flex, results, t0 + args.budget_s, t0 + args.stop_s, save)
+    shapes = SHAPES
+    if args.shapes:
+        shapes = [s for key in args.shapes.split(",") for s in SHAPES if key.strip() in s.name]
+    rows = run_timing(dev, args.smoke, not args.no_flex, results, t0 + args.budget_s, t0 + args.stop_s, save, shapes)
     md = table(rows)
     header = (f"{info['gpu']}, torch {info['torch']}, triton {info['triton']}, bf16, layout blocks 64x128, default "
               f"tile config; correctness {'ALL OK' if ok else 'FAILURES'}; total {time.time() - t0:.0f} s")

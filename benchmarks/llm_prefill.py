@@ -125,7 +125,7 @@ def main() -> None:
 
         def sparse():
             torch.ops.autosparse.block_sparse_attention(q, k, v, layout.kv_indices, layout.kv_counts, None,
-                                                        *profile.block_size, True, 128 ** -0.5)
+                                                        layout.schedule(4), *profile.block_size, True, 128 ** -0.5)
 
         def forward():
             with torch.inference_mode():
