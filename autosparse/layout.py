@@ -97,6 +97,15 @@ class BlockLayout:
             self.geometry, self.kv_indices.to(device), self.kv_counts.to(device), self.head_density
         )
 
+    def with_heads_skipped(self, heads: Sequence[int]) -> BlockLayout:
+        """The same layout with no key blocks for ``heads`` (the kernel writes zeros there): for
+        heads another kernel serves, e.g. dense heads sent to SDPA."""
+        counts = self.kv_counts.clone()
+        counts[:, list(heads)] = 0
+        density = self.head_density.clone()
+        density[list(heads)] = 0.0
+        return BlockLayout(self.geometry, self.kv_indices, counts, density)
+
     def __getitem__(self, head: int | slice) -> BlockLayout:
         heads = slice(head, head + 1) if isinstance(head, int) else head
         return BlockLayout(

@@ -9,6 +9,7 @@ with its reason in ``stats(model)``; nothing the kernel cannot honour is ever ap
 
 from __future__ import annotations
 
+import functools
 import logging
 import weakref
 from collections import Counter
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from autosparse.kernels import supports
@@ -79,8 +81,15 @@ class _LayerPlan:
     patterns: tuple[Pattern, ...]
     block_size: tuple[int, int]
     state: _PatchState
-    # (q_len, kv_len, causal, device) -> layout: a steady-state call costs one small-tuple lookup.
+    # (q_len, kv_len, causal, device, dense heads split off) -> layout: a steady-state call costs one
+    # small-tuple lookup.
     layouts: dict[tuple, BlockLayout] = field(default_factory=dict, compare=False, repr=False)
+
+    @functools.cached_property
+    def dense_heads(self) -> tuple[int, ...]:
+        """Heads whose pattern is dense, in a layer that also has sparse heads (else empty)."""
+        dense = tuple(h for h, p in enumerate(self.patterns) if p.is_dense)
+        return dense if len(dense) < len(self.patterns) else ()
 
     @property
     def is_dense(self) -> bool:
@@ -187,23 +196,44 @@ def autosparse_attention(
         state.stats.fallback[reason] += 1
         return sdpa_attention_forward(*args, **kwargs)
 
-    q_block, kv_block = plan.block_size
-    layout_key = (query.shape[2], key.shape[2], causal, query.device)
-    layout = plan.layouts.get(layout_key)
-    if layout is None:
-        if len(plan.layouts) >= _MAX_LAYOUTS_PER_LAYER:  # many prompt lengths: forget the oldest
-            del plan.layouts[next(iter(plan.layouts))]
-        geometry = BlockGeometry(query.shape[2], key.shape[2], q_block, kv_block, causal)
-        layout = plan.layouts[layout_key] = BlockLayout.from_patterns(plan.patterns, geometry, query.device)
+    # Dense heads of a mixed layer go to SDPA (cuDNN/flash: faster than our kernel at density 1),
+    # unless key padding must be applied (SDPA would then leave its fused kernels).
+    split = plan.dense_heads if kv_valid is None else ()
+    layout = _layout(plan, query.shape[2], key.shape[2], causal, query.device, split)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if kv_valid is not None:
         kv_valid = kv_valid.expand(query.shape[0], -1)
+    q_block, kv_block = plan.block_size
+    group = query.shape[1] // key.shape[1]
     out = torch.ops.autosparse.block_sparse_attention(
-        query, key, value, layout.kv_indices, layout.kv_counts, kv_valid,
-        layout.schedule(query.shape[1] // key.shape[1]), q_block, kv_block, causal, scale,
-    )
+        query, key, value, layout.kv_indices, layout.kv_counts, kv_valid, layout.schedule(group),
+        q_block, kv_block, causal, scale,
+    ).transpose(1, 2)  # [B, Sq, Hq, D], contiguous
+    if split:
+        heads = torch.tensor(split, device=query.device)
+        kv_heads = heads // group
+        dense = F.scaled_dot_product_attention(
+            query.index_select(1, heads), key.index_select(1, kv_heads), value.index_select(1, kv_heads),
+            is_causal=causal, scale=scale,
+        )
+        out.index_copy_(2, heads, dense.transpose(1, 2))
     state.stats.sparse += 1
-    return out.transpose(1, 2).contiguous(), None
+    return out.contiguous(), None
+
+
+def _layout(plan: _LayerPlan, q_len: int, kv_len: int, causal: bool, device: torch.device,
+            skipped: tuple[int, ...]) -> BlockLayout:
+    key = (q_len, kv_len, causal, device, skipped)
+    layout = plan.layouts.get(key)
+    if layout is None:
+        if len(plan.layouts) >= _MAX_LAYOUTS_PER_LAYER:  # many prompt lengths: forget the oldest
+            del plan.layouts[next(iter(plan.layouts))]
+        geometry = BlockGeometry(q_len, kv_len, *plan.block_size, causal)
+        layout = BlockLayout.from_patterns(plan.patterns, geometry, device)
+        if skipped:
+            layout = layout.with_heads_skipped(skipped)
+        plan.layouts[key] = layout
+    return layout
 
 
 def _why_dense(

@@ -174,3 +174,26 @@ def test_layouts_are_built_once_per_shape_and_bounded(llama, monkeypatch):
     plan = next(layer.module for layer in attention_layers(llama) if layer.index == 0)._autosparse_plan
     assert [key[0] for key in plan.layouts] == [42, 43, 40]
     assert autosparse.stats(llama).sparse == 6
+
+
+def test_dense_heads_of_a_mixed_layer_run_through_sdpa(llama, monkeypatch):
+    """Layer 0 of the mixed profile has one dense head (2 of 4, KV head 1): it is served by SDPA on
+    that head alone, the sparse heads by the kernel, and the result matches the reference."""
+    from autosparse import patch as patch_module
+
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.shape[1], k.shape[1]))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(patch_module.F, "scaled_dot_product_attention", spy)
+    profile = mixed_profile(llama)
+    ids = random_ids(1, 97, seed=5)
+    expected = reference_logits(llama, profile, ids)
+    autosparse.patch_model(llama, profile)
+    seen.clear()
+    torch.testing.assert_close(logits(llama, ids), expected, rtol=1e-4, atol=1e-4)
+    # layer 0: its one dense head alone; layer 1 (all dense): transformers' own SDPA call, all heads
+    assert seen == [(1, 1), (4, 2)]
