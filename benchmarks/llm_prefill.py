@@ -21,7 +21,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import autosparse  # noqa: E402
-from autosparse import BlockGeometry, BlockLayout, Profile  # noqa: E402
+from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile  # noqa: E402
 from autosparse.kernels.reference import dense_attention  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
 
@@ -92,7 +92,11 @@ def main() -> None:
     ids = torch.randint(0, 32000, (2, 3000), device="cuda", generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :777] = 0  # left padding in the second row
+    # mixed heads: every fourth head dense (served by SDPA on those heads), the rest sink + local
     small = Profile.uniform(model, {"kind": "sink_local", "sinks": 4, "window": 512})
+    for name, layer in small.layers.items():
+        heads = tuple(Dense() if h % 4 == 3 else p for h, p in enumerate(layer.heads))
+        small.layers[name] = LayerProfile(layer.index, layer.num_heads, heads)
     for name, attention_mask in (("no padding", None), ("left padding", mask)):
         expected = reference_logits(model, small, ids, attention_mask)
         with torch.inference_mode():
