@@ -84,6 +84,8 @@ class _LayerPlan:
     # (q_len, kv_len, causal, device, dense heads split off) -> layout: a steady-state call costs one
     # small-tuple lookup.
     layouts: dict[tuple, BlockLayout] = field(default_factory=dict, compare=False, repr=False)
+    dense_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, compare=False,
+                                                                        repr=False)
 
     @functools.cached_property
     def dense_heads(self) -> tuple[int, ...]:
@@ -210,8 +212,7 @@ def autosparse_attention(
         q_block, kv_block, causal, scale,
     ).transpose(1, 2)  # [B, Sq, Hq, D], contiguous
     if split:
-        heads = torch.tensor(split, device=query.device)
-        kv_heads = heads // group
+        heads, kv_heads = _dense_head_index(plan, query.device, group)
         dense = F.scaled_dot_product_attention(
             query.index_select(1, heads), key.index_select(1, kv_heads), value.index_select(1, kv_heads),
             is_causal=causal, scale=scale,
@@ -219,6 +220,15 @@ def autosparse_attention(
         out.index_copy_(2, heads, dense.transpose(1, 2))
     state.stats.sparse += 1
     return out.contiguous(), None
+
+
+def _dense_head_index(plan: _LayerPlan, device: torch.device, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Device index tensors of the dense heads and of their KV heads, made once per device."""
+    index = plan.dense_index.get((device, group))
+    if index is None:
+        heads = torch.tensor(plan.dense_heads, device=device)
+        index = plan.dense_index[(device, group)] = (heads, heads // group)
+    return index
 
 
 def _layout(plan: _LayerPlan, q_len: int, kv_len: int, causal: bool, device: torch.device,
