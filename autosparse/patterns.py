@@ -22,6 +22,7 @@ __all__ = [
     "Window",
     "SinkLocal",
     "Blocks",
+    "Global",
     "pattern_from_spec",
     "register_pattern",
     "registered_kinds",
@@ -116,6 +117,12 @@ class Pattern:
         args = ",".join(f"{k}={v}" for k, v in self.to_spec().items() if k != "kind")
         return f"{self.kind}({args})" if args else self.kind
 
+    @classmethod
+    def fields_from_spec(cls, fields: dict[str, Any], where: str) -> dict[str, Any]:
+        """Spec fields -> constructor arguments. Kinds that nest patterns parse them here, so that
+        a nested error names its own path (``pattern.inner.kind``)."""
+        return fields
+
 
 def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -203,6 +210,77 @@ class Blocks(Pattern):
         return columns[None, :] & geometry.reachable(device)
 
 
+@register_pattern
+@dataclass(frozen=True)
+class Global(Pattern):
+    """Global tokens around an ``inner`` pattern: the first ``prefix`` and last ``suffix`` tokens
+    attend and are attended by everything, as the text tokens that diffusion transformers (FLUX,
+    CogVideoX, HunyuanVideo) concatenate to the image or video tokens need.
+
+    Global keys are ``[0, prefix)`` and ``[kv_len - suffix, kv_len)``; global queries are the same
+    tokens in query positions, ``[0, prefix)`` and ``[end - suffix, end)`` where ``end`` is the
+    absolute position after the last query: ``q_len``, or ``kv_len`` when causal (the queries are
+    then the last ``q_len`` tokens, so a later chunk holds no prefix queries). Block-granular as
+    everywhere: a block pair is attended when ``inner`` attends it or it holds a causally allowed
+    (query, key) pair with the key or the query global.
+    """
+
+    kind: ClassVar[str] = "global"
+    inner: Pattern
+    prefix: int = 0
+    suffix: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, Pattern):
+            raise ValueError(f"global.inner must be a pattern, got {self.inner!r}")
+        _check_int("global", "prefix", self.prefix, 0)
+        _check_int("global", "suffix", self.suffix, 0)
+        if self.prefix == 0 and self.suffix == 0:
+            raise ValueError("global.prefix, global.suffix: at least one must be > 0, got both 0")
+
+    @property
+    def is_dense(self) -> bool:
+        return self.inner.is_dense
+
+    def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        q_end, kv_end = (geometry.kv_len if geometry.causal else geometry.q_len), geometry.kv_len
+        regions = (  # (absolute query range, key range): global columns, then global rows
+            ((0, q_end), (0, self.prefix)),
+            ((0, q_end), (kv_end - self.suffix, kv_end)),
+            ((0, self.prefix), (0, kv_end)),
+            ((q_end - self.suffix, q_end), (0, kv_end)),
+        )
+        mask = self.inner.block_mask(geometry, device)
+        for queries, keys in regions:
+            mask = mask | _touches(geometry, queries, keys, device)
+        return mask
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "prefix": self.prefix, "suffix": self.suffix, "inner": self.inner.to_spec()}
+
+    def short_str(self) -> str:
+        sizes = "".join(f"{name}={getattr(self, name)}," for name in ("prefix", "suffix") if getattr(self, name))
+        return f"{self.kind}({sizes}inner={self.inner.short_str()})"
+
+    @classmethod
+    def fields_from_spec(cls, fields: dict[str, Any], where: str) -> dict[str, Any]:
+        return {**fields, "inner": pattern_from_spec(fields["inner"], f"{where}.inner")}
+
+
+def _touches(
+    geometry: BlockGeometry, queries: tuple[int, int], keys: tuple[int, int], device: torch.device | str
+) -> torch.Tensor:
+    """``[NQ, NK]`` bool: block pairs holding a (query, key) pair with the query in ``queries`` and
+    the key in ``keys`` (half-open, absolute positions) that causality allows. Clipping each block
+    to the ranges keeps the rule exact where a range ends inside a block; the causal test also keeps
+    the result within ``reachable``."""
+    q_first, q_last, k_first, k_last = geometry.block_spans(device)
+    q_lo, q_hi = torch.clamp(q_first, min=queries[0]), torch.clamp(q_last, max=queries[1] - 1)
+    k_lo, k_hi = torch.clamp(k_first, min=keys[0]), torch.clamp(k_last, max=keys[1] - 1)
+    hit = (q_lo <= q_hi) & (k_lo <= k_hi)
+    return hit & (k_lo <= q_hi) if geometry.causal else hit
+
+
 def pattern_from_spec(spec: Any, where: str = "pattern") -> Pattern:
     """Build a pattern from its JSON form; errors name ``where`` (e.g. ``layers['x'].heads[3]``)."""
     if isinstance(spec, Pattern):
@@ -218,7 +296,8 @@ def pattern_from_spec(spec: Any, where: str = "pattern") -> Pattern:
     if given != names:
         missing, unknown = sorted(names - given), sorted(given - names)
         raise ValueError(f"{where}: {kind!r} takes fields {sorted(names)}; missing {missing}, unknown {unknown}")
+    fields = cls.fields_from_spec({name: spec[name] for name in names}, where)
     try:
-        return cls(**{name: spec[name] for name in names})
+        return cls(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from None

@@ -1,20 +1,31 @@
 """Every pattern's layout against its definition, computed independently token by token."""
 
+import json
+
 import pytest
 import torch
 
 from autosparse import BlockGeometry, BlockLayout, Blocks, Dense, SinkLocal, Window, pattern_from_spec
+from autosparse.patterns import Global
 
 
-def token_rule(pattern, q_pos: int, k: int, causal: bool) -> bool:
+def token_rule(pattern, q_pos: int, k: int, g: BlockGeometry) -> bool:
     """The pattern's rule for one (absolute query position, key) pair, causality excluded."""
     if isinstance(pattern, Dense):
         return True
     if isinstance(pattern, Window):
         gap = q_pos - k
-        return 0 <= gap < pattern.window if causal else abs(gap) < pattern.window
+        return 0 <= gap < pattern.window if g.causal else abs(gap) < pattern.window
     if isinstance(pattern, SinkLocal):
-        return k < pattern.sinks or token_rule(Window(pattern.window), q_pos, k, causal)
+        return k < pattern.sinks or token_rule(Window(pattern.window), q_pos, k, g)
+    if isinstance(pattern, Blocks):
+        return k // g.kv_block in pattern.kv_blocks
+    if isinstance(pattern, Global):
+        # Queries are the last q_len tokens when causal, the first q_len otherwise.
+        last_q = g.kv_len - 1 if g.causal else g.q_len - 1
+        global_key = k < pattern.prefix or k >= g.kv_len - pattern.suffix
+        global_query = q_pos < pattern.prefix or q_pos > last_q - pattern.suffix
+        return global_key or global_query or token_rule(pattern.inner, q_pos, k, g)
     raise TypeError(pattern)
 
 
@@ -28,16 +39,16 @@ def expected_mask(pattern, g: BlockGeometry) -> torch.Tensor:
         qs = range(qb * g.q_block, min((qb + 1) * g.q_block, g.q_len))
         for kb in range(g.num_kv_blocks):
             ks = range(kb * g.kv_block, min((kb + 1) * g.kv_block, g.kv_len))
-            if isinstance(pattern, Blocks):
-                hit = kb in pattern.kv_blocks and any(allowed[q, k] for q in qs for k in ks)
-            else:
-                hit = any(allowed[q, k] and token_rule(pattern, q + offset, k, g.causal) for q in qs for k in ks)
-            if hit:
+            if any(allowed[q, k] and token_rule(pattern, q + offset, k, g) for q in qs for k in ks):
                 mask[qs.start : qs.stop, ks.start : ks.stop] = allowed[qs.start : qs.stop, ks.start : ks.stop]
     return mask
 
 
-PATTERNS = [Dense(), Window(1), Window(40), SinkLocal(4, 16), SinkLocal(40, 33), SinkLocal(0, 100), Blocks((0, 3, 9))]
+PATTERNS = [
+    Dense(), Window(1), Window(40), SinkLocal(4, 16), SinkLocal(40, 33), SinkLocal(0, 100), Blocks((0, 3, 9)),
+    Global(Window(8), prefix=10), Global(SinkLocal(4, 16), suffix=7), Global(Blocks((2,)), prefix=5, suffix=3),
+    Global(Dense(), prefix=1),
+]
 GEOMETRIES = [
     BlockGeometry(100, 100, 16, 16, causal=True),
     BlockGeometry(100, 100, 32, 16, causal=True),
@@ -89,6 +100,13 @@ def test_layouts_are_cached_per_shape_and_device():
         ({"kind": "sink_local", "sinks": -1, "window": 8}, "sinks must be an int >= 0"),
         ({"kind": "blocks", "kv_blocks": []}, "non-empty list"),
         ("dense", "expected a dict with a 'kind' key"),
+        ({"kind": "global", "prefix": -1, "suffix": 0, "inner": {"kind": "dense"}}, "global.prefix must be an int >= 0"),
+        ({"kind": "global", "prefix": 0, "suffix": 0, "inner": {"kind": "dense"}}, "at least one must be > 0"),
+        ({"kind": "global", "prefix": 8, "inner": {"kind": "dense"}}, "missing ['suffix']"),
+        ({"kind": "global", "prefix": 8, "suffix": 0, "inner": "dense"}, "heads[2].inner: expected a dict"),
+        ({"kind": "global", "prefix": 8, "suffix": 0, "inner": {"kind": "window", "window": 0}},
+         "heads[2].inner: window.window must be an int >= 1, got 0"),
+        ({"kind": "global", "prefix": 8, "suffix": 0, "inner": {"kind": "nope"}}, "heads[2].inner.kind: expected one of"),
     ],
 )
 def test_spec_errors_name_the_field(spec, message):
@@ -101,3 +119,46 @@ def test_spec_errors_name_the_field(spec, message):
 def test_spec_round_trip(pattern):
     assert pattern_from_spec(pattern.to_spec()) == pattern
     assert hash(pattern_from_spec(pattern.to_spec())) == hash(pattern)
+
+
+# Text tokens not a multiple of the block (CogVideoX: 226), and a text suffix; ragged lengths.
+TEXT_GEOMETRIES = [
+    BlockGeometry(350, 350, 64, 64, causal=False),
+    BlockGeometry(350, 350, 64, 64, causal=True),
+    BlockGeometry(300, 350, 64, 128, causal=True),  # a later chunk: its rows start past the prefix
+    BlockGeometry(350, 290, 128, 64, causal=False),
+]
+
+
+@pytest.mark.parametrize("geometry", TEXT_GEOMETRIES, ids=lambda g: f"{g.q_len}x{g.kv_len}-{g.q_block}x{g.kv_block}-c{int(g.causal)}")
+@pytest.mark.parametrize("pattern", [Global(Window(64), prefix=226), Global(Window(32), suffix=77),
+                                     Global(SinkLocal(0, 40), prefix=100, suffix=30)], ids=lambda p: p.short_str())
+def test_global_tokens_match_token_definition(pattern, geometry):
+    dense = BlockLayout.from_patterns([pattern], geometry).to_dense()[0]
+    torch.testing.assert_close(dense, expected_mask(pattern, geometry))
+    if not geometry.causal:  # what the diffusion transformers need, stated directly
+        assert dense[:, : pattern.prefix].all() and dense[:, geometry.kv_len - pattern.suffix :].all()
+        assert dense[: pattern.prefix].all() and dense[geometry.q_len - pattern.suffix :].all()
+
+
+def test_global_spec_form():
+    spec = {"kind": "global", "prefix": 226, "suffix": 0, "inner": {"kind": "window", "window": 4096}}
+    pattern = pattern_from_spec(json.loads(json.dumps(spec)))
+    assert pattern == Global(Window(4096), prefix=226) and hash(pattern) == hash(Global(Window(4096), prefix=226))
+    assert pattern.to_spec() == spec
+    assert pattern.short_str() == "global(prefix=226,inner=window(window=4096))"
+    assert Global(Blocks((1, 0)), suffix=3).short_str() == "global(suffix=3,inner=blocks(kv_blocks=[0, 1]))"
+    assert not pattern.is_dense and Global(Dense(), prefix=1).is_dense
+    assert Global(Window(8), prefix=4) != Global(Window(8), suffix=4)
+
+
+def test_layout_mixes_global_and_plain_heads():
+    g = BlockGeometry(550, 550, 64, 64, causal=False)
+    text = Global(Window(64), prefix=226)
+    heads = [text, Window(64), Dense(), text, Global(Window(64), suffix=30)]
+    layout = BlockLayout.from_patterns(heads, g)
+    assert layout.num_heads == 5 and BlockLayout.from_patterns(tuple(heads), g) is layout
+    for h, pattern in enumerate(heads):
+        torch.testing.assert_close(layout.to_dense()[h], expected_mask(pattern, g))
+    density = layout.head_density.tolist()
+    assert density[1] < density[4] < density[0] == density[3] < density[2] == 1.0
