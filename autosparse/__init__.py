@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from autosparse.layout import BlockLayout
 from autosparse.patch import AttentionStats, patch_model, stats, unpatch_model
-from autosparse.patterns import Blocks, BlockGeometry, Dense, Pattern, SinkLocal, Window, pattern_from_spec
+from autosparse.patterns import Blocks, BlockGeometry, Dense, Global, Pattern, SinkLocal, Window, pattern_from_spec
 from autosparse.profile import LayerProfile, Profile
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "BlockLayout",
     "Blocks",
     "Dense",
+    "Global",
     "LayerProfile",
     "Pattern",
     "Profile",
