@@ -400,6 +400,23 @@ def test_custom_op_matches_and_fake_strides(no_interpret):
                           (q, k, v, idx, cnt, valid, None, 16, 16, True, scale))
 
 
+def test_custom_op_under_torch_compile(no_interpret):
+    """The op (with a schedule) inside a compiled function: no graph break, same result as eager."""
+    case = Case("compile", 1, 4, 2, 64, 64, 32, 16, 16, True, 0.5)
+    q, k, v, idx, cnt, _ = make_inputs(case)
+    from autosparse.kernels import row_schedule
+
+    sched = row_schedule(cnt, 2)
+
+    def attend(q, k, v):
+        out = torch.ops.autosparse.block_sparse_attention(q * 1.5, k, v, idx, cnt, None, sched, 16, 16, True, 0.25)
+        return out.transpose(1, 2).reshape(1, 64, -1)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), atol=0, rtol=0)
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--interpret-worker":
         _interpret_worker(sys.argv[2])
