@@ -4,17 +4,20 @@
 
 1. ceilings: a large bf16 matmul (TFLOP/s) and a device-to-device copy (TB/s), measured here;
 2. correctness: bf16 / fp16 / fp32 against ``dense_attention`` on float32-upcast inputs (GQA, causal,
-   ragged, kv_valid, head_dim 64/128, transposed views), NaN-poisoned outputs, rel-error
+   ragged, kv_valid, head_dim 32/64/128, transposed views), NaN-poisoned outputs, rel-error
    ||out - ref|| / ||ref|| and lse error;
-3. timing (bf16, triton.testing.do_bench median, fresh random inputs): per shape, default
-   ``F.scaled_dot_product_attention`` on the same inputs (dense; cuDNN on the H200), our kernel on
-   random layouts of block density d in {1, 0.5, 0.25, 0.1} and a structured one (sink + local
-   window), and compiled FlexAttention with the same layout (``BlockMask.from_kv_blocks``). At scale
-   our output is checked against SDPA (d = 1) or FlexAttention (sparse).
+3. head fusion (a mixed dense/sparse layer: one launch, head-major vs heaviest-first, vs the sum of
+   its parts, vs patch_model's split), GQA program order, layout build/fetch cost;
+4. the table (bf16, fresh random inputs, CUDA-graph timing, best of two): per shape (8K/32K/128K,
+   head_dim 64/128, GQA causal), default ``F.scaled_dot_product_attention`` on the same inputs
+   (cuDNN on the H200), our kernel on random layouts of block density d in {1, 0.5, 0.25, 0.1, 0.05}
+   and two structured ones (window, sink + local), and compiled FlexAttention with the same layout
+   (``BlockMask.from_kv_blocks``). Our output is checked against SDPA (d = 1) or FlexAttention.
 
 Prints a markdown table last and writes it (plus JSON with every number) under ``--out``.
 ``--smoke`` runs the same code paths on tiny shapes on the CPU (PyTorch path, no timing value).
-``--sweep`` instead times num_warps x num_stages variants and an every-block-masked variant.
+``--sweep`` times kernel variants (tiles, warps, stages, load path, layout blocks) after the checks.
+``--shapes`` / ``--no-sections`` / ``--stop-s`` run a part of it within a time limit.
 """
 
 from __future__ import annotations
