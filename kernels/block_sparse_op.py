@@ -1,6 +1,9 @@
-"""Launcher, argument checks, grid, default tile config and custom op for the block-sparse kernel.
+"""Launcher, argument checks, schedule, tile config and custom op for the block-sparse kernel.
 
-The ``@triton.jit`` code is in ``block_sparse.py``; the pure-PyTorch versions are in ``reference.py``.
+The ``@triton.jit`` code is in ``block_sparse.py``; the pure-PyTorch versions are in ``reference.py``;
+per-GPU tile tuning is in ``tuning.py``. A launch is a 1-D grid over (layout row, batch, query tile)
+dealt out in :func:`row_schedule` order; on sm_90+ tiles move through tensor descriptors (TMA)
+whenever the tensors' strides allow it, else through pointer loads.
 
 Dispatch of :func:`block_sparse_attention`:
   * CUDA tensors -> the Triton kernel;
