@@ -34,9 +34,9 @@ log = logging.getLogger("autosparse")
 IMPLEMENTATION = "autosparse"
 _STATE_ATTR = "_autosparse_state"
 _PLAN_ATTR = "_autosparse_plan"
+_MAX_LAYOUTS_PER_LAYER = 32  # distinct (length, ...) layouts a layer keeps; the oldest goes first
 # Keyword arguments of transformers attention functions that change the math; SDPA-only models
 # never pass them, so seeing one means the call is not plain attention.
-_MAX_LAYOUTS_PER_LAYER = 32
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "sliding_window")
 
 

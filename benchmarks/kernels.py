@@ -582,9 +582,9 @@ def occupancy(compiled, num_warps) -> int | None:
 
 
 def run_sweep(dev, smoke, results):
-    """Kernel-variant sweep (pointer vs TMA loads, warp specialisation, 128x64 vs 128x128 layout
-    blocks, 64-row query tiles, warps x stages) at d = 1 (and 0.25 on the first shape), checked
-    against SDPA (d = 1) or the pointer-path variant."""
+    """Kernel-variant sweep (SWEEP_VARIANTS: tiles, warps, stages, load path, layout blocks) at d = 1
+    (and 0.1 on the non-GQA shapes), checked against SDPA (d = 1) or the first variant on the same
+    layout."""
     gen = torch.Generator(device=dev)
     gen.manual_seed(99)
     rows = []

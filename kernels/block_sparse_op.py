@@ -295,18 +295,19 @@ _DESCRIPTOR_TEMPLATES: dict[tuple, object] = {}
 def _descriptor(t: Tensor, rows: int):
     """4-D descriptor over [B, H, S, D] moving [1, 1, rows, D] tiles.
 
-    Built once per (shape, strides, dtype, rows) and copied with the new base for later calls:
-    Triton's constructor validates every field, which costs more host time than a small kernel."""
+    Validated once per (shape, strides, dtype, rows) by Triton's constructor, which costs more host
+    time than a small kernel; later calls copy that template with their own base. The template keeps
+    no tensor alive."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     key = (t.shape, t.stride(), t.dtype, rows)
     template = _DESCRIPTOR_TEMPLATES.get(key)
     if template is None:
         template = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+        template.base = None
         if len(_DESCRIPTOR_TEMPLATES) > 1024:
             _DESCRIPTOR_TEMPLATES.clear()
         _DESCRIPTOR_TEMPLATES[key] = template
-        return template
     desc = object.__new__(TensorDescriptor)
     desc.__dict__.update(template.__dict__)
     desc.base = t
@@ -318,6 +319,8 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     bl, _, nq, maxk = kv_indices.shape
+    if b > _MAX_GRID_YZ:
+        raise ValueError(f"grid limit: B={b} must be <= {_MAX_GRID_YZ}")
     use_tma = config.use_tma if config is not None else None
     if use_tma is None:
         use_tma = _tma_ok(q, k, v, out)
@@ -338,8 +341,6 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     lse_arg = lse if lse is not None else out
     kernel = _kernel(q.device)
     grid = (hq * nq * q_split, b)
-    if b > _MAX_GRID_YZ:
-        raise ValueError(f"grid limit: B={b} must be <= {_MAX_GRID_YZ}")
     args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg, schedule, *descs,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
