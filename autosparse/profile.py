@@ -2,27 +2,31 @@
 
 A profile says, per attention layer (qualified module name) and per query head, which pattern to
 run, plus what the search measured. It records the model it was made for and where it was made.
+Diffusion models run the transformer once per denoising step and suffer most from sparsity in the
+first steps, so an optional ``steps`` schedule makes step ranges dense or gives them their own
+patterns; ``Profile.patterns(layer, num_heads, step)`` is the one lookup the runtime needs.
 Loading only builds registered pattern kinds (no pickle, no imports by name), and every validation
 error names the field with the expected and the found value.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import math
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from autosparse.models import attention_layers, model_signature
-from autosparse.patterns import Pattern, pattern_from_spec
+from autosparse.models import AttentionLayer, attention_layers, model_signature
+from autosparse.patterns import Dense, Pattern, pattern_from_spec
 
-__all__ = ["SCHEMA_VERSION", "LayerProfile", "Profile", "environment"]
+__all__ = ["SCHEMA_VERSION", "LayerProfile", "Profile", "StepRange", "environment"]
 
 SCHEMA_VERSION = 1
 DEFAULT_BLOCK_SIZE = (64, 128)  # query x key tokens: the fastest kernel layout on the H200 (benchmarks/NOTES.md)
@@ -114,12 +118,91 @@ class LayerProfile:
             raise ValueError(message if message.startswith(where) else f"{where}.{message}") from None
 
 
+@dataclass(frozen=True)
+class StepRange:
+    """Denoising steps ``[start, end)`` (0-based; ``end`` None: to the last step) that run dense, or
+    run ``layers`` in place of the profile's default entries for the layers listed there.
+
+    Exactly one of the two: a range that is both, or neither, has no single meaning.
+    """
+
+    start: int
+    end: int | None
+    dense: bool = False
+    layers: dict[str, LayerProfile] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+            raise ValueError(f"start: expected int >= 0, found {self.start!r}")
+        end = self.end
+        if end is not None and (isinstance(end, bool) or not isinstance(end, int) or end <= self.start):
+            raise ValueError(f"end: expected null or int > start ({self.start}), found {self.end!r}")
+        _expect(self.dense, bool, "dense")
+        if self.dense and self.layers:
+            raise ValueError(f"layers: expected none with dense=true, found {sorted(self.layers)}")
+        if not self.dense and not self.layers:
+            raise ValueError("layers: expected at least one layer (or dense=true), found none")
+
+    def __str__(self) -> str:
+        return f"[{self.start}, {'inf' if self.end is None else self.end})"
+
+    def contains(self, step: int) -> bool:
+        return self.start <= step and (self.end is None or step < self.end)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"start": self.start, "end": self.end}
+        if self.dense:
+            out["dense"] = True
+        else:
+            out["layers"] = {name: layer.to_dict() for name, layer in self.layers.items()}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> StepRange:
+        _expect(data, dict, where)
+        # "end" is required (null when open), so that a misspelt key cannot mean "to the last step".
+        for key in ("start", "end"):
+            if key not in data:
+                raise ValueError(f"{where}.{key}: missing")
+        layers = _expect(data.get("layers", {}), dict, f"{where}.layers")
+        layers = {name: LayerProfile.from_dict(layer, f"{where}.layers[{name!r}]") for name, layer in layers.items()}
+        try:
+            return cls(start=data["start"], end=data["end"], dense=data.get("dense", False), layers=layers)
+        except ValueError as err:
+            raise ValueError(f"{where}.{err}") from None
+
+
+def _sorted_steps(steps: tuple[StepRange, ...]) -> tuple[StepRange, ...]:
+    """``steps`` sorted by start; ValueError naming both ranges (by given position) if two overlap,
+    since a step must have one meaning whatever order the ranges were written in."""
+    order = sorted(range(len(steps)), key=lambda i: steps[i].start)
+    for before, after in zip(order, order[1:]):
+        # Sorted and, up to here, disjoint: only the range just before can reach into ``after``.
+        if steps[before].contains(steps[after].start):
+            raise ValueError(f"steps[{after}]: {steps[after]} overlaps steps[{before}]: {steps[before]}")
+    return tuple(steps[i] for i in order)
+
+
+def _check_layers(layers: dict[str, LayerProfile], found: dict[str, AttentionLayer], where: str) -> None:
+    """Raise ValueError naming ``where[name]``'s first field that does not fit the model's layers."""
+    for name, entry in layers.items():
+        layer = found.get(name)
+        here = f"{where}[{name!r}]"
+        if layer is None:
+            raise ValueError(f"{here}: no such attention layer in the model; it has e.g. {sorted(found)[:3]}")
+        if entry.num_heads != layer.num_heads:
+            raise ValueError(f"{here}.num_heads: expected {layer.num_heads} (the model), found {entry.num_heads}")
+        if entry.index != layer.index:
+            raise ValueError(f"{here}.index: expected {layer.index} (the model), found {entry.index}")
+
+
 @dataclass
 class Profile:
     """A per-layer, per-head sparse attention configuration for one model.
 
     ``block_size`` is ``(q_block, kv_block)``: the granularity patterns are laid out in, so a
-    profile means the same attention on every device.
+    profile means the same attention on every device. ``steps`` is the optional denoising-step
+    schedule (kept sorted by start, never overlapping); ``layers`` applies outside it.
     """
 
     model: dict[str, Any]
@@ -129,6 +212,10 @@ class Profile:
     created: dict[str, Any] = field(default_factory=environment)
     autosparse_version: str = field(default_factory=_version)
     schema_version: int = SCHEMA_VERSION
+    steps: tuple[StepRange, ...] = ()
+
+    def __post_init__(self) -> None:
+        self.steps = _sorted_steps(tuple(self.steps))
 
     # -- construction ------------------------------------------------------------------------
 
@@ -148,7 +235,7 @@ class Profile:
     # -- JSON --------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "schema_version": self.schema_version,
             "autosparse_version": self.autosparse_version,
             "model": self.model,
@@ -157,6 +244,9 @@ class Profile:
             "block_size": list(self.block_size),
             "layers": {name: layer.to_dict() for name, layer in self.layers.items()},
         }
+        if self.steps:  # absent, not empty, without a schedule: files stay as they were before schedules
+            out["steps"] = [step_range.to_dict() for step_range in self.steps]
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
@@ -189,7 +279,8 @@ class Profile:
         ):
             raise ValueError(f"{source}: block_size: expected [q_block, kv_block], powers of two >= 16, found {block_size!r}")
         layers = _expect(data["layers"], dict, f"{source}: layers")
-        return cls(
+        steps = _expect(data.get("steps", []), list, f"{source}: steps")
+        fields = dict(
             model=model,
             layers={name: LayerProfile.from_dict(layer, f"{source}: layers[{name!r}]") for name, layer in layers.items()},
             block_size=(block_size[0], block_size[1]),
@@ -197,7 +288,48 @@ class Profile:
             created=_expect(data.get("created", {}), dict, f"{source}: created"),
             autosparse_version=_expect(data["autosparse_version"], str, f"{source}: autosparse_version"),
             schema_version=version,
+            steps=tuple(StepRange.from_dict(entry, f"{source}: steps[{i}]") for i, entry in enumerate(steps)),
         )
+        try:
+            return cls(**fields)
+        except ValueError as err:  # overlapping ranges
+            raise ValueError(f"{source}: {err}") from None
+
+    # -- schedule ----------------------------------------------------------------------------
+
+    def with_dense_steps(self, n: int) -> Profile:
+        """A copy that runs the first ``n`` denoising steps dense (the usual way to keep diffusion
+        quality), replacing a dense range that starts at 0; ValueError if another range overlaps."""
+        kept = tuple(r for r in self.steps if not (r.dense and r.start == 0))
+        try:
+            return replace(copy.deepcopy(self), steps=(StepRange(0, n, dense=True), *kept))
+        except ValueError as err:
+            raise ValueError(f"with_dense_steps({n!r}): {err}") from None
+
+    def step_range(self, step: int) -> StepRange | None:
+        """The range holding denoising step ``step`` (0-based), or None: outside every range the
+        default ``layers`` apply."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step: expected int >= 0, found {step!r}")
+        return next((r for r in self.steps if r.contains(step)), None)
+
+    def patterns(self, layer_name: str, num_heads: int, step: int | None = None) -> tuple[Pattern, ...]:
+        """Per-head patterns of ``layer_name`` at denoising ``step`` (None: ignore the schedule).
+
+        A dense range makes every layer dense; another range's entry for the layer replaces the
+        default one; a layer with no entry where it is looked up is dense, as in ``patch_model``.
+        """
+        active = None if step is None else self.step_range(step)
+        if active is not None and active.dense:
+            return (Dense(),) * num_heads
+        where, entry = f"layers[{layer_name!r}]", self.layers.get(layer_name)
+        if active is not None and layer_name in active.layers:
+            where, entry = f"steps[{self.steps.index(active)}].layers[{layer_name!r}]", active.layers[layer_name]
+        if entry is None:
+            return (Dense(),) * num_heads
+        if entry.num_heads != num_heads:
+            raise ValueError(f"profile {where}.num_heads: expected {num_heads} (the caller), found {entry.num_heads}")
+        return entry.heads
 
     # -- matching ----------------------------------------------------------------------------
 
@@ -211,15 +343,9 @@ class Profile:
             if want != have:
                 raise ValueError(f"profile model.config.{key}: expected {want!r} (the model), found {have!r}")
         layers = {layer.name: layer for layer in attention_layers(model)}
-        for name, entry in self.layers.items():
-            layer = layers.get(name)
-            where = f"profile layers[{name!r}]"
-            if layer is None:
-                raise ValueError(f"{where}: no such attention layer in the model; it has e.g. {sorted(layers)[:3]}")
-            if entry.num_heads != layer.num_heads:
-                raise ValueError(f"{where}.num_heads: expected {layer.num_heads} (the model), found {entry.num_heads}")
-            if entry.index != layer.index:
-                raise ValueError(f"{where}.index: expected {layer.index} (the model), found {entry.index}")
+        _check_layers(self.layers, layers, "profile layers")
+        for i, step_range in enumerate(self.steps):
+            _check_layers(step_range.layers, layers, f"profile steps[{i}].layers")
 
     # -- summary -----------------------------------------------------------------------------
 
