@@ -138,7 +138,7 @@ def test_unpatch_restores_exactly(llama):
         autosparse.patch_model(llama, mixed_profile(llama))
     autosparse.unpatch_model(llama)
     assert llama.config._attn_implementation == implementation
-    assert not any(hasattr(m, "_autosparse_plan") for m in llama.modules())
+    assert not any(hasattr(m, "_autosparse_layer") for m in llama.modules())
     torch.testing.assert_close(logits(llama, ids), before, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="not patched"):
         autosparse.stats(llama)
@@ -155,7 +155,7 @@ def test_patch_from_path_checks_the_model(llama, tmp_path):
 
 
 def test_layouts_are_built_once_per_shape_and_bounded(llama, monkeypatch):
-    from autosparse import patch as patch_module
+    from autosparse import runtime
 
     built = []
     original = BlockLayout.from_patterns.__func__
@@ -165,21 +165,21 @@ def test_layouts_are_built_once_per_shape_and_bounded(llama, monkeypatch):
         return original(cls, patterns, geometry, device)
 
     monkeypatch.setattr(BlockLayout, "from_patterns", classmethod(counting))
-    monkeypatch.setattr(patch_module, "_MAX_LAYOUTS_PER_LAYER", 3)
+    monkeypatch.setattr(runtime, "_MAX_LAYOUTS_PER_LAYER", 3)
     autosparse.patch_model(llama, mixed_profile(llama))
     for length in (40, 40, 41, 42, 43, 40):
         logits(llama, random_ids(1, length, seed=length))
     # one sparse layer: a layout per new length; 40 was forgotten (bound 3) and rebuilt at the end
     assert built == [40, 41, 42, 43, 40]
-    plan = next(layer.module for layer in attention_layers(llama) if layer.index == 0)._autosparse_plan
-    assert [key[0] for key in plan.layouts] == [42, 43, 40]
+    plan = runtime.plan_of(next(layer.module for layer in attention_layers(llama) if layer.index == 0)._autosparse_layer)
+    assert [key[1].q_len for key in plan._layouts] == [42, 43, 40]
     assert autosparse.stats(llama).sparse == 6
 
 
 def test_dense_heads_of_a_mixed_layer_run_through_sdpa(llama, monkeypatch):
     """Layer 0 of the mixed profile has one dense head (2 of 4, KV head 1): it is served by SDPA on
     that head alone, the sparse heads by the kernel, and the result matches the reference."""
-    from autosparse import patch as patch_module
+    from autosparse import runtime
 
     seen = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -188,12 +188,12 @@ def test_dense_heads_of_a_mixed_layer_run_through_sdpa(llama, monkeypatch):
         seen.append((q.shape[1], k.shape[1]))
         return sdpa(q, k, v, **kw)
 
-    monkeypatch.setattr(patch_module.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(runtime, "ORIGINAL_SDPA", spy)
     profile = mixed_profile(llama)
     ids = random_ids(1, 97, seed=5)
     expected = reference_logits(llama, profile, ids)
     autosparse.patch_model(llama, profile)
     seen.clear()
     torch.testing.assert_close(logits(llama, ids), expected, rtol=1e-4, atol=1e-4)
-    # layer 0: its one dense head alone; layer 1 (all dense): transformers' own SDPA call, all heads
+    # layer 0: its one dense head alone; layer 1 (all dense): SDPA on all heads
     assert seen == [(1, 1), (4, 2)]

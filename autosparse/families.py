@@ -1,0 +1,127 @@
+"""Per-family knowledge of diffusers transformers: which attention modules to serve, and the token
+geometry of their sequences.
+
+A ``Family`` answers two questions a generic capture cannot: which attention modules are self or
+joint attention over the image/video tokens (cross-attention and text-only attention stay dense),
+and, for one transformer call, where the grid tokens sit in the attention sequence (the latent grid
+T×H×W or H×W in patch units, text before or after it). Everything else is shared. Facts per model
+(measured with diffusers 0.42): Wan self-attention is video only (text is in ``attn2``); FLUX and
+CogVideoX put the text first; HunyuanVideo puts it last and masks its padding; HunyuanVideo's token
+refiner (``context_embedder.*``) is text-only.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from autosparse.tokens import TokenGeometry
+
+__all__ = ["Family", "family_of", "FAMILIES"]
+
+GeometryFn = Callable[[nn.Module, Mapping[str, Any]], TokenGeometry]
+
+
+@dataclass(frozen=True)
+class Family:
+    """How autosparse serves one diffusers transformer class.
+
+    Attributes:
+        name: short family name (``"wan"``).
+        classes: model class names it covers.
+        attention: regular expression a self/joint attention module's qualified name must match.
+        geometry: ``(model, forward arguments) -> TokenGeometry`` of the attention sequence of this
+            call; None for a model without an adapter (only 1-D patterns apply).
+        signature: config fields that decide whether a profile fits the model.
+    """
+
+    name: str
+    classes: tuple[str, ...]
+    attention: str
+    geometry: GeometryFn | None
+    signature: tuple[str, ...]
+
+    def serves(self, name: str) -> bool:
+        return re.fullmatch(self.attention, name) is not None
+
+
+def _video_grid(model: nn.Module, latents: torch.Tensor, patch: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Latent ``[B, C, F, H, W]`` (or CogVideoX's ``[B, F, C, H, W]``, reordered by the caller) over
+    the patch size: the token grid the patch embedding makes, raster (frame, row, column)."""
+    frames, height, width = latents.shape[-3:]
+    grid = (frames // patch[0], height // patch[1], width // patch[2])
+    if any(g < 1 for g in grid):
+        raise ValueError(f"{type(model).__name__}: latent {tuple(latents.shape)} is smaller than the patch {patch}")
+    return grid
+
+
+def _wan(model: nn.Module, args: Mapping[str, Any]) -> TokenGeometry:
+    return TokenGeometry(_video_grid(model, args["hidden_states"], tuple(model.config.patch_size)))
+
+
+def _hunyuan(model: nn.Module, args: Mapping[str, Any]) -> TokenGeometry:
+    config = model.config
+    patch = (config.patch_size_t, config.patch_size, config.patch_size)
+    grid = _video_grid(model, args["hidden_states"], patch)
+    return TokenGeometry(grid, suffix=args["encoder_hidden_states"].shape[1])
+
+
+def _cogvideox(model: nn.Module, args: Mapping[str, Any]) -> TokenGeometry:
+    config = model.config
+    latents = args["hidden_states"].transpose(1, 2)  # [B, F, C, H, W] -> [B, C, F, H, W]
+    patch = (config.patch_size_t or 1, config.patch_size, config.patch_size)
+    return TokenGeometry(_video_grid(model, latents, patch), prefix=args["encoder_hidden_states"].shape[1])
+
+
+def _flux(model: nn.Module, args: Mapping[str, Any]) -> TokenGeometry:
+    """FLUX packs the latent into a sequence; ``img_ids`` holds each token's (0, row, column). The
+    grid is read from it once per distinct ``img_ids`` tensor (a pipeline makes one per image)."""
+    ids = args["img_ids"]
+    ids = ids[0] if ids.dim() == 3 else ids  # older pipelines pass [B, N, 3]
+    return TokenGeometry(_flux_grid(ids, args["hidden_states"].shape[1]), prefix=args["encoder_hidden_states"].shape[1])
+
+
+# The last img_ids checked (a pipeline passes the same tensor at every step): (tensor, version, grid).
+_last_flux_ids: tuple[weakref.ref, int, tuple[int, int]] | None = None
+
+
+def _flux_grid(ids: torch.Tensor, tokens: int) -> tuple[int, int]:
+    global _last_flux_ids
+    if _last_flux_ids is not None and _last_flux_ids[0]() is ids and _last_flux_ids[1] == ids._version:
+        return _last_flux_ids[2]
+    rows, cols = (int(x) + 1 for x in ids[:, 1:].amax(0).tolist())
+    raster = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+    if rows * cols != tokens or not torch.equal(ids[:, 1:].round().long().cpu(), raster):
+        raise ValueError(f"FLUX img_ids do not describe a raster {rows}x{cols} grid of {tokens} tokens")
+    _last_flux_ids = (weakref.ref(ids), ids._version, (rows, cols))
+    return rows, cols
+
+
+FAMILIES = (
+    Family("wan", ("WanTransformer3DModel",), r"blocks\.\d+\.attn1", _wan,
+           ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "ffn_dim")),
+    Family("hunyuan_video", ("HunyuanVideoTransformer3DModel",), r"(single_)?transformer_blocks\.\d+\.attn", _hunyuan,
+           ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "patch_size",
+            "patch_size_t", "in_channels")),
+    Family("cogvideox", ("CogVideoXTransformer3DModel",), r"transformer_blocks\.\d+\.attn1", _cogvideox,
+           ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "patch_size_t", "in_channels")),
+    Family("flux", ("FluxTransformer2DModel",), r"(single_)?transformer_blocks\.\d+\.attn", _flux,
+           ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "patch_size",
+            "in_channels")),
+)
+
+# Any other diffusers model: every attention module is captured, its geometry is unknown (1-D
+# patterns only) and calls with query length != key length (cross-attention) run dense.
+GENERIC = Family("generic", (), r".*", None,
+                 ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels"))
+
+
+def family_of(model: nn.Module) -> Family:
+    name = type(model).__name__
+    return next((f for f in FAMILIES if name in f.classes), GENERIC)

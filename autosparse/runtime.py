@@ -1,0 +1,338 @@
+"""One attention call, served: the custom op every capture route calls, and what it runs.
+
+``torch.ops.autosparse.attention(q, k, v, layer, attn_mask, is_causal, scale)`` owns the call. It
+is opaque to ``torch.compile`` and takes the layer as a 0-d CPU int64 tensor (one per attention
+module, a graph input, not a constant): a graph compiled once for a repeated block
+(``compile_repeated_blocks``) still serves each block with its own patterns, and every decision
+that changes between calls (denoising step, token geometry, padding mask) is made here at run time,
+so it never bakes into a graph or causes a recompile.
+
+Per call: look up the layer's patterns at the current step -> decide sparse or dense (with the
+reason counted) -> layout (cached per shape) -> permute grid tokens into tiles when a pattern needs
+the grid -> one block-sparse launch for every head (dense heads of a mixed layer go to SDPA) ->
+output with the memory layout ``[B, S, H, D]`` (returned as the ``[B, H, S, D]`` view SDPA returns).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import weakref
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from autosparse.kernels import supports
+from autosparse.layout import BlockLayout
+from autosparse.patterns import BlockGeometry, Pattern
+from autosparse.profile import Profile
+from autosparse.tokens import TokenGeometry, default_tile
+
+__all__ = ["AttentionStats", "CallContext", "LayerPlan", "PatchState", "count_unserved", "plan_of", "register",
+           "unregister"]
+
+log = logging.getLogger("autosparse")
+
+# F.scaled_dot_product_attention as torch defines it: the diffusers capture replaces the module
+# attribute, and every dense call here must reach the real one.
+ORIGINAL_SDPA = F.scaled_dot_product_attention
+_MAX_LAYOUTS_PER_LAYER = 32  # distinct (patterns, shape, ...) layouts a layer keeps; the oldest goes first
+
+
+@dataclass
+class AttentionStats:
+    """Attention calls since patching.
+
+    ``sparse``: served by the block-sparse kernel. ``dense``: run dense by design (the profile is
+    dense for every head of the layer, a decode step, cross-attention), by reason. ``fallback``: run
+    dense because the kernel could not serve the call exactly, by reason (``strict=True`` raises).
+    """
+
+    sparse: int = 0
+    dense: Counter[str] = field(default_factory=Counter)
+    fallback: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def total(self) -> int:
+        return self.sparse + sum(self.dense.values()) + sum(self.fallback.values())
+
+    def __str__(self) -> str:
+        parts = [f"sparse={self.sparse}"]
+        parts += [f"dense[{reason}]={n}" for reason, n in sorted(self.dense.items())]
+        parts += [f"fallback[{reason}]={n}" for reason, n in sorted(self.fallback.items())]
+        return "AttentionStats(" + ", ".join(parts) + ")"
+
+
+@dataclass
+class CallContext:
+    """What the model's current forward call says about its attention calls: the token geometry of
+    the attention sequence (None: unknown, only 1-D patterns apply) and the denoising step."""
+
+    tokens: TokenGeometry | None = None
+    step: int | None = None
+
+
+@dataclass
+class PatchState:
+    """One patched model: counts, strictness, the current call's context."""
+
+    strict: bool
+    stats: AttentionStats = field(default_factory=AttentionStats)
+    context: CallContext = field(default_factory=CallContext)
+    # The same padding mask object reaches every layer of one forward: classify it once.
+    mask_seen: Any = None
+    mask_verdict: tuple[str | None, torch.Tensor | None] = (None, None)
+
+    def count_fallback(self, where: str, reason: str) -> None:
+        if self.strict:
+            raise RuntimeError(f"autosparse cannot serve attention in {where}: {reason} (strict=True)")
+        log.debug("%s: dense fallback: %s", where, reason)
+        self.stats.fallback[reason] += 1
+
+
+@dataclass(frozen=True, eq=False)
+class HeadSet:
+    """The per-head patterns of one layer at one step (hashed by identity: it keys layout caches)."""
+
+    patterns: tuple[Pattern, ...]
+
+    @property
+    def is_dense(self) -> bool:
+        return all(p.is_dense for p in self.patterns)
+
+    @property
+    def needs_grid(self) -> bool:
+        return any(getattr(p, "needs_grid", False) for p in self.patterns)
+
+    @property
+    def dense_heads(self) -> tuple[int, ...]:
+        """Heads whose pattern is dense, in a set that also has sparse heads (else empty)."""
+        dense = tuple(h for h, p in enumerate(self.patterns) if p.is_dense)
+        return dense if len(dense) < len(self.patterns) else ()
+
+
+@dataclass(eq=False)
+class LayerPlan:
+    """How one attention module is served: its profile entry, caches, and the model's state."""
+
+    name: str
+    num_heads: int
+    profile: Profile
+    state: PatchState
+    causal: bool | None = None  # from the module (transformers); None: from the call (diffusers)
+    _head_sets: dict[Any, HeadSet] = field(default_factory=dict, repr=False)
+    _layouts: dict[tuple, BlockLayout] = field(default_factory=dict, repr=False)
+    _dense_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def heads_at(self, step: int | None) -> HeadSet:
+        heads = self._head_sets.get(step)
+        if heads is None:
+            patterns = self.profile.patterns(self.name, self.num_heads, step)
+            # Steps with the same patterns share one HeadSet, hence one layout per shape.
+            heads = next((h for h in self._head_sets.values() if h.patterns == patterns), None) or HeadSet(patterns)
+            self._head_sets[step] = heads
+        return heads
+
+    def layout(self, heads: HeadSet, geometry: BlockGeometry, device: torch.device,
+               skipped: tuple[int, ...]) -> BlockLayout:
+        key = (heads, geometry, device, skipped)
+        layout = self._layouts.get(key)
+        if layout is None:
+            if len(self._layouts) >= _MAX_LAYOUTS_PER_LAYER:  # many prompt lengths: forget the oldest
+                del self._layouts[next(iter(self._layouts))]
+            layout = BlockLayout.from_patterns(heads.patterns, geometry, device)
+            if skipped:
+                layout = layout.with_heads_skipped(skipped)
+            self._layouts[key] = layout
+        return layout
+
+    def dense_index(self, heads: HeadSet, device: torch.device, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Device index tensors of the dense heads and of their KV heads, made once per device."""
+        key = (heads, device, group)
+        index = self._dense_index.get(key)
+        if index is None:
+            dense = torch.tensor(heads.dense_heads, device=device)
+            index = self._dense_index[key] = (dense, dense // group)
+        return index
+
+
+# -- layer registry: the op receives a layer id, the plan lives here ---------------------------------
+
+_PLANS: dict[int, LayerPlan] = {}
+_ids = itertools.count()
+
+
+def register(plan: LayerPlan) -> torch.Tensor:
+    """Give ``plan`` an id; returns the 0-d CPU int64 tensor the capture passes to the op."""
+    layer_id = next(_ids)
+    _PLANS[layer_id] = plan
+    return torch.tensor(layer_id, dtype=torch.int64)
+
+
+def unregister(layer: torch.Tensor) -> None:
+    _PLANS.pop(int(layer), None)
+
+
+def plan_of(layer: torch.Tensor) -> LayerPlan:
+    plan = _PLANS.get(int(layer))
+    if plan is None:
+        raise RuntimeError(f"autosparse layer id {int(layer)} is not patched (was the model unpatched?)")
+    return plan
+
+
+@torch._dynamo.disable
+def count_unserved(layer: torch.Tensor, reason: str) -> None:
+    """Count a call a capture route ran dense before reaching the op (arguments the op does not
+    take: gradients, dropout, ...): by design if the layer is dense at this step anyway."""
+    plan = plan_of(layer)
+    if plan.heads_at(plan.state.context.step).is_dense:
+        plan.state.stats.dense["dense in profile"] += 1
+    else:
+        plan.state.count_fallback(plan.name, reason)
+
+
+# -- the op ------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("autosparse::attention", mutates_args=())
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor,
+              attn_mask: torch.Tensor | None, is_causal: bool, scale: float | None) -> torch.Tensor:
+    """SDPA's contract (``[B, H, S, D]`` in and out, GQA by head mapping), served for ``layer``."""
+    plan = plan_of(layer)
+    causal = plan.causal if plan.causal is not None else is_causal
+    return serve(plan, query, key, value, attn_mask, causal, scale if scale is not None else query.shape[-1] ** -0.5)
+
+
+@attention.register_fake
+def _(query, key, value, layer, attn_mask, is_causal, scale):
+    return _empty_output(query, value)
+
+
+def _empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S, Dv]`` backed by ``[B, S, H, Dv]`` memory: what the kernel writes, and what every
+    path returns (a compiled graph plans for one layout)."""
+    b, h, s, _ = query.shape
+    return query.new_empty(b, s, h, value.shape[-1]).transpose(1, 2)
+
+
+def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+          mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+    state = plan.state
+    heads = plan.heads_at(state.context.step)
+    dense_reason, fallback_reason, kv_valid, tokens = _classify(plan, heads, query, key, value, mask, causal)
+    if dense_reason is not None:
+        state.stats.dense[dense_reason] += 1
+        return _dense(query, key, value, mask, causal, scale)
+    if fallback_reason is not None:
+        state.count_fallback(plan.name, fallback_reason)
+        return _dense(query, key, value, mask, causal, scale)
+
+    # Dense heads of a mixed layer go to SDPA (cuDNN/flash: faster than our kernel at density 1),
+    # unless key padding must be applied (SDPA would then leave its fused kernels).
+    split = heads.dense_heads if kv_valid is None else ()
+    q_block, kv_block = plan.profile.block_size
+    geometry = BlockGeometry(query.shape[2], key.shape[2], q_block, kv_block, causal, tokens)
+    layout = plan.layout(heads, geometry, query.device, split)
+    order = tokens.permutation(query.device) if tokens is not None else None
+    q, k, v = (_permute(x, order) for x in (query, key, value))
+    if kv_valid is not None:
+        kv_valid = kv_valid.expand(query.shape[0], -1)
+        kv_valid = kv_valid if order is None else kv_valid.index_select(1, order)
+    group = query.shape[1] // key.shape[1]
+    out = torch.ops.autosparse.block_sparse_attention(
+        q, k, v, layout.kv_indices, layout.kv_counts, kv_valid, layout.schedule(group),
+        q_block, kv_block, causal, scale,
+    )
+    if order is not None:
+        out = _permute(out, tokens.inverse_permutation(query.device))
+    if split:
+        dense_heads, kv_heads = plan.dense_index(heads, query.device, group)
+        dense = ORIGINAL_SDPA(query.index_select(1, dense_heads), key.index_select(1, kv_heads),
+                              value.index_select(1, kv_heads), is_causal=causal, scale=scale)
+        out.transpose(1, 2).index_copy_(2, dense_heads, dense.transpose(1, 2))
+    state.stats.sparse += 1
+    return out
+
+
+def _permute(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Reorder the sequence of ``[B, H, S, D]`` ``x``; the result is backed by ``[B, S, H, D]``
+    memory (whole token rows move together: the gather reads and writes contiguous H*D runs)."""
+    if order is None:
+        return x
+    return x.transpose(1, 2).index_select(1, order).transpose(1, 2)
+
+
+def _dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+           causal: bool, scale: float) -> torch.Tensor:
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if causal and mask is None and q_len != kv_len:  # SDPA's is_causal is top-left aligned; ours bottom-right
+        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+    out = _empty_output(query, value)
+    out.copy_(ORIGINAL_SDPA(query, key, value, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                            enable_gqa=query.shape[1] != key.shape[1]))
+    return out
+
+
+def _classify(plan: LayerPlan, heads: HeadSet, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              mask: torch.Tensor | None, causal: bool
+              ) -> tuple[str | None, str | None, torch.Tensor | None, TokenGeometry | None]:
+    """``(dense reason, fallback reason, key-padding mask, token geometry)`` of one call: at most one
+    reason is set; with neither the call runs sparse."""
+    none = (None, None, None, None)
+    if heads.is_dense:
+        return ("dense in profile",) + none[1:]
+    if query.shape[2] == 1:
+        return ("decode (query length 1)",) + none[1:]
+    if query.shape[2] != key.shape[2]:
+        if causal:
+            return None, "query length != key length (KV cache)", None, None
+        return ("cross-attention (query length != key length)",) + none[1:]
+    if query.shape[1] != len(heads.patterns):
+        return None, f"{query.shape[1]} query heads, profile has {len(heads.patterns)}", None, None
+    q_block, kv_block = plan.profile.block_size
+    reason = supports(query, key, value, q_block, kv_block)
+    if reason is not None:
+        return None, reason, None, None
+    tokens = plan.state.context.tokens
+    if tokens is not None and tokens.length != query.shape[2]:
+        return None, f"token geometry has {tokens.length} tokens, the call {query.shape[2]}", None, None
+    if heads.needs_grid:
+        if tokens is None:
+            return None, "pattern needs the token grid (no geometry for this model call)", None, None
+        tokens = tokens.with_tile(default_tile(len(tokens.grid), kv_block))
+    if mask is None:
+        return None, None, None, tokens
+    reason, kv_valid = _mask_verdict(plan.state, mask, causal)
+    return None, reason, kv_valid, tokens
+
+
+def _mask_verdict(state: PatchState, mask: torch.Tensor, causal: bool) -> tuple[str | None, torch.Tensor | None]:
+    """Accept a mask only if it is exactly (causal and) key padding: then the kernel applies it."""
+    seen = state.mask_seen() if state.mask_seen is not None else None
+    if seen is mask:
+        return state.mask_verdict
+    verdict = _classify_mask(mask, causal)
+    state.mask_seen, state.mask_verdict = weakref.ref(mask), verdict
+    return verdict
+
+
+def _classify_mask(mask: torch.Tensor, causal: bool) -> tuple[str | None, torch.Tensor | None]:
+    """Bool masks ``[B, 1, Sq, Sk]`` or ``[B, 1, 1, Sk]`` (key padding, as HunyuanVideo passes)."""
+    if mask.dtype != torch.bool:
+        return "additive (float) attention mask", None
+    if mask.dim() != 4 or mask.shape[1] != 1:
+        return f"attention mask of shape {tuple(mask.shape)} (expected [B, 1, Sq, Sk])", None
+    q_len, kv_len = mask.shape[-2:]
+    if causal and q_len == 1:
+        return "key-padding mask [B, 1, 1, Sk] on causal attention", None
+    kv_valid = mask.any(dim=-2)[:, 0]  # [B, Sk]: keys that some query may see
+    expected = kv_valid[:, None, None, :]
+    if causal:
+        rows = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
+        expected = expected & (torch.arange(kv_len, device=mask.device)[None, :] <= rows)
+    if not torch.equal(mask, expected.expand_as(mask)):
+        return "attention mask is not causal + key padding", None
+    return None, (None if bool(kv_valid.all()) else kv_valid)
