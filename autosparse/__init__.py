@@ -9,10 +9,13 @@ Data flows one way: capture (patch) -> identify (layer) -> look up (profile) -> 
 
 __version__ = "0.1.0"
 
+from autosparse.grid import GridPattern, Neighborhood, Spatial, Stripes, Temporal
 from autosparse.layout import BlockLayout
 from autosparse.patch import AttentionStats, patch_model, stats, unpatch_model
-from autosparse.patterns import Blocks, BlockGeometry, Dense, Global, Pattern, SinkLocal, Window, pattern_from_spec
+from autosparse.patterns import (Blocks, BlockGeometry, Dense, Global, Pattern, SinkLocal, Union, Window,
+                                 pattern_from_spec)
 from autosparse.profile import LayerProfile, Profile
+from autosparse.tokens import TokenGeometry, default_tile
 
 __all__ = [
     "AttentionStats",
@@ -21,12 +24,20 @@ __all__ = [
     "Blocks",
     "Dense",
     "Global",
+    "GridPattern",
     "LayerProfile",
+    "Neighborhood",
     "Pattern",
     "Profile",
     "SinkLocal",
+    "Spatial",
+    "Stripes",
+    "Temporal",
+    "TokenGeometry",
+    "Union",
     "Window",
     "__version__",
+    "default_tile",
     "patch_model",
     "pattern_from_spec",
     "stats",

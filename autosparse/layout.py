@@ -61,7 +61,7 @@ class BlockLayout:
         cls, patterns: Sequence[Pattern], geometry: BlockGeometry, device: torch.device | str = "cpu"
     ) -> BlockLayout:
         """One pattern per head; cached per (patterns, geometry, device), so steady-state calls
-        cost a dictionary lookup."""
+        cost a dictionary lookup. Text tokens of ``geometry.tokens`` are dense in every head."""
         return _cached_layout(tuple(patterns), geometry, str(torch.device(device)))
 
     @property
@@ -87,10 +87,21 @@ class BlockLayout:
         return 1.0 - self.density()
 
     def to_dense(self) -> torch.Tensor:
-        """Bool ``[H, q_len, kv_len]``: the exact token pairs the kernel attends."""
+        """Bool ``[H, q_len, kv_len]``: the exact token pairs the kernel attends, in the kernel's
+        order (see ``to_dense_model_order``)."""
         g = self.geometry
         return layout_mask(self.kv_indices, self.kv_counts, q_block=g.q_block, kv_block=g.kv_block,
                            seq_q=g.q_len, seq_k=g.kv_len, causal=g.causal)[0]
+
+    def to_dense_model_order(self) -> torch.Tensor:
+        """``to_dense()`` with positions in the model's sequence order rather than the kernel's:
+        differs from it when ``geometry.tokens`` permutes the grid tokens into tiles."""
+        dense = self.to_dense()
+        tokens = self.geometry.tokens
+        inverse = tokens.inverse_permutation(dense.device) if tokens is not None else None
+        if inverse is None:
+            return dense
+        return dense.index_select(1, inverse).index_select(2, inverse)
 
     def to(self, device: torch.device | str) -> BlockLayout:
         return BlockLayout(
@@ -128,4 +139,7 @@ class BlockLayout:
 def _cached_layout(patterns: tuple[Pattern, ...], geometry: BlockGeometry, device: str) -> BlockLayout:
     # Identical heads share one mask computation; most layers use a handful of distinct patterns.
     masks = {p: p.block_mask(geometry, device) for p in set(patterns)}
+    text = geometry.text_block_mask(device)  # text tokens attend and are attended by every head
+    if text is not None:
+        masks = {p: mask | text for p, mask in masks.items()}
     return BlockLayout.from_block_mask(torch.stack([masks[p] for p in patterns]), geometry)

@@ -5,6 +5,7 @@ form ``{"kind": "sink_local", "sinks": 4, "window": 256}``. Sizes are given in t
 means a set of *blocks*: a key block is attended by a query block when the token rule touches any
 (query, key) pair of the two, and then the whole block is attended (subject to causality). Full
 blocks are what make block-sparse kernels fast; the exact token set is ``BlockLayout.to_dense()``.
+Patterns over a video/image token grid (``BlockGeometry.tokens``) are in ``autosparse.grid``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from autosparse.tokens import TokenGeometry
+
 __all__ = [
     "BlockGeometry",
     "Pattern",
@@ -23,6 +26,7 @@ __all__ = [
     "SinkLocal",
     "Blocks",
     "Global",
+    "Union",
     "pattern_from_spec",
     "register_pattern",
     "registered_kinds",
@@ -35,6 +39,10 @@ class BlockGeometry:
 
     With ``causal`` the query at row ``q`` sits at absolute position ``q + kv_len - q_len``
     (bottom-right alignment, as with a KV cache), and may attend keys at positions ``<=`` its own.
+
+    ``tokens`` describes a diffusion transformer's self-attention (text tokens and a token grid,
+    non-causal, ``q_len == kv_len == tokens.length``): grid patterns need it, and the layout makes
+    its text tokens dense. Positions are those the kernel sees (grid tokens in ``tokens``' tile order).
     """
 
     q_len: int
@@ -42,6 +50,7 @@ class BlockGeometry:
     q_block: int
     kv_block: int
     causal: bool
+    tokens: TokenGeometry | None = None
 
     def __post_init__(self) -> None:
         for name in ("q_len", "kv_len", "q_block", "kv_block"):
@@ -50,6 +59,15 @@ class BlockGeometry:
                 raise ValueError(f"BlockGeometry.{name} must be a positive int, got {value!r}")
         if self.causal and self.q_len > self.kv_len:
             raise ValueError(f"causal attention needs q_len <= kv_len, got {self.q_len=} {self.kv_len=}")
+        if self.tokens is None:
+            return
+        if not isinstance(self.tokens, TokenGeometry):
+            raise ValueError(f"BlockGeometry.tokens must be a TokenGeometry or None, got {self.tokens!r}")
+        if not self.tokens.length == self.q_len == self.kv_len:
+            raise ValueError(f"BlockGeometry.tokens: its length {self.tokens.length} must equal q_len and kv_len, "
+                             f"got {self.q_len=} {self.kv_len=}")
+        if self.causal:
+            raise ValueError("BlockGeometry.tokens: a token grid is for non-causal attention, got causal=True")
 
     @property
     def num_q_blocks(self) -> int:
@@ -75,6 +93,14 @@ class BlockGeometry:
         if self.causal:
             return k_first <= q_last
         return torch.ones(self.num_q_blocks, self.num_kv_blocks, dtype=torch.bool, device=device)
+
+    def text_block_mask(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """``[NQ, NK]`` bool: the blocks holding a (query, key) pair with the query or the key a text
+        token of ``tokens`` (text attends everything and is attended by everything); ``None``
+        without text."""
+        if self.tokens is None or not self.tokens.has_text:
+            return None
+        return _global_mask(self, self.tokens.prefix, self.tokens.suffix, device)
 
 
 _PATTERNS: dict[str, type[Pattern]] = {}
@@ -104,6 +130,11 @@ class Pattern:
 
     @property
     def is_dense(self) -> bool:
+        return False
+
+    @property
+    def needs_grid(self) -> bool:
+        """Whether the pattern is laid out on ``BlockGeometry.tokens`` (grid tokens in tile order)."""
         return False
 
     def to_spec(self) -> dict[str, Any]:
@@ -243,17 +274,7 @@ class Global(Pattern):
         return self.inner.is_dense
 
     def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
-        q_end, kv_end = (geometry.kv_len if geometry.causal else geometry.q_len), geometry.kv_len
-        regions = (  # (absolute query range, key range): global columns, then global rows
-            ((0, q_end), (0, self.prefix)),
-            ((0, q_end), (kv_end - self.suffix, kv_end)),
-            ((0, self.prefix), (0, kv_end)),
-            ((q_end - self.suffix, q_end), (0, kv_end)),
-        )
-        mask = self.inner.block_mask(geometry, device)
-        for queries, keys in regions:
-            mask = mask | _touches(geometry, queries, keys, device)
-        return mask
+        return self.inner.block_mask(geometry, device) | _global_mask(geometry, self.prefix, self.suffix, device)
 
     def to_spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "prefix": self.prefix, "suffix": self.suffix, "inner": self.inner.to_spec()}
@@ -265,6 +286,67 @@ class Global(Pattern):
     @classmethod
     def fields_from_spec(cls, fields: dict[str, Any], where: str) -> dict[str, Any]:
         return {**fields, "inner": pattern_from_spec(fields["inner"], f"{where}.inner")}
+
+
+@register_pattern
+@dataclass(frozen=True)
+class Union(Pattern):
+    """Several patterns in one head: a block pair is attended iff any member attends it (e.g. a
+    3-D neighbourhood plus the first frame's stripe, as video heads mix local and global keys)."""
+
+    kind: ClassVar[str] = "union"
+    of: tuple[Pattern, ...]
+
+    def __post_init__(self) -> None:
+        members = tuple(self.of) if isinstance(self.of, (list, tuple)) else None
+        if not members:
+            raise ValueError(f"union.of must be a non-empty list of patterns, got {self.of!r}")
+        for i, member in enumerate(members):
+            if not isinstance(member, Pattern):
+                raise ValueError(f"union.of[{i}] must be a pattern, got {member!r}")
+        object.__setattr__(self, "of", members)
+
+    @property
+    def is_dense(self) -> bool:
+        return any(member.is_dense for member in self.of)
+
+    @property
+    def needs_grid(self) -> bool:
+        return any(member.needs_grid for member in self.of)
+
+    def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        masks = [member.block_mask(geometry, device) for member in self.of]
+        return torch.stack(masks).any(0)
+
+    def to_spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "of": [member.to_spec() for member in self.of]}
+
+    def short_str(self) -> str:
+        return f"{self.kind}({'|'.join(member.short_str() for member in self.of)})"
+
+    @classmethod
+    def fields_from_spec(cls, fields: dict[str, Any], where: str) -> dict[str, Any]:
+        members = fields["of"]
+        if not isinstance(members, list) or not members:
+            raise ValueError(f"{where}.of: expected a non-empty list of patterns, found {members!r}")
+        return {"of": tuple(pattern_from_spec(m, f"{where}.of[{i}]") for i, m in enumerate(members))}
+
+
+def _global_mask(geometry: BlockGeometry, prefix: int, suffix: int, device: torch.device | str) -> torch.Tensor:
+    """``[NQ, NK]`` bool: the block pairs holding a causally allowed (query, key) pair with the
+    key or the query among the first ``prefix`` or last ``suffix`` tokens (the rule of ``Global``
+    and of a geometry's text tokens; see ``Global`` for the positions when causal)."""
+    q_end, kv_end = (geometry.kv_len if geometry.causal else geometry.q_len), geometry.kv_len
+    regions = (  # (absolute query range, key range): global columns, then global rows
+        ((0, q_end), (0, prefix)),
+        ((0, q_end), (kv_end - suffix, kv_end)),
+        ((0, prefix), (0, kv_end)),
+        ((q_end - suffix, q_end), (0, kv_end)),
+    )
+    mask = torch.zeros(geometry.num_q_blocks, geometry.num_kv_blocks, dtype=torch.bool, device=device)
+    for queries, keys in regions:
+        mask = mask | _touches(geometry, queries, keys, device)
+    return mask
 
 
 def _touches(
@@ -282,7 +364,8 @@ def _touches(
 
 
 def pattern_from_spec(spec: Any, where: str = "pattern") -> Pattern:
-    """Build a pattern from its JSON form; errors name ``where`` (e.g. ``layers['x'].heads[3]``)."""
+    """Build a pattern from its JSON form; errors name ``where`` (e.g. ``layers['x'].heads[3]``).
+    Every field is required, except those whose default is ``None``, which may be left out."""
     if isinstance(spec, Pattern):
         return spec
     if not isinstance(spec, dict) or "kind" not in spec:
@@ -292,11 +375,12 @@ def pattern_from_spec(spec: Any, where: str = "pattern") -> Pattern:
     if cls is None:
         raise ValueError(f"{where}.kind: expected one of {registered_kinds()}, found {kind!r}")
     names = {f.name for f in dataclasses.fields(cls)}
+    nullable = {f.name for f in dataclasses.fields(cls) if f.default is None}  # left out means null
     given = set(spec) - {"kind"}
-    if given != names:
-        missing, unknown = sorted(names - given), sorted(given - names)
+    missing, unknown = sorted(names - nullable - given), sorted(given - names)
+    if missing or unknown:
         raise ValueError(f"{where}: {kind!r} takes fields {sorted(names)}; missing {missing}, unknown {unknown}")
-    fields = cls.fields_from_spec({name: spec[name] for name in names}, where)
+    fields = cls.fields_from_spec({name: spec[name] for name in given}, where)
     try:
         return cls(**fields)
     except (TypeError, ValueError) as err:
