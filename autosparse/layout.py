@@ -16,8 +16,9 @@ import torch
 from autosparse.kernels.block_sparse_op import row_schedule
 from autosparse.kernels.reference import layout_mask
 from autosparse.patterns import BlockGeometry, Pattern
+from autosparse.tokens import TokenGeometry, default_tile
 
-__all__ = ["BlockLayout"]
+__all__ = ["BlockLayout", "grid_order"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -143,3 +144,24 @@ def _cached_layout(patterns: tuple[Pattern, ...], geometry: BlockGeometry, devic
     if text is not None:
         masks = {p: mask | text for p, mask in masks.items()}
     return BlockLayout.from_block_mask(torch.stack([masks[p] for p in patterns]), geometry)
+
+
+# Tile order must save 5% of the blocks to pay for permuting q/k/v and the output.
+_TILE_GAIN = 0.95
+
+
+def grid_order(patterns: Sequence[Pattern], tokens: TokenGeometry, q_block: int, kv_block: int,
+               device: torch.device | str = "cpu") -> TokenGeometry:
+    """The token order to lay ``patterns`` out in: tile order (``default_tile``) unless raster order
+    needs about as few blocks. Tiles make blocks compact boxes, which usually saves blocks, but a
+    small window on some grids touches fewer raster strips than tiles. Costs two layout builds (and
+    a device sync): callers cache the answer per shape."""
+    tiled = tokens.with_tile(default_tile(len(tokens.grid), kv_block))
+    raster = tokens.with_tile(None)
+
+    def density(order: TokenGeometry) -> float:
+        return BlockLayout.from_patterns(patterns, BlockGeometry(order.length, order.length, q_block, kv_block,
+                                                                 False, order), device).density()
+
+    return tiled if density(tiled) < _TILE_GAIN * density(raster) else raster
+

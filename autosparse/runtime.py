@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from autosparse.kernels import supports
-from autosparse.layout import BlockLayout
+from autosparse.layout import BlockLayout, grid_order
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.profile import Profile
-from autosparse.tokens import TokenGeometry, default_tile
+from autosparse.tokens import TokenGeometry
 
 __all__ = ["AttentionStats", "CallContext", "LayerPlan", "PatchState", "count_unserved", "plan_of", "register",
            "unregister"]
@@ -126,6 +126,7 @@ class LayerPlan:
     _head_sets: dict[Any, HeadSet] = field(default_factory=dict, repr=False)
     _layouts: dict[tuple, BlockLayout] = field(default_factory=dict, repr=False)
     _dense_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _orders: dict[tuple, TokenGeometry] = field(default_factory=dict, repr=False)
 
     def heads_at(self, step: int | None) -> HeadSet:
         heads = self._head_sets.get(step)
@@ -141,13 +142,20 @@ class LayerPlan:
         key = (heads, geometry, device, skipped)
         layout = self._layouts.get(key)
         if layout is None:
-            if len(self._layouts) >= _MAX_LAYOUTS_PER_LAYER:  # many prompt lengths: forget the oldest
-                del self._layouts[next(iter(self._layouts))]
             layout = BlockLayout.from_patterns(heads.patterns, geometry, device)
             if skipped:
                 layout = layout.with_heads_skipped(skipped)
-            self._layouts[key] = layout
+            _bounded_put(self._layouts, key, layout)
         return layout
+
+    def grid_order(self, heads: HeadSet, tokens: TokenGeometry, device: torch.device) -> TokenGeometry:
+        """The token order this layer's grid patterns run in (``layout.grid_order``), chosen once."""
+        key = (heads, tokens, device)
+        chosen = self._orders.get(key)
+        if chosen is None:
+            chosen = grid_order(heads.patterns, tokens, *self.profile.block_size, device)
+            _bounded_put(self._orders, key, chosen)
+        return chosen
 
     def dense_index(self, heads: HeadSet, device: torch.device, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Device index tensors of the dense heads and of their KV heads, made once per device."""
@@ -157,6 +165,13 @@ class LayerPlan:
             dense = torch.tensor(heads.dense_heads, device=device)
             index = self._dense_index[key] = (dense, dense // group)
         return index
+
+
+def _bounded_put(cache: dict, key: Any, value: Any) -> None:
+    """Insert, forgetting the oldest entry beyond _MAX_LAYOUTS_PER_LAYER (many prompt lengths)."""
+    if len(cache) >= _MAX_LAYOUTS_PER_LAYER:
+        del cache[next(iter(cache))]
+    cache[key] = value
 
 
 # -- layer registry: the op receives a layer id, the plan lives here ---------------------------------
@@ -302,7 +317,7 @@ def _classify(plan: LayerPlan, heads: HeadSet, query: torch.Tensor, key: torch.T
     if heads.needs_grid:
         if tokens is None:
             return None, "pattern needs the token grid (no geometry for this model call)", None, None
-        tokens = tokens.with_tile(default_tile(len(tokens.grid), kv_block))
+        tokens = plan.grid_order(heads, tokens, query.device)
     if mask is None:
         return None, None, None, tokens
     reason, kv_valid = _mask_verdict(plan.state, mask, causal)

@@ -15,7 +15,7 @@ import autosparse
 from autosparse.dits import build_dit
 from autosparse.families import family_of
 from autosparse.kernels.reference import dense_attention
-from autosparse.layout import BlockLayout
+from autosparse.layout import BlockLayout, grid_order
 from autosparse.models import attention_layers
 from autosparse.patterns import BlockGeometry, pattern_from_spec
 from autosparse.tokens import default_tile
@@ -54,8 +54,7 @@ def _reference(dit, profile, inputs):
             return original(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
         layer = current[-1]
         patterns = profile.patterns(layer.name, layer.num_heads)
-        tiled = tokens.with_tile(default_tile(len(tokens.grid), BLOCKS[1])) if any(
-            getattr(p, "needs_grid", False) for p in patterns) else tokens
+        tiled = grid_order(patterns, tokens, *BLOCKS) if any(p.needs_grid for p in patterns) else tokens
         geometry = BlockGeometry(query.shape[2], key.shape[2], *BLOCKS, False, tiled)
         mask = BlockLayout.from_patterns(patterns, geometry).to_dense()  # [H, S, S], kernel order
         if tiled.tile is not None:
