@@ -4,8 +4,8 @@ A grid pattern says, per grid dimension, which key coordinates a query coordinat
 token attends a key token iff every dimension allows it. That separable rule covers NATTEN's
 neighbourhoods (with stride and dilation), same-frame and same-position-across-frames heads, and
 stripes such as the first frame; ``Union`` mixes them. Like every pattern it means a set of blocks,
-laid out on ``BlockGeometry.tokens``: the grid tokens in its tile order, text tokens excluded here
-(the layout makes them dense).
+laid out on ``BlockGeometry.tokens``' kernel order: the grid tokens (in its tile order, if any) from
+kernel position ``tokens.grid_start``; text tokens are excluded here (the layout makes them dense).
 """
 
 from __future__ import annotations
@@ -94,15 +94,16 @@ def _grid_block_mask(masks: list[torch.Tensor], geometry: BlockGeometry, device:
     tokens = geometry.tokens
     n = tokens.grid_tokens
     order = tokens.order(device)
-    position = tokens.prefix + torch.arange(n, device=device)  # kernel position of grid position p
+    start = tokens.grid_start  # kernel position of grid position 0 (0 in tile order, text after the grid)
+    position = start + torch.arange(n, device=device)  # kernel position of grid position p
     q_block_of, k_block_of = position // geometry.q_block, position // geometry.kv_block
     dim_masks = [m.float() for m in masks]
     mask = torch.zeros(geometry.num_q_blocks, geometry.num_kv_blocks, dtype=torch.bool, device=device)
-    first, last = tokens.prefix // geometry.q_block, (tokens.prefix + n - 1) // geometry.q_block
+    first, last = start // geometry.q_block, (start + n - 1) // geometry.q_block
     chunk = max(1, MAX_CHUNK_BYTES // (4 * 4 * n))  # ~4 float32 [chunk, n] arrays live at once
     for b0 in range(first, last + 1, chunk):
         b1 = min(b0 + chunk, last + 1)
-        grid_rows = slice(max(b0 * geometry.q_block - tokens.prefix, 0), min(b1 * geometry.q_block - tokens.prefix, n))
+        grid_rows = slice(max(b0 * geometry.q_block - start, 0), min(b1 * geometry.q_block - start, n))
         reached = torch.zeros(b1 - b0, n, device=device)
         reached[q_block_of[grid_rows] - b0, order[grid_rows]] = 1.0
         reached = reached.view(b1 - b0, *tokens.grid)

@@ -42,7 +42,8 @@ class BlockGeometry:
 
     ``tokens`` describes a diffusion transformer's self-attention (text tokens and a token grid,
     non-causal, ``q_len == kv_len == tokens.length``): grid patterns need it, and the layout makes
-    its text tokens dense. Positions are those the kernel sees (grid tokens in ``tokens``' tile order).
+    its text tokens dense. Positions are those the kernel sees (``tokens``' kernel order: with a tile,
+    the grid tokens in tile order first, then all text tokens).
     """
 
     q_len: int
@@ -97,10 +98,11 @@ class BlockGeometry:
     def text_block_mask(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """``[NQ, NK]`` bool: the blocks holding a (query, key) pair with the query or the key a text
         token of ``tokens`` (text attends everything and is attended by everything); ``None``
-        without text."""
+        without text. Text positions are kernel positions (``tokens.kernel_prefix``/``kernel_suffix``:
+        with a tile, all text follows the grid)."""
         if self.tokens is None or not self.tokens.has_text:
             return None
-        return _global_mask(self, self.tokens.prefix, self.tokens.suffix, device)
+        return _global_mask(self, self.tokens.kernel_prefix, self.tokens.kernel_suffix, device)
 
 
 _PATTERNS: dict[str, type[Pattern]] = {}

@@ -6,6 +6,14 @@ thin strip of one row, so a 3-D neighbourhood touches many blocks and computes m
 part. Permuting the grid tokens tile by tile (a tile of ``kv_block`` tokens is a compact box) makes
 blocks boxes: the same neighbourhood then touches fewer blocks and fills them. The attention op
 permutes q/k/v into this order before the kernel and the output back after it.
+
+Kernel order. Without a tile the kernel sees the model's order (no permutation). With a tile the
+order is ours, so it is: the grid tokens in tile order at kernel positions ``[0, G)``, then the
+prefix text tokens, then the suffix text tokens. Text attends everything and is attended by
+everything, so where it sits changes only block alignment; put first, a prefix that is not a
+multiple of the block size (CogVideoX: 226 text tokens, 64x128 blocks) would shift every tile across
+two blocks and lose tile order's gain. ``grid_start``, ``kernel_prefix`` and ``kernel_suffix`` say
+where grid and text sit in kernel order.
 """
 
 from __future__ import annotations
@@ -41,7 +49,13 @@ class TokenGeometry:
         tile: ``None``: the kernel sees the model's order. Else the kernel sees the grid tokens tile
             by tile: tiles in raster order over the tile grid (``ceil(L_d / tile_d)`` tiles per dim,
             the last one per dim partial where ``tile_d`` does not divide ``L_d``; no padding tokens
-            are ever added), tokens inside a tile in raster order. Text positions never move.
+            are ever added), tokens inside a tile in raster order.
+
+    Kernel order (what ``permutation()`` gives and block layouts are laid out in): without a tile,
+    the model's order (``prefix`` text, grid in raster order, ``suffix`` text). With a tile, the grid
+    tokens in tile order first, at kernel positions ``[0, grid_tokens)`` (from a block boundary), then the
+    ``prefix`` text tokens, then the ``suffix`` text tokens: in kernel order all text is a suffix
+    (``kernel_prefix == 0``, ``kernel_suffix == prefix + suffix``, ``grid_start == 0``).
     """
 
     grid: tuple[int, ...]
@@ -74,25 +88,47 @@ class TokenGeometry:
     def has_text(self) -> bool:
         return self.prefix > 0 or self.suffix > 0
 
+    @property
+    def grid_start(self) -> int:
+        """Kernel position of the first grid token: ``prefix`` without a tile, 0 with one. The grid
+        tokens occupy kernel positions ``[grid_start, grid_start + grid_tokens)``."""
+        return self.prefix if self.tile is None else 0
+
+    @property
+    def kernel_prefix(self) -> int:
+        """Text tokens before the grid in kernel order: ``prefix`` without a tile, 0 with one."""
+        return self.prefix if self.tile is None else 0
+
+    @property
+    def kernel_suffix(self) -> int:
+        """Text tokens after the grid in kernel order: ``suffix`` without a tile, ``prefix + suffix``
+        with one (the prefix text, then the suffix text)."""
+        return self.suffix if self.tile is None else self.prefix + self.suffix
+
     def with_tile(self, tile: tuple[int, ...] | None) -> TokenGeometry:
         return TokenGeometry(self.grid, self.prefix, self.suffix, tile)
 
     def order(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Long ``[grid_tokens]``: ``order[p]`` is the raster index of the grid token the kernel sees
-        at grid position ``p`` (the identity without a tile). Cached: do not modify."""
+        at grid position ``p``, i.e. kernel position ``grid_start + p`` (the identity without a
+        tile). Cached: do not modify."""
         return _orders(self, str(torch.device(device))).order
 
     def coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Long ``[grid_tokens, ndim]``: grid coordinates of the token at each kernel position."""
+        """Long ``[grid_tokens, ndim]``: grid coordinates of the token at each grid position ``p``
+        (kernel position ``grid_start + p``)."""
         return _orders(self, str(torch.device(device))).coords
 
     def permutation(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """Long ``[length]`` for the whole sequence, ``None`` without a tile:
-        ``x_kernel = x.index_select(seq_dim, permutation)``. Text positions map to themselves."""
+        ``x_kernel = x.index_select(seq_dim, permutation)``; ``permutation[i]`` is the model position
+        of the token at kernel position ``i``: the grid tokens in tile order, then the prefix text,
+        then the suffix text (see the class docstring). Cached: do not modify."""
         return _orders(self, str(torch.device(device))).permutation
 
     def inverse_permutation(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """Long ``[length]``, ``None`` without a tile: ``out = out_kernel.index_select(seq_dim, inverse)``."""
+        """Long ``[length]``, ``None`` without a tile: ``out = out_kernel.index_select(seq_dim, inverse)``;
+        ``inverse[j]`` is the kernel position of the token at model position ``j``. Cached: do not modify."""
         return _orders(self, str(torch.device(device))).inverse
 
 
@@ -111,8 +147,10 @@ def _orders(tokens: TokenGeometry, device: str) -> _Orders:
     coords = torch.stack([(order // s) % n for s, n in zip(strides, tokens.grid)], dim=1)
     if tokens.tile is None:
         return _Orders(order, coords, None, None)
-    permutation = torch.arange(tokens.length, device=device)
-    permutation[tokens.prefix : tokens.prefix + tokens.grid_tokens] = order + tokens.prefix
+    # Kernel order: grid tokens in tile order, then the prefix text, then the suffix text.
+    grid_end = tokens.prefix + tokens.grid_tokens
+    permutation = torch.cat([order + tokens.prefix, torch.arange(tokens.prefix, device=device),
+                             torch.arange(grid_end, tokens.length, device=device)])
     inverse = torch.empty_like(permutation)
     inverse[permutation] = torch.arange(tokens.length, device=device)
     return _Orders(order, coords, permutation, inverse)
