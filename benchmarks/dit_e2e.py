@@ -53,6 +53,7 @@ from autosparse.families import family_of  # noqa: E402
 from autosparse.layout import grid_order  # noqa: E402
 from autosparse.models import AttentionLayer, attention_layers  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA  # noqa: E402
+from autosparse.structural import tile_window  # noqa: E402
 
 Q_BLOCK, KV_BLOCK = 64, 128  # the profile's default layout blocks; the window search uses the same
 WARMUP = 2
@@ -108,11 +109,12 @@ def median_ms(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
 # -- window choice -------------------------------------------------------------------------------------
 
 
-def layout_density(window: tuple[int, ...], tokens: TokenGeometry, device: torch.device) -> float:
-    """Block density of a neighbourhood ``window`` on ``tokens`` (in its token order, text dense): the
+def layout_density(pattern: Neighborhood | tuple[int, ...], tokens: TokenGeometry, device: torch.device) -> float:
+    """Block density of a neighbourhood (or a stride-1 ``window``) on ``tokens`` (in its token order, text dense): the
     fraction of 64 x 128 blocks the kernel computes, i.e. its time relative to dense attention."""
     geometry = BlockGeometry(tokens.length, tokens.length, Q_BLOCK, KV_BLOCK, False, tokens)
-    return BlockLayout.from_patterns([Neighborhood(window)], geometry, device).density()
+    pattern = pattern if isinstance(pattern, Neighborhood) else Neighborhood(pattern)
+    return BlockLayout.from_patterns([pattern], geometry, device).density()
 
 
 def choose_window(tokens: TokenGeometry, target: float, device: torch.device) -> tuple[tuple[int, ...], float]:
@@ -168,30 +170,34 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
         f"= {model_order.length} tokens, {len(served)} served attention layers")
     search_begin = time.perf_counter()
     tiled = model_order.with_tile(default_tile(len(model_order.grid), KV_BLOCK))
-    window, searched = choose_window(tiled, args.density, device)
+    if args.pattern == "tile":  # stride = tile: full blocks (autosparse.structural)
+        pattern, searched = tile_window(model_order, args.density, block_size=(Q_BLOCK, KV_BLOCK), device=device)
+    else:
+        window, searched = choose_window(tiled, args.density, device)
+        pattern = Neighborhood(window)
+    window = pattern.window
     search_s = time.perf_counter() - search_begin
     if searched > args.density:
         log(f"  (target not reachable in tile order: one tile per dim has density {searched:.4f}; timing it)")
     # The runtime lays the window out in tile order unless raster order needs about as few blocks.
-    tokens = grid_order([Neighborhood(window)], model_order, Q_BLOCK, KV_BLOCK, device)
-    density = layout_density(window, tokens, device)
-    grid_density = layout_density(window, TokenGeometry(tokens.grid, tile=tokens.tile), device)
+    tokens = grid_order([pattern], model_order, Q_BLOCK, KV_BLOCK, device)
+    density = layout_density(pattern, tokens, device)
+    grid_density = layout_density(pattern, TokenGeometry(tokens.grid, tile=tokens.tile), device)
     order = f"tiles {'x'.join(map(str, tokens.tile))}" if tokens.tile else "raster"
-    log(f"  window {list(window)} ({order} order, as the runtime runs it): block density {density:.4f} "
+    log(f"  window {list(window)} stride {list(pattern.stride)} ({order} order, as the runtime runs it): block density {density:.4f} "
         f"(grid tokens only {grid_density:.4f}), target <= {args.density} (search {search_s:.1f} s)")
 
     dense_ms = median_ms(lambda: forward(model, inputs), args.reps, device)
     dense_out = forward(model, inputs).float()
     log(f"  dense forward {dense_ms:.1f} ms")
 
-    autosparse.patch_model(model, Profile.uniform(model, {"kind": "neighborhood", "window": list(window)},
-                                                  block_size=(Q_BLOCK, KV_BLOCK)))
+    autosparse.patch_model(model, Profile.uniform(model, pattern, block_size=(Q_BLOCK, KV_BLOCK)))
     try:
         patched_ms = median_ms(lambda: forward(model, inputs), args.reps, device)
         sparse_out = forward(model, inputs).float()
         calls = autosparse.stats(model, reset=True)
         attention_reps = 1 if args.smoke else ATTENTION_REPS
-        attention = time_attention(model, served[0], tokens, window, device, dtype, attention_reps)
+        attention = time_attention(model, served[0], tokens, pattern, device, dtype, attention_reps)
     finally:
         autosparse.unpatch_model(model)
     rel_l2 = float((sparse_out - dense_out).norm() / dense_out.norm())
@@ -210,6 +216,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
         "family": family, "description": dit.description, "grid": list(tokens.grid),
         "text_tokens": tokens.prefix + tokens.suffix, "tokens": tokens.length, "order": order,
         "layers": len(served), "full_depth": FULL_DEPTH[family], "window": list(window),
+        "stride": list(pattern.stride),
         "block_density": density, "grid_block_density": grid_density, "tile_order_density": searched,
         "window_search_s": search_s,
         "dense_ms": dense_ms, "patched_ms": patched_ms, "speedup": dense_ms / patched_ms, "rel_l2": rel_l2,
@@ -218,7 +225,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
     }
 
 
-def time_attention(model: torch.nn.Module, layer: AttentionLayer, tokens: TokenGeometry, window: tuple[int, ...],
+def time_attention(model: torch.nn.Module, layer: AttentionLayer, tokens: TokenGeometry, pattern: Neighborhood,
                    device: torch.device, dtype: torch.dtype, reps: int) -> dict[str, Any]:
     """One attention call at the served layer shape, fresh random q/k/v ``[B, H, S, D]`` views of
     ``[B, S, H, D]`` memory (as diffusers passes them), no padding mask: dense SDPA, the op the
@@ -229,7 +236,7 @@ def time_attention(model: torch.nn.Module, layer: AttentionLayer, tokens: TokenG
     q, k, v = (torch.randn(shape, device=device, dtype=dtype).transpose(1, 2) for _ in range(3))
     layer_id = getattr(layer.module, LAYER_ATTR)
     geometry = BlockGeometry(tokens.length, tokens.length, Q_BLOCK, KV_BLOCK, False, tokens)
-    layout = BlockLayout.from_patterns([Neighborhood(window)] * layer.num_heads, geometry, device)
+    layout = BlockLayout.from_patterns([pattern] * layer.num_heads, geometry, device)
     permutation = tokens.permutation(device)  # None in raster order
     qp, kp, vp = (x if permutation is None else x.transpose(1, 2).index_select(1, permutation).transpose(1, 2)
                   for x in (q, k, v))
@@ -274,7 +281,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def tables(rows: list[dict[str, Any]]) -> str:
     """The end-to-end table, then where the time goes (attention alone and its share)."""
     lines = [
-        "| family | shape | tokens (grid + text) | layers | window | block density (grid only) | dense ms "
+        "| family | shape | tokens (grid + text) | layers | window / stride | block density (grid only) | dense ms "
         "| patched ms | speedup | attention-only speedup | 1/d | rel L2 diff |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -282,7 +289,7 @@ def tables(rows: list[dict[str, Any]]) -> str:
         grid = "x".join(map(str, r["grid"]))
         lines.append(
             f"| {r['family']} | {r['description']} | {grid} + {r['text_tokens']} = {r['tokens']} "
-            f"| {r['layers']} of {r['full_depth']} | {r['window']} ({r['order']}) | {r['block_density']:.3f} "
+            f"| {r['layers']} of {r['full_depth']} | {r['window']} / {r['stride']} ({r['order']}) | {r['block_density']:.3f} "
             f"({r['grid_block_density']:.3f}) | {r['dense_ms']:.1f} | {r['patched_ms']:.1f} | {r['speedup']:.2f}x "
             f"| {r['attention']['speedup']:.2f}x | {1 / r['block_density']:.2f}x | {r['rel_l2']:.3f} |")
     lines += [
@@ -342,6 +349,9 @@ def write(out: Path | None, env: dict[str, Any], rows: list[dict[str, Any]], ski
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["wan", "hunyuan_video", "flux"], choices=list(REAL))
+    parser.add_argument("--pattern", choices=["neighborhood", "tile"], default="neighborhood",
+                        help="neighborhood: stride-1 window (choose_window); tile: stride = tile, full blocks "
+                             "(autosparse.structural.tile_window, as the shipped profiles)")
     parser.add_argument("--density", type=float, default=0.125, help="target block density (largest window <= it)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed forward calls per variant, median (default 3; --smoke: 1)")
