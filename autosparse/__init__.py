@@ -4,6 +4,8 @@
     autosparse.patch_model(model, profile)      # in place; autosparse.unpatch_model(model) undoes it
     print(autosparse.stats(model))              # calls served sparse / dense, with reasons
 
+    autosparse.patch_model(pipe.transformer, "profiles/wan2.1-t2v-1.3b-480p.json")   # diffusers DiTs too
+
 Data flows one way: capture (patch) -> identify (layer) -> look up (profile) -> layout -> kernel.
 """
 
@@ -14,7 +16,8 @@ from autosparse.layout import BlockLayout
 from autosparse.patch import AttentionStats, patch_model, stats, unpatch_model
 from autosparse.patterns import (Blocks, BlockGeometry, Dense, Global, Pattern, SinkLocal, Union, Window,
                                  pattern_from_spec)
-from autosparse.profile import LayerProfile, Profile
+from autosparse.profile import LayerProfile, Profile, StepRange
+from autosparse.structural import structural_profile, tile_window
 from autosparse.tokens import TokenGeometry, default_tile
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "Profile",
     "SinkLocal",
     "Spatial",
+    "StepRange",
     "Stripes",
     "Temporal",
     "TokenGeometry",
@@ -41,5 +45,7 @@ __all__ = [
     "patch_model",
     "pattern_from_spec",
     "stats",
+    "structural_profile",
+    "tile_window",
     "unpatch_model",
 ]

@@ -165,6 +165,8 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
     dit = build_dit(family, "tiny" if args.smoke else "real", device=device, dtype=dtype, layers=layers, **shape)
     model, inputs = dit.model, dit.inputs()
     served = attention_layers(model)
+    if args.compile:  # what diffusers recommends: one compiled graph per repeated block (inductor)
+        model.compile_repeated_blocks()
     model_order = family_of(model).geometry(model, inputs)
     log(f"  {dit.description}; grid {model_order.grid} + text {model_order.prefix + model_order.suffix} "
         f"= {model_order.length} tokens, {len(served)} served attention layers")
@@ -358,6 +360,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="depth for every family (default: per family)")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip families not started after this")
     parser.add_argument("--out", type=Path, default=None, help="folder for dit_e2e.json and dit_e2e.md")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile_repeated_blocks() (inductor) before timing, dense and patched alike")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU in float32: exercise the code")
     args = parser.parse_args()
     if args.reps is None:

@@ -265,3 +265,25 @@ def test_compile_repeated_blocks_keeps_layer_identity():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     assert len(graphs) == 1
     assert calls.sparse == 1 and calls.dense["dense in profile"] == 1
+
+
+def test_patch_and_unpatch_after_compiling():
+    """A model compiled first (repeated blocks) picks the patch up (Dynamo re-traces the hooked
+    blocks) and is exactly dense again after unpatching."""
+    torch._dynamo.reset()
+    dit = _dit("wan")
+    model, inputs = dit.model, dit.inputs()
+    profile = _profile(model, {"kind": "neighborhood", "window": NEIGHBORHOOD["wan"]})
+    expected = _reference(dit, profile, inputs)
+    with torch.no_grad():
+        dense = model(**inputs).sample
+        model.compile_repeated_blocks(backend="aot_eager")
+        torch.testing.assert_close(model(**inputs).sample, dense, rtol=0, atol=0)
+        autosparse.patch_model(model, profile, strict=True)
+        sparse = model(**inputs).sample
+        calls = autosparse.stats(model)
+        autosparse.unpatch_model(model)
+        again = model(**inputs).sample
+    torch.testing.assert_close(sparse, expected, rtol=1e-4, atol=1e-4)
+    assert calls.sparse == SERVED["wan"]
+    torch.testing.assert_close(again, dense, rtol=0, atol=0)

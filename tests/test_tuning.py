@@ -62,7 +62,15 @@ def test_row_schedule_is_heaviest_first_and_keeps_gqa_groups_together():
     counts = torch.tensor([[[1, 5, 5], [1, 5, 5], [9, 2, 2], [9, 2, 2]]], dtype=torch.int32)  # [1, Hq=4, NQ=3]
     order = bso.row_schedule(counts, group=2).tolist()
     assert sorted(order) == list(range(12))
-    work = [counts[0, r // 3, r % 3].item() for r in order]
-    assert work == sorted(work, reverse=True)
-    # heads 0 and 1 share a KV head: their equal rows are adjacent
-    assert order[2:4] in ([1, 4], [4, 1]) and order[4:6] in ([2, 5], [5, 2])
+    # Block 0 of KV head 1 (9 > 2x the mean row) leads; then KV head 1 (26 blocks) before KV head 0
+    # (22); inside one, heavier levels first, then query blocks in order, the group's heads adjacent.
+    assert order == [6, 9, 7, 10, 8, 11, 1, 4, 2, 5, 0, 3]
+
+
+def test_row_schedule_runs_outlier_rows_first_over_all_heads():
+    """Rows over twice the mean work (text rows, a much wider head) lead the launch, heaviest first;
+    the rest go head by head in query-block order (neighbours share K/V through L2)."""
+    counts = torch.tensor([[[2, 2, 2, 2], [2, 2, 2, 20], [3, 3, 3, 3]]], dtype=torch.int32)  # [1, Hq=3, NQ=4]
+    order = bso.row_schedule(counts, group=1).tolist()
+    assert order[0] == 7  # the outlier row (head 1, block 3)
+    assert order[1:] == [4, 5, 6, 8, 9, 10, 11, 0, 1, 2, 3]  # head 1 (26 blocks), head 2 (12), head 0 (8)
