@@ -36,6 +36,7 @@ LAYER_ATTR = "_autosparse_layer"  # on each served attention module: its 0-d CPU
 # never pass them, so seeing one means the call is not plain attention.
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "sliding_window")
 _GRAD_REASON = "autograd (the kernel has no backward)"
+_BYPASS_REASON = "attention backend other than F.scaled_dot_product_attention (set_attention_backend?)"
 
 
 def _needs_grad(*tensors: torch.Tensor) -> bool:
@@ -106,9 +107,11 @@ def _transformers_reason(module: nn.Module, query: torch.Tensor, key: torch.Tens
 
 
 class _Current:
-    """The served attention module now running (its layer id), published by its pre-hook."""
+    """The served attention module now running (its layer id), published by its pre-hook, and
+    whether it has called F.scaled_dot_product_attention yet."""
 
     layer: torch.Tensor | None = None
+    called: bool = False
 
 
 _current = _Current()
@@ -122,6 +125,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """Stands in for ``F.scaled_dot_product_attention`` while diffusers models are patched: calls
     inside a served attention module go to the op, all others to torch's function unchanged."""
     layer = _current.layer
+    _current.called = True
     if layer is not None and dropout_p == 0.0 and not _needs_grad(query, key, value):
         return torch.ops.autosparse.attention(query, key, value, layer, attn_mask, is_causal, scale)
     if layer is not None:
@@ -131,11 +135,13 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def _enter_attention(module: nn.Module, args: tuple) -> None:
-    _current.layer = getattr(module, LAYER_ATTR)
+    _current.layer, _current.called = getattr(module, LAYER_ATTR), False
     return None  # explicit: Dynamo needs hooks that return None
 
 
 def _exit_attention(module: nn.Module, args: tuple, output: Any) -> None:
+    if not _current.called:  # e.g. set_attention_backend("flash"): diffusers bypassed F.sdpa
+        runtime.count_unserved(_current.layer, _BYPASS_REASON)
     _current.layer = None
     return None
 

@@ -15,6 +15,7 @@ output with the memory layout ``[B, S, H, D]`` (returned as the ``[B, H, S, D]``
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import weakref
@@ -95,19 +96,20 @@ class PatchState:
 
 @dataclass(frozen=True, eq=False)
 class HeadSet:
-    """The per-head patterns of one layer at one step (hashed by identity: it keys layout caches)."""
+    """The per-head patterns of one layer at one step (hashed by identity: it keys layout caches;
+    its summaries are computed once: they are read on every call)."""
 
     patterns: tuple[Pattern, ...]
 
-    @property
+    @functools.cached_property
     def is_dense(self) -> bool:
         return all(p.is_dense for p in self.patterns)
 
-    @property
+    @functools.cached_property
     def needs_grid(self) -> bool:
-        return any(getattr(p, "needs_grid", False) for p in self.patterns)
+        return any(p.needs_grid for p in self.patterns)
 
-    @property
+    @functools.cached_property
     def dense_heads(self) -> tuple[int, ...]:
         """Heads whose pattern is dense, in a set that also has sparse heads (else empty)."""
         dense = tuple(h for h, p in enumerate(self.patterns) if p.is_dense)

@@ -287,3 +287,18 @@ def test_patch_and_unpatch_after_compiling():
     torch.testing.assert_close(sparse, expected, rtol=1e-4, atol=1e-4)
     assert calls.sparse == SERVED["wan"]
     torch.testing.assert_close(again, dense, rtol=0, atol=0)
+
+
+def test_an_attention_backend_that_bypasses_sdpa_is_counted():
+    """diffusers' set_attention_backend can route attention past F.scaled_dot_product_attention:
+    those calls run as the backend says and are counted, never silently taken for served."""
+    from diffusers.models.attention_dispatch import attention_backend
+
+    dit = _dit("wan")
+    autosparse.patch_model(dit.model, _profile(dit.model, {"kind": "neighborhood", "window": NEIGHBORHOOD["wan"]}))
+    with torch.no_grad(), attention_backend("flex"):
+        dit.model(**dit.inputs())
+    calls = autosparse.stats(dit.model)
+    autosparse.unpatch_model(dit.model)
+    assert calls.sparse == 0
+    assert calls.fallback["attention backend other than F.scaled_dot_product_attention (set_attention_backend?)"] == 2
