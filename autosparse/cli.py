@@ -55,6 +55,11 @@ def _print_summary(profile: Profile) -> None:
     densities = [row["density"] for row in rows if not math.isnan(row["density"])]
     if densities:
         print(f"mean attention density {sum(densities) / len(densities):.3f} over {len(rows)} layers")
+    for step_range in profile.steps:
+        what = "dense" if step_range.dense else f"own patterns for {len(step_range.layers)} layers"
+        print(f"denoising steps {step_range}: {what}")
+    if "note" in profile.search:
+        print(profile.search["note"])
 
 
 def _tune(args: argparse.Namespace) -> None:

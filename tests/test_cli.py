@@ -53,3 +53,12 @@ def test_errors_exit_with_a_message(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["show", str(bad)])
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_show_a_structural_dit_profile(capsys):
+    from pathlib import Path
+
+    main(["show", str(Path(__file__).resolve().parents[1] / "profiles" / "flux.1-dev-2048.json")])
+    shown = capsys.readouterr().out
+    assert "FluxTransformer2DModel" in shown and "neighborhood(window=[24, 48],stride=[8, 16]" in shown
+    assert "denoising steps [0, 7): dense" in shown and "Uncalibrated" in shown

@@ -229,7 +229,7 @@ def _count_graphs():
     return graphs, backend
 
 
-@pytest.mark.parametrize("family", ["wan", "flux"])
+@pytest.mark.parametrize("family", list(SHAPES))
 def test_compiled_model_matches_eager(family):
     dit = _dit(family)
     profile = _profile(dit.model, {"kind": "neighborhood", "window": NEIGHBORHOOD[family]})
