@@ -21,6 +21,11 @@ Only ``@triton.jit`` code lives here; the launcher, checks, schedule and tile co
 * K/V (and Q/O) move either through plain pointer loads or, where the tensors allow it, through
   Hopper's tensor-memory-accelerator descriptors (``USE_TMA``: 4-D descriptors over [B, H, S, D],
   out-of-range rows come back as zeros and stores past the end are dropped by the hardware).
+* Query rows in the caller's order (``HAS_Q_ROWS``): the layout is laid out in a kernel order (e.g.
+  a video's tokens tile by tile), and K/V must be given in it, since they are streamed block by
+  block. Q and O are touched once per program, so instead of permuting them around the kernel, the
+  program reads its query rows ``QRows[p]`` straight from Q (in the caller's order) and writes its
+  output rows back to the same rows of Out: a pointer gather and scatter of whole rows.
 """
 
 import triton
@@ -34,6 +39,20 @@ def _key_block(Idx_row, it, stride_ik, NK, BLOCK_N: tl.constexpr):
     blk = tl.load(Idx_row + it * stride_ik)
     in_range = (blk >= 0) & (blk < NK)
     return tl.where(in_range, blk, 0) * BLOCK_N, in_range
+
+
+@triton.jit
+def _gather_rows(base, rows, stride_row, offs_d, row_ok):
+    """[BLOCK_M, HEAD_DIM] tile whose i-th row is row ``rows[i]`` of the matrix at ``base`` (rows
+    ``stride_row`` apart, last dim contiguous); rows with ``row_ok`` False read as 0."""
+    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+
+
+@triton.jit
+def _scatter_rows(base, rows, stride_row, offs_d, row_ok, tile):
+    """Write the i-th row of ``tile`` to row ``rows[i]`` of the matrix at ``base`` (rows with
+    ``row_ok`` False are not written)."""
+    tl.store(base + rows[:, None] * stride_row + offs_d[None, :], tile, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -131,7 +150,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
+def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows,  #
               q_desc, k_desc, v_desc, o_desc,  #
               stride_qb, stride_qh, stride_qm,  #
               stride_kb, stride_kh, stride_kn,  #
@@ -144,7 +163,8 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
               sm_scale, GROUP, Sq, Sk, MAXK, NQ,  #
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr,  #
               CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, STORE_LSE: tl.constexpr,  #
-              EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+              EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,  #
+              HAS_Q_ROWS: tl.constexpr):
     """One program = one query tile (BLOCK_M rows) of one layout row (head h, query block i) of one
     batch entry; the row comes from the schedule: ``Sched[program_id(0) // Q_SPLIT] = h * NQ + i``.
 
@@ -152,6 +172,11 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
     Lse fp32 [B, Hq, Sq], KvIdx int32 [Bl, Hq, NQ, MAXK], KvCnt int32 [Bl, Hq, NQ] (stride_ib/cb = 0
     when Bl = 1), KvValid uint8 [B, Sk], Sched int32 [Hq * NQ]. Query head h reads KV head h // GROUP.
     With USE_TMA the four descriptors cover Q/K/V/Out as 4-D [B, H, S, HEAD_DIM] tensors.
+
+    HAS_Q_ROWS: QRows int32 [Sq], a permutation of [0, Sq). The query at kernel position p (the
+    position the layout, causal rule and K/V order speak of) is row QRows[p] of Q, and its output
+    (and lse) goes to row QRows[p] of Out (and Lse). Q and Out are then read and written through
+    pointers (q_desc/o_desc are unused), while K/V keep USE_TMA.
     """
     tl.static_assert(BLOCK_M >= 16, "BLOCK_M must be >= 16 for tl.dot")
     tl.static_assert(BLOCK_N >= 16, "BLOCK_N (kv_block) must be >= 16 for tl.dot")
@@ -179,7 +204,12 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
     row_ok = offs_m < Sq
 
     # -- load the query tile once ------------------------------------------------------------------
-    if USE_TMA:
+    if HAS_Q_ROWS:
+        # the tile's queries are scattered over Q (caller's order): gather them row by row
+        q_rows = tl.load(QRows + offs_m, mask=row_ok, other=0).to(tl.int64)
+        Q_head = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
+        q = _gather_rows(Q_head, q_rows, stride_qm, offs_d, row_ok)
+    elif USE_TMA:
         q = q_desc.load([off_b, off_h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
     else:
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
@@ -207,7 +237,16 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
     has_any = l_i > 0.0
     l_safe = tl.where(has_any, l_i, 1.0)
     acc = acc / l_safe[:, None]
-    if USE_TMA:
+    if HAS_Q_ROWS:
+        # each output row goes to the row its query came from. The rows are read again (an L2 hit)
+        # rather than kept from the Q load: kept, they stay live through the key loop (ptxas, sm_90,
+        # fp16, D=128, 64-row tiles, 4 warps, TMA K/V: 179 registers instead of 166, i.e. two
+        # resident programs per SM instead of three; 158 without q_rows). The cache modifier makes
+        # this load differ from the first, so the compiler cannot merge the two.
+        q_rows = tl.load(QRows + offs_m, mask=row_ok, other=0, cache_modifier=".cg").to(tl.int64)
+        O_head = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
+        _scatter_rows(O_head, q_rows, stride_om, offs_d, row_ok, acc.to(Out.type.element_ty))
+    elif USE_TMA:
         o_desc.store([off_b, off_h, q_start, 0], acc.to(Out.type.element_ty).reshape(1, 1, BLOCK_M, HEAD_DIM))
     else:
         o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
@@ -215,5 +254,8 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched,  #
                  mask=row_ok[:, None])
     if STORE_LSE:
         lse = tl.where(has_any, (m_i + tl.math.log2(l_safe)) * 0.69314718055994530942, float("-inf"))
-        lse_ptrs = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh + offs_m
-        tl.store(lse_ptrs, lse, mask=row_ok)
+        lse_head = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh
+        if HAS_Q_ROWS:
+            tl.store(lse_head + q_rows, lse, mask=row_ok)
+        else:
+            tl.store(lse_head + offs_m, lse, mask=row_ok)

@@ -37,7 +37,7 @@ _MAX_GRID_YZ = 65535  # CUDA limit of grid dim 1 (batch)
 _OP_NAME = "autosparse::block_sparse_attention"
 _OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, Tensor? kv_valid, "
               "Tensor? schedule, "
-              "int q_block, int kv_block, bool causal, float scale) -> Tensor")
+              "int q_block, int kv_block, bool causal, float scale, Tensor? q_rows=None) -> Tensor")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -161,7 +161,8 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, schedule, out) -> float:
+def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, schedule, out,
+                q_rows=None) -> float:
     """Validate everything (no host syncs); return the resolved softmax scale."""
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_indices", kv_indices), ("kv_counts", kv_counts)):
         if not isinstance(t, Tensor):
@@ -214,6 +215,19 @@ def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale
             raise ValueError(f"schedule must be int32 [Hq * NQ = {hq * nq}] on {q.device} (row_schedule), got "
                              f"{getattr(schedule, 'dtype', type(schedule).__name__)} "
                              f"{tuple(getattr(schedule, 'shape', ()))}")
+    if q_rows is not None:
+        if not isinstance(q_rows, Tensor):
+            raise TypeError(f"q_rows must be an int32 Tensor [Sq] or None, got {type(q_rows).__name__}")
+        if q_rows.dtype != torch.int32 or tuple(q_rows.shape) != (sq,):
+            raise ValueError(f"q_rows must be int32 [Sq={sq}] (a permutation of the query rows), "
+                             f"got {q_rows.dtype} {tuple(q_rows.shape)}")
+        if q_rows.device != q.device:
+            raise ValueError(f"q_rows must be on q's device {q.device}, got {q_rows.device}")
+        if not q_rows.is_contiguous():
+            raise ValueError(f"q_rows must be contiguous, got stride {q_rows.stride()}")
+        if causal:
+            raise ValueError("q_rows is not supported with causal=True (the causal rule would compare kernel "
+                             "positions of permuted queries); permute q yourself for causal layouts")
     if out is not None:
         if not isinstance(out, Tensor):
             raise TypeError(f"out must be a Tensor or None, got {type(out).__name__}")
@@ -336,15 +350,15 @@ def _descriptor(t: Tensor, rows: int):
 
 
 def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
-            config: TileConfig | None):
+            config: TileConfig | None, q_rows: Tensor | None = None):
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     bl, _, nq, maxk = kv_indices.shape
     if b > _MAX_GRID_YZ:
         raise ValueError(f"grid limit: B={b} must be <= {_MAX_GRID_YZ}")
     use_tma = config.use_tma if config is not None else None
-    if use_tma is None:
-        use_tma = _tma_ok(q, k, v, out)
+    if use_tma is None:  # with q_rows, Q and out move through pointers: only K/V need descriptors
+        use_tma = _tma_ok(k, v) if q_rows is not None else _tma_ok(q, k, v, out)
     if config is None:
         config = default_config(q_block, kv_block, d, q.dtype, q.device, use_tma)
     block_m = config.block_m or q_block
@@ -355,14 +369,17 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     if schedule is None:
         schedule = row_schedule(kv_counts, hq // hkv)
     descs = (None,) * 4
-    if use_tma:
+    if use_tma and q_rows is not None:
+        descs = (None, _descriptor(k, kv_block), _descriptor(v, kv_block), None)
+    elif use_tma:
         descs = (_descriptor(q, block_m), _descriptor(k, kv_block), _descriptor(v, kv_block),
                  _descriptor(out, block_m))
     valid_arg = kv_valid.contiguous().view(torch.uint8) if kv_valid is not None else kv_counts
     lse_arg = lse if lse is not None else out
+    q_rows_arg = q_rows if q_rows is not None else kv_counts  # any int32 pointer when unused
     kernel = _kernel(q.device)
     grid = (hq * nq * q_split, b)
-    args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg, schedule, *descs,
+    args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg, schedule, q_rows_arg, *descs,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -375,7 +392,7 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=kv_block, Q_SPLIT=q_split, CAUSAL=causal,
                 HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(use_tma),
-                num_warps=config.num_warps, num_stages=config.num_stages)
+                HAS_Q_ROWS=q_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages)
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):
             return kernel[grid](*args, **meta)  # the compiled kernel (n_regs, n_spills, metadata)
@@ -388,8 +405,8 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
                            q_block: int, kv_block: int, causal: bool, scale: float | None = None,
                            kv_valid: Tensor | None = None, schedule: Tensor | None = None,
-                           out: Tensor | None = None, return_lse: bool = False, config: TileConfig | None = None
-                           ) -> Tensor | tuple[Tensor, Tensor]:
+                           out: Tensor | None = None, return_lse: bool = False, config: TileConfig | None = None,
+                           q_rows: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention forward: each query block attends only its listed key blocks.
 
     Parameters
@@ -410,6 +427,14 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
         computes it from ``kv_counts`` on every call. Only the order changes, never the result.
     out : optional Tensor [B, Hq, Sq, D] (q's dtype, any strides with contiguous last dim) to write into.
     return_lse : also return lse, float32 [B, Hq, Sq], natural log of the sum of exp(scaled scores).
+    q_rows : optional int32 Tensor [Sq] (contiguous, on q's device), a permutation of ``range(Sq)``,
+        the same for every batch entry and head: q (and ``out``, and lse) are then in the caller's
+        order and the query at kernel position p is row ``q_rows[p]`` of q; its output goes to row
+        ``q_rows[p]`` of out. k, v, kv_valid and the layout stay in kernel order. Equivalent to
+        ``out[:, :, q_rows] = attention(q[:, :, q_rows], k, v, ...)`` without the two gathers:
+        the kernel reads and writes those rows in place. Not checked to be a permutation (that
+        would need a device sync): repeated or out-of-range entries are undefined behaviour.
+        Not supported with ``causal=True``.
 
     Returns
     -------
@@ -422,19 +447,21 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
     """
     return _block_sparse_attention(q, k, v, kv_indices, kv_counts, q_block=q_block, kv_block=kv_block,
                                    causal=causal, scale=scale, kv_valid=kv_valid, schedule=schedule, out=out,
-                                   return_lse=return_lse, config=config, check_grad=True)
+                                   return_lse=return_lse, config=config, check_grad=True, q_rows=q_rows)
 
 
 def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block, causal, scale, kv_valid,
-                            schedule, out, return_lse, config, check_grad):
-    scale = _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, schedule, out)
+                            schedule, out, return_lse, config, check_grad, q_rows=None):
+    scale = _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, schedule, out,
+                        q_rows)
     if check_grad and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise NotImplementedError("block_sparse_attention has no backward: q/k/v require grad "
                                   "(call it under torch.no_grad() or fall back to dense attention)")
     if not _uses_triton(q.device):
         return reference.block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, q_block=q_block,
                                                       kv_block=kv_block, causal=causal, scale=scale,
-                                                      kv_valid=kv_valid, out=out, return_lse=return_lse)
+                                                      kv_valid=kv_valid, out=out, return_lse=return_lse,
+                                                      q_rows=q_rows)
     b, hq, sq, d = q.shape
     sk = k.shape[2]
     if out is None:
@@ -447,7 +474,7 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
                 lse.fill_(float("-inf"))
         else:
             _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
-                    config)
+                    config, q_rows)
     return (out, lse) if return_lse else out
 
 
@@ -455,13 +482,15 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
 # custom op (opaque to torch.compile)
 # ----------------------------------------------------------------------------------------------------
 def _op_impl(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, kv_valid: Optional[Tensor],
-             schedule: Optional[Tensor], q_block: int, kv_block: int, causal: bool, scale: float) -> Tensor:
+             schedule: Optional[Tensor], q_block: int, kv_block: int, causal: bool, scale: float,
+             q_rows: Optional[Tensor] = None) -> Tensor:
     return _block_sparse_attention(q, k, v, kv_indices, kv_counts, q_block=q_block, kv_block=kv_block,
                                    causal=causal, scale=scale, kv_valid=kv_valid, schedule=schedule, out=None,
-                                   return_lse=False, config=None, check_grad=False)
+                                   return_lse=False, config=None, check_grad=False, q_rows=q_rows)
 
 
-def _op_fake(q, k, v, kv_indices, kv_counts, kv_valid, schedule, q_block, kv_block, causal, scale):
+def _op_fake(q, k, v, kv_indices, kv_counts, kv_valid, schedule, q_block, kv_block, causal, scale, q_rows=None):
+    # q_rows only moves rows inside out: the shape and strides do not depend on it
     b, hq, sq, d = q.shape
     return q.new_empty((b, sq, hq, d)).transpose(1, 2)
 

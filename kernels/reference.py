@@ -119,7 +119,8 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
 def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
                                  q_block: int, kv_block: int, causal: bool, scale: float | None = None,
                                  kv_valid: Tensor | None = None, out: Tensor | None = None,
-                                 return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+                                 return_lse: bool = False, q_rows: Tensor | None = None
+                                 ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention in plain PyTorch: gathers only the listed key blocks.
 
     Same signature and semantics as ``kernels.block_sparse_attention`` (which validates the
@@ -138,6 +139,12 @@ def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Te
     kv_indices : int Tensor [Bl, Hq, NQ, MAXK];  kv_counts : int Tensor [Bl, Hq, NQ];  Bl in {1, B}
     kv_valid : optional bool Tensor [B, Sk]
     out : optional Tensor [B, Hq, Sq, D] to write into.
+    q_rows : optional int Tensor [Sq], a permutation of ``range(Sq)``: the query at kernel position p
+        (the position the layout and the causal rule speak of) is row ``q_rows[p]`` of q, and its
+        output and lse go to row ``q_rows[p]`` of out / lse, i.e. q, out and lse are in the caller's
+        order while k, v and kv_valid are in kernel order. The rows are gathered and scattered chunk
+        by chunk (no permuted copy of q or out). ``kernels.block_sparse_attention`` rejects it with
+        ``causal=True``; here causal would compare kernel positions.
 
     Returns
     -------
@@ -189,6 +196,7 @@ def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Te
     n_listed_host = n_listed.cpu()
     n_full_host = n_full.cpu()
     valid_all = kv_valid.to(device=dev, dtype=torch.bool) if kv_valid is not None else None
+    rows_all = q_rows.to(device=dev, dtype=torch.long) if q_rows is not None else None
 
     elt = torch.finfo(cdtype).bits // 8
     ar_kv = torch.arange(kv_block, device=dev)
@@ -218,17 +226,22 @@ def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Te
                     r1 += 1
                 sel = row_order[r0:r1]  # query-block indices of this chunk
                 cmax = counts[r1 - 1]
-                qpos = (sel[:, None] * q_block + ar_q).reshape(-1)  # [n * qb]
-                res, res_lse = _chunk(qh, kblocks, vblocks, qpos, idx_all[li, h, sel, :cmax], n_listed[li, h, sel],
-                                      min(fulls[r0:r1]), valid_all[bi] if valid_all is not None else None,
+                qpos = (sel[:, None] * q_block + ar_q).reshape(-1)  # [n * qb] kernel positions
+                # rows of q / out they read and write (past the ragged end: a real row, never written)
+                qrows = qpos.clamp_max(sq - 1)
+                if rows_all is not None:
+                    qrows = rows_all.index_select(0, qrows)
+                res, res_lse = _chunk(qh, kblocks, vblocks, qpos, qrows, idx_all[li, h, sel, :cmax],
+                                      n_listed[li, h, sel], min(fulls[r0:r1]),
+                                      valid_all[bi] if valid_all is not None else None,
                                       cmax, q_block, kv_block, sq, sk, shift, causal, scale, cdtype, elt, ar_kv)
                 keep_rows = qpos < sq
                 if bool(keep_rows.all()):
-                    out[bi, h].index_copy_(0, qpos, res.reshape(-1, d).to(out.dtype))
+                    out[bi, h].index_copy_(0, qrows, res.reshape(-1, d).to(out.dtype))
                     if lse is not None:
-                        lse[bi, h].index_copy_(0, qpos, res_lse.reshape(-1).float())
+                        lse[bi, h].index_copy_(0, qrows, res_lse.reshape(-1).float())
                 else:
-                    rows_ok = qpos[keep_rows]
+                    rows_ok = qrows[keep_rows]
                     out[bi, h].index_copy_(0, rows_ok, res.reshape(-1, d)[keep_rows].to(out.dtype))
                     if lse is not None:
                         lse[bi, h].index_copy_(0, rows_ok, res_lse.reshape(-1)[keep_rows].float())
@@ -247,9 +260,10 @@ def _as_blocks(x: Tensor, nk: int, kv_block: int, cdtype: torch.dtype) -> Tensor
     return padded.view(nk, kv_block, d)
 
 
-def _chunk(qh, kblocks, vblocks, qpos, idx, cnt, n_full, valid, cmax, q_block, kv_block, sq, sk, shift, causal, scale,
-           cdtype, elt, ar_kv):
-    """Attention of n query blocks (token positions qpos [n * q_block]) of one head over their key blocks.
+def _chunk(qh, kblocks, vblocks, qpos, qrows, idx, cnt, n_full, valid, cmax, q_block, kv_block, sq, sk, shift,
+           causal, scale, cdtype, elt, ar_kv):
+    """Attention of n query blocks (kernel positions qpos [n * q_block], read from rows qrows of qh) of
+    one head over their key blocks.
 
     idx [n, cmax]: per row the full blocks first, then the ones needing an element mask; cnt [n] listed
     entries per row; slots < n_full are full blocks in every row (no mask built for them).
@@ -259,7 +273,7 @@ def _chunk(qh, kblocks, vblocks, qpos, idx, cnt, n_full, valid, cmax, q_block, k
     dev = qh.device
     n = idx.shape[0]
     qpos = qpos.view(n, q_block)
-    qg = qh.index_select(0, qpos.clamp_max(sq - 1).reshape(-1)).view(n, q_block, d).to(cdtype).mul_(scale)
+    qg = qh.index_select(0, qrows).view(n, q_block, d).to(cdtype).mul_(scale)
     m = torch.full((n, q_block, 1), float("-inf"), dtype=cdtype, device=dev)
     l = torch.zeros((n, q_block, 1), dtype=cdtype, device=dev)
     acc = torch.zeros((n, q_block, d), dtype=cdtype, device=dev)
