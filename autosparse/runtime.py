@@ -8,9 +8,10 @@ that changes between calls (denoising step, token geometry, padding mask) is mad
 so it never bakes into a graph or causes a recompile.
 
 Per call: look up the layer's patterns at the current step -> decide sparse or dense (with the
-reason counted) -> layout (cached per shape) -> permute grid tokens into tiles when a pattern needs
-the grid -> one block-sparse launch for every head (dense heads of a mixed layer go to SDPA) ->
-output with the memory layout ``[B, S, H, D]`` (returned as the ``[B, H, S, D]`` view SDPA returns).
+reason counted) -> layout (cached per shape) -> when a pattern needs the grid, K/V copied in tile
+order (queries are read, and outputs written, in place by the kernel) -> one block-sparse launch for
+every head (dense heads of a mixed layer go to SDPA) -> output with the memory layout
+``[B, S, H, D]`` (returned as the ``[B, H, S, D]`` view SDPA returns).
 """
 
 from __future__ import annotations
@@ -253,18 +254,18 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
     q_block, kv_block = plan.profile.block_size
     geometry = BlockGeometry(query.shape[2], key.shape[2], q_block, kv_block, causal, tokens)
     layout = plan.layout(heads, geometry, query.device, split)
+    # In tile order K/V (and key padding) are permuted; the kernel reads each query from, and writes
+    # its output to, the token's place in the model's order (q_rows), so q and the output never move.
     order = tokens.permutation(query.device) if tokens is not None else None
-    q, k, v = (_permute(x, order) for x in (query, key, value))
+    k, v = _permute(key, order), _permute(value, order)
     if kv_valid is not None:
         kv_valid = kv_valid.expand(query.shape[0], -1)
         kv_valid = kv_valid if order is None else kv_valid.index_select(1, order)
     group = query.shape[1] // key.shape[1]
     out = torch.ops.autosparse.block_sparse_attention(
-        q, k, v, layout.kv_indices, layout.kv_counts, kv_valid, layout.schedule(group),
-        q_block, kv_block, causal, scale,
+        query, k, v, layout.kv_indices, layout.kv_counts, kv_valid, layout.schedule(group),
+        q_block, kv_block, causal, scale, None if order is None else tokens.query_rows(query.device),
     )
-    if order is not None:
-        out = _permute(out, tokens.inverse_permutation(query.device))
     if split:
         dense_heads, kv_heads = plan.dense_index(heads, query.device, group)
         dense = ORIGINAL_SDPA(query.index_select(1, dense_heads), key.index_select(1, kv_heads),
@@ -275,8 +276,8 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
 
 
 def _permute(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-    """Reorder the sequence of ``[B, H, S, D]`` ``x``; the result is backed by ``[B, S, H, D]``
-    memory (whole token rows move together: the gather reads and writes contiguous H*D runs)."""
+    """Reorder the sequence of ``[B, H, S, D]`` ``x`` into the kernel's order; the result is backed
+    by ``[B, S, H, D]`` memory (whole token rows move together: contiguous H*D runs)."""
     if order is None:
         return x
     return x.transpose(1, 2).index_select(1, order).transpose(1, 2)

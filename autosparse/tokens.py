@@ -131,12 +131,18 @@ class TokenGeometry:
         ``inverse[j]`` is the kernel position of the token at model position ``j``. Cached: do not modify."""
         return _orders(self, str(torch.device(device))).inverse
 
+    def query_rows(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """Int32 ``permutation``, ``None`` without a tile: the kernel's ``q_rows`` (it reads each
+        query from, and writes its output to, the token's model position). Cached: do not modify."""
+        return _orders(self, str(torch.device(device))).query_rows
+
 
 class _Orders(NamedTuple):
     order: torch.Tensor
     coords: torch.Tensor
     permutation: torch.Tensor | None
     inverse: torch.Tensor | None
+    query_rows: torch.Tensor | None
 
 
 @functools.lru_cache(maxsize=64)
@@ -146,14 +152,14 @@ def _orders(tokens: TokenGeometry, device: str) -> _Orders:
     strides = [math.prod(tokens.grid[d + 1 :]) for d in range(len(tokens.grid))]
     coords = torch.stack([(order // s) % n for s, n in zip(strides, tokens.grid)], dim=1)
     if tokens.tile is None:
-        return _Orders(order, coords, None, None)
+        return _Orders(order, coords, None, None, None)
     # Kernel order: grid tokens in tile order, then the prefix text, then the suffix text.
     grid_end = tokens.prefix + tokens.grid_tokens
     permutation = torch.cat([order + tokens.prefix, torch.arange(tokens.prefix, device=device),
                              torch.arange(grid_end, tokens.length, device=device)])
     inverse = torch.empty_like(permutation)
     inverse[permutation] = torch.arange(tokens.length, device=device)
-    return _Orders(order, coords, permutation, inverse)
+    return _Orders(order, coords, permutation, inverse, permutation.to(torch.int32))
 
 
 def _tile_order(grid: tuple[int, ...], tile: tuple[int, ...] | None) -> torch.Tensor:
