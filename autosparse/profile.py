@@ -16,6 +16,7 @@ import datetime
 import json
 import math
 import platform
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from autosparse.patterns import Dense, Pattern, pattern_from_spec
 __all__ = ["SCHEMA_VERSION", "LayerProfile", "Profile", "StepRange", "environment"]
 
 SCHEMA_VERSION = 1
+# A JSON array of scalars, or an object whose values are scalars or such arrays (a pattern spec).
+_LEAF = re.compile(r"\[[^\[\]{}]*\]|\{[^{}\[\]]*(?:\[[^\[\]{}]*\][^{}\[\]]*)*\}")
 DEFAULT_BLOCK_SIZE = (64, 128)  # query x key tokens: the fastest kernel layout on the H200 (benchmarks/NOTES.md)
 
 
@@ -249,7 +252,12 @@ class Profile:
         return out
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        """Indented JSON with each pattern spec and each list of numbers on one line (a 60-layer,
+        24-head profile stays a file a person can read and diff)."""
+        text = json.dumps(self.to_dict(), indent=1)
+        # JSON strings never hold a raw newline, so joining a leaf's lines cannot change a value.
+        text = _LEAF.sub(lambda leaf: re.sub(r"\n\s*", " ", leaf.group()), text)
+        Path(path).write_text(text + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
