@@ -32,10 +32,8 @@ import datetime
 import gc
 import json
 import shlex
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +52,7 @@ from autosparse.layout import grid_order  # noqa: E402
 from autosparse.models import AttentionLayer, attention_layers  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA  # noqa: E402
 from autosparse.structural import tile_window  # noqa: E402
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 Q_BLOCK, KV_BLOCK = 64, 128  # the profile's default layout blocks; the window search uses the same
 WARMUP = 2
@@ -82,28 +81,6 @@ def log(*parts: Any) -> None:
 
 
 # -- timing ---------------------------------------------------------------------------------------------
-
-
-def median_ms(fn: Callable[[], Any], reps: int, device: torch.device) -> float:
-    """Median time of ``fn`` in ms after ``WARMUP`` calls: CUDA events around each call, then a
-    synchronize (GPU time of the whole call, host gaps included, as a pipeline sees it); wall time on
-    the CPU (smoke: exercises the code, the number means nothing)."""
-    for _ in range(WARMUP):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(times)
 
 
 # -- window choice -------------------------------------------------------------------------------------
@@ -189,13 +166,13 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
     log(f"  window {list(window)} stride {list(pattern.stride)} ({order} order, as the runtime runs it): block density {density:.4f} "
         f"(grid tokens only {grid_density:.4f}), target <= {args.density} (search {search_s:.1f} s)")
 
-    dense_ms = median_ms(lambda: forward(model, inputs), args.reps, device)
+    dense_ms = median_ms(lambda: forward(model, inputs), args.reps, device, WARMUP)
     dense_out = forward(model, inputs).float()
     log(f"  dense forward {dense_ms:.1f} ms")
 
     autosparse.patch_model(model, Profile.uniform(model, pattern, block_size=(Q_BLOCK, KV_BLOCK)))
     try:
-        patched_ms = median_ms(lambda: forward(model, inputs), args.reps, device)
+        patched_ms = median_ms(lambda: forward(model, inputs), args.reps, device, WARMUP)
         sparse_out = forward(model, inputs).float()
         calls = autosparse.stats(model, reset=True)
         attention_reps = 1 if args.smoke else ATTENTION_REPS
@@ -249,9 +226,10 @@ def time_attention(model: torch.nn.Module, layer: AttentionLayer, tokens: TokenG
             qp, kp, vp, layout.kv_indices, layout.kv_counts, None, layout.schedule(1), Q_BLOCK, KV_BLOCK, False,
             layer.head_dim ** -0.5)
 
-    sdpa_ms = median_ms(lambda: ORIGINAL_SDPA(q, k, v), reps, device)
-    op_ms = median_ms(lambda: torch.ops.autosparse.attention(q, k, v, layer_id, None, False, None), reps, device)
-    kernel_ms = median_ms(kernel, reps, device)
+    sdpa_ms = median_ms(lambda: ORIGINAL_SDPA(q, k, v), reps, device, WARMUP)
+    op_ms = median_ms(lambda: torch.ops.autosparse.attention(q, k, v, layer_id, None, False, None), reps, device,
+                      WARMUP)
+    kernel_ms = median_ms(kernel, reps, device, WARMUP)
     # The op reads q and writes the output in the model's order (q_rows); the kernel alone ran on
     # permuted q: both must give the same output once put in the same order.
     op_out = torch.ops.autosparse.attention(q, k, v, layer_id, None, False, None).float()

@@ -24,6 +24,7 @@ import autosparse  # noqa: E402
 from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile  # noqa: E402
 from autosparse.kernels.reference import dense_attention  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 
 def llama_8b_shaped(layers: int) -> LlamaForCausalLM:
@@ -60,20 +61,6 @@ def reference_logits(model, profile: Profile, ids, mask=None) -> torch.Tensor:
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
-
-
-def timed(fn, repeats: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> None:
@@ -135,10 +122,10 @@ def main() -> None:
             with torch.inference_mode():
                 model(input_ids=ids, use_cache=False)
 
-        attn_dense, attn_sparse = timed(sdpa), timed(sparse)
-        fwd_dense = timed(forward, repeats=3)
+        attn_dense, attn_sparse = median_ms(sdpa, 5, warmup=1), median_ms(sparse, 5, warmup=1)
+        fwd_dense = median_ms(forward, 3, warmup=1)
         autosparse.patch_model(model, profile)
-        fwd_sparse = timed(forward, repeats=3)
+        fwd_sparse = median_ms(forward, 3, warmup=1)
         autosparse.unpatch_model(model)
         rows.append((length, layout.density(), attn_dense, attn_sparse, fwd_dense, fwd_sparse))
 
