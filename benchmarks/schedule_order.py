@@ -30,6 +30,16 @@ def by_work_across_heads(counts: torch.Tensor) -> torch.Tensor:
     return torch.argsort(key.flatten()).to(torch.int32)
 
 
+def head_groups(counts: torch.Tensor, together: int) -> torch.Tensor:
+    """row_schedule's rule with ``together`` heads treated as one (interleaved by query block)."""
+    _, hq, nq = counts.shape
+    merged = counts[0].view(hq // together, together, nq).permute(0, 2, 1).reshape(1, hq // together, nq * together)
+    order = row_schedule(merged.contiguous(), 1).long()  # rows of the merged layout: g * (nq*t) + i*t + j
+    g, rest = order // (nq * together), order % (nq * together)
+    head = g * together + rest % together
+    return (head * nq + rest // together).to(torch.int32)
+
+
 def ms(fn, reps=20):
     for _ in range(3):
         fn()
@@ -52,6 +62,7 @@ for name, heads, dim, tokens, window in CASES:
         "work, all heads": by_work_across_heads(layout.kv_counts),
         "natural": torch.arange(heads * layout.kv_counts.shape[-1], device="cuda", dtype=torch.int32),
         "row_schedule": row_schedule(layout.kv_counts, 1),
+        **{f"{t} heads together": head_groups(layout.kv_counts, t) for t in (2, 4, 6) if heads % t == 0},
     }
     counts = layout.kv_counts.float()
     print(f"{name}: S={tokens.length} d={layout.density():.4f} row blocks min/mean/max "
@@ -59,7 +70,7 @@ for name, heads, dim, tokens, window in CASES:
     for label, schedule in schedules.items():
         t = ms(lambda: torch.ops.autosparse.block_sparse_attention(
             q, k, v, layout.kv_indices, layout.kv_counts, None, schedule, 64, 128, False, dim ** -0.5))
-        print(f"  {label:15s} {t:.3f} ms  fraction of ideal {sdpa * layout.density() / t:.2f}")
+        print(f"  {label:18s} {t:.3f} ms  fraction of ideal {sdpa * layout.density() / t:.2f}")
 
 
 # GQA causal (Llama-3.1-8B-shaped, 32 query / 8 KV heads, 32K): a ramp of row lengths, where
