@@ -302,3 +302,20 @@ def test_an_attention_backend_that_bypasses_sdpa_is_counted():
     autosparse.unpatch_model(dit.model)
     assert calls.sparse == 0
     assert calls.fallback["attention backend other than F.scaled_dot_product_attention (set_attention_backend?)"] == 2
+
+
+def test_batch_with_different_text_padding_per_sample():
+    """Classifier-free guidance batches prompts of different lengths: HunyuanVideo's padding mask
+    then differs per sample, and the kernel applies each sample's key padding."""
+    dit = _dit("hunyuan_video")
+    profile = _profile(dit.model, {"kind": "neighborhood", "window": NEIGHBORHOOD["hunyuan_video"]})
+    inputs = dit.inputs(batch=2)
+    inputs["encoder_attention_mask"][1] = torch.tensor([1] * 4 + [0] * 5)
+    expected = _reference(dit, profile, inputs)
+    autosparse.patch_model(dit.model, profile, strict=True)
+    with torch.no_grad():
+        got = dit.model(**inputs).sample
+    calls = autosparse.stats(dit.model)
+    autosparse.unpatch_model(dit.model)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert calls.sparse == SERVED["hunyuan_video"] and not calls.fallback
