@@ -47,6 +47,8 @@ def build_dit(family: str, size: str = "tiny", *, device: str | torch.device = "
     torch.manual_seed(seed)
     with torch.device(device):
         model, make_inputs, description = builders[family](size == "real", layers, shape, config or {})
+    if config:  # the shape named in the description is the family's default one
+        description += f", config overrides {config}"
     if dtype != torch.float32:
         model = model.to(dtype)
     model = model.eval().requires_grad_(False)

@@ -22,7 +22,7 @@ import logging
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -240,13 +240,14 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
           mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
     state = plan.state
     heads = plan.heads_at(state.context.step)
-    dense_reason, fallback_reason, kv_valid, tokens = _classify(plan, heads, query, key, value, mask, causal)
-    if dense_reason is not None:
-        state.stats.dense[dense_reason] += 1
+    verdict = _classify(plan, heads, query, key, value, mask, causal)
+    if verdict.dense is not None:
+        state.stats.dense[verdict.dense] += 1
         return _dense(query, key, value, mask, causal, scale)
-    if fallback_reason is not None:
-        state.count_fallback(plan.name, fallback_reason)
+    if verdict.fallback is not None:
+        state.count_fallback(plan.name, verdict.fallback)
         return _dense(query, key, value, mask, causal, scale)
+    kv_valid, tokens = verdict.kv_valid, verdict.tokens
 
     # Dense heads of a mixed layer go to SDPA (cuDNN/flash: faster than our kernel at density 1),
     # unless key padding must be applied (SDPA would then leave its fused kernels).
@@ -294,37 +295,43 @@ def _dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     return out
 
 
+class _Verdict(NamedTuple):
+    """How one call runs: dense by design (``dense``: the reason), dense because the kernel cannot
+    serve it exactly (``fallback``: the reason), or sparse (neither) with its key padding and token
+    geometry."""
+
+    dense: str | None = None
+    fallback: str | None = None
+    kv_valid: torch.Tensor | None = None
+    tokens: TokenGeometry | None = None
+
+
 def _classify(plan: LayerPlan, heads: HeadSet, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              mask: torch.Tensor | None, causal: bool
-              ) -> tuple[str | None, str | None, torch.Tensor | None, TokenGeometry | None]:
-    """``(dense reason, fallback reason, key-padding mask, token geometry)`` of one call: at most one
-    reason is set; with neither the call runs sparse."""
-    none = (None, None, None, None)
+              mask: torch.Tensor | None, causal: bool) -> _Verdict:
     if heads.is_dense:
-        return ("dense in profile",) + none[1:]
+        return _Verdict(dense="dense in profile")
     if query.shape[2] == 1:
-        return ("decode (query length 1)",) + none[1:]
+        return _Verdict(dense="decode (query length 1)")
     if query.shape[2] != key.shape[2]:
         if causal:
-            return None, "query length != key length (KV cache)", None, None
-        return ("cross-attention (query length != key length)",) + none[1:]
+            return _Verdict(fallback="query length != key length (KV cache)")
+        return _Verdict(dense="cross-attention (query length != key length)")
     if query.shape[1] != len(heads.patterns):
-        return None, f"{query.shape[1]} query heads, profile has {len(heads.patterns)}", None, None
-    q_block, kv_block = plan.profile.block_size
-    reason = supports(query, key, value, q_block, kv_block)
+        return _Verdict(fallback=f"{query.shape[1]} query heads, profile has {len(heads.patterns)}")
+    reason = supports(query, key, value, *plan.profile.block_size)
     if reason is not None:
-        return None, reason, None, None
+        return _Verdict(fallback=reason)
     tokens = plan.state.context.tokens
     if tokens is not None and tokens.length != query.shape[2]:
-        return None, f"token geometry has {tokens.length} tokens, the call {query.shape[2]}", None, None
+        return _Verdict(fallback=f"token geometry has {tokens.length} tokens, the call {query.shape[2]}")
     if heads.needs_grid:
         if tokens is None:
-            return None, "pattern needs the token grid (no geometry for this model call)", None, None
+            return _Verdict(fallback="pattern needs the token grid (no geometry for this model call)")
         tokens = plan.grid_order(heads, tokens, query.device)
     if mask is None:
-        return None, None, None, tokens
+        return _Verdict(tokens=tokens)
     reason, kv_valid = _mask_verdict(plan.state, mask, causal)
-    return None, reason, kv_valid, tokens
+    return _Verdict(fallback=reason) if reason is not None else _Verdict(kv_valid=kv_valid, tokens=tokens)
 
 
 def _mask_verdict(state: PatchState, mask: torch.Tensor, causal: bool) -> tuple[str | None, torch.Tensor | None]:
