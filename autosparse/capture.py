@@ -35,7 +35,7 @@ LAYER_ATTR = "_autosparse_layer"  # on each served attention module: its 0-d CPU
 # Keyword arguments of transformers attention functions that change the math; SDPA-only models
 # never pass them, so seeing one means the call is not plain attention.
 _UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks", "sliding_window")
-_GRAD_REASON = "autograd (the kernel has no backward)"
+GRAD_REASON = "autograd (the kernel has no backward)"
 _BYPASS_REASON = "attention backend other than F.scaled_dot_product_attention (set_attention_backend?)"
 
 
@@ -99,7 +99,7 @@ def _transformers_reason(module: nn.Module, query: torch.Tensor, key: torch.Tens
     if dropout > 0.0 and module.training:
         return "dropout"
     if _needs_grad(query, key, value):
-        return _GRAD_REASON
+        return GRAD_REASON
     return None
 
 
@@ -129,7 +129,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if layer is not None and dropout_p == 0.0 and not _needs_grad(query, key, value):
         return torch.ops.autosparse.attention(query, key, value, layer, attn_mask, is_causal, scale)
     if layer is not None:
-        runtime.count_unserved(layer, "dropout" if dropout_p > 0.0 else _GRAD_REASON)
+        runtime.count_unserved(layer, "dropout" if dropout_p > 0.0 else GRAD_REASON)
     return ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                          scale=scale, enable_gqa=enable_gqa)
 
@@ -149,7 +149,7 @@ def _exit_attention(module: nn.Module, args: tuple, output: Any) -> None:
 def attach_diffusers(model: nn.Module, state: PatchState, modules: list[nn.Module]) -> list[Any]:
     """Hook ``model`` and its served attention ``modules``; returns the hook handles."""
     global _diffusers_models
-    handles = [model.register_forward_pre_hook(_call_reader(model, state), with_kwargs=True)]
+    handles = [model.register_forward_pre_hook(call_reader(model, state), with_kwargs=True)]
     for module in modules:
         handles.append(module.register_forward_pre_hook(_enter_attention))
         handles.append(module.register_forward_hook(_exit_attention))
@@ -180,7 +180,7 @@ def _geometry(family, model: nn.Module, arguments: dict[str, Any]):
         return None
 
 
-def _call_reader(model: nn.Module, state: PatchState):
+def call_reader(model: nn.Module, state: PatchState):
     """The transformer's pre-hook: token geometry and denoising step of this call, into ``state``.
 
     The step counts distinct timesteps: it restarts at 0 when the timestep rises (a new

@@ -27,13 +27,18 @@ _STATE_ATTR = "_autosparse_state"
 
 @dataclass
 class _Patch:
-    """What ``unpatch_model`` undoes."""
+    """What ``unpatch_model`` undoes. ``route``: ``"eager"`` (patch_model: capture hooks or the
+    transformers attention function) or ``"compile"`` (the compile backend rewrote the graphs)."""
 
     state: PatchState
     library: str
     modules: list[nn.Module]
-    original_implementation: str | None = None  # transformers
-    handles: list[Any] = field(default_factory=list)  # diffusers hooks
+    profile: Profile
+    route: str = "eager"
+    original_implementation: str | None = None  # transformers, eager route
+    handles: list[Any] = field(default_factory=list)  # hooks
+    context: str | None = None  # compile route, diffusers: "graph" or "hook" (where the call context is read)
+    layer_of_param: dict[int, Any] = field(default_factory=dict)  # compile route: id(parameter) -> layer id
 
 
 def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool = False) -> nn.Module:
@@ -51,6 +56,17 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
     eagerly and under ``torch.compile`` (also ``compile_repeated_blocks``), patched before or after
     compiling.
     """
+    patch = attach(model, profile, strict=strict, route="eager")
+    if patch.library == "transformers":
+        patch.original_implementation = capture.attach_transformers(model)
+    else:
+        patch.handles = capture.attach_diffusers(model, patch.state, patch.modules)
+    return model
+
+
+def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, route: str) -> _Patch:
+    """Give every served attention module of ``model`` its plan and layer id (the capture route is
+    the caller's: ``patch_model`` or the compile backend)."""
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already patched by autosparse; call autosparse.unpatch_model(model) first")
     if not isinstance(profile, Profile):
@@ -64,22 +80,26 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
         causal = bool(getattr(layer.module, "is_causal", True)) if kind == "transformers" else None
         plan = LayerPlan(layer.name, layer.num_heads, profile, state, causal)
         setattr(layer.module, capture.LAYER_ATTR, runtime.register(plan))
-    patch = _Patch(state, kind, [layer.module for layer in layers])
-    if kind == "transformers":
-        patch.original_implementation = capture.attach_transformers(model)
-    else:
-        patch.handles = capture.attach_diffusers(model, state, patch.modules)
+    patch = _Patch(state, kind, [layer.module for layer in layers], profile, route)
     setattr(model, _STATE_ATTR, patch)
-    return model
+    return patch
+
+
+def patch_of(model: nn.Module) -> _Patch | None:
+    """The model's autosparse record, or None when it is not patched."""
+    return getattr(model, _STATE_ATTR, None)
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo ``patch_model``: the original attention, no autosparse attributes or hooks."""
     patch = _patch_of(model)
-    if patch.library == "transformers":
+    if patch.route == "eager" and patch.library == "transformers":
         capture.detach_transformers(model, patch.original_implementation)
-    else:
+    elif patch.route == "eager":
         capture.detach_diffusers(patch.handles)
+    else:  # compile backend: its graphs refuse to run from now on (they name the reason)
+        for handle in patch.handles:
+            handle.remove()
     for module in patch.modules:
         runtime.unregister(getattr(module, capture.LAYER_ATTR))
         delattr(module, capture.LAYER_ATTR)
@@ -97,7 +117,7 @@ def stats(model: nn.Module, *, reset: bool = False) -> AttentionStats:
 
 
 def _patch_of(model: nn.Module) -> _Patch:
-    patch = getattr(model, _STATE_ATTR, None)
+    patch = patch_of(model)
     if patch is None:
         raise RuntimeError("this model is not patched by autosparse")
     return patch

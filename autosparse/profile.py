@@ -339,6 +339,12 @@ class Profile:
             raise ValueError(f"profile {where}.num_heads: expected {num_heads} (the caller), found {entry.num_heads}")
         return entry.heads
 
+    def always_dense(self, layer_name: str) -> bool:
+        """Whether ``layer_name`` is dense in every head at every step (the compile backend then
+        leaves its calls to SDPA)."""
+        entries = [self.layers.get(layer_name)] + [r.layers.get(layer_name) for r in self.steps if not r.dense]
+        return all(entry is None or all(p.is_dense for p in entry.heads) for entry in entries)
+
     # -- matching ----------------------------------------------------------------------------
 
     def check_model(self, model: nn.Module) -> None:

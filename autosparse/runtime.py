@@ -41,6 +41,8 @@ log = logging.getLogger("autosparse")
 # F.scaled_dot_product_attention as torch defines it: the diffusers capture replaces the module
 # attribute, and every dense call here must reach the real one.
 ORIGINAL_SDPA = F.scaled_dot_product_attention
+# Ops that decide on the host per call (step, layout): a CUDA graph must not capture them.
+HOST_SIDE_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
 _MAX_LAYOUTS_PER_LAYER = 32  # distinct (patterns, shape, ...) layouts a layer keeps; the oldest goes first
 
 
@@ -194,6 +196,10 @@ def unregister(layer: torch.Tensor) -> None:
     _PLANS.pop(int(layer), None)
 
 
+def is_registered(layer: torch.Tensor) -> bool:
+    return int(layer) in _PLANS
+
+
 def plan_of(layer: torch.Tensor) -> LayerPlan:
     plan = _PLANS.get(int(layer))
     if plan is None:
@@ -215,7 +221,7 @@ def count_unserved(layer: torch.Tensor, reason: str) -> None:
 # -- the op ------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("autosparse::attention", mutates_args=())
+@torch.library.custom_op("autosparse::attention", mutates_args=(), tags=HOST_SIDE_TAGS)
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor,
               attn_mask: torch.Tensor | None, is_causal: bool, scale: float | None) -> torch.Tensor:
     """SDPA's contract (``[B, H, S, D]`` in and out, GQA by head mapping), served for ``layer``."""
@@ -226,10 +232,10 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer
 
 @attention.register_fake
 def _(query, key, value, layer, attn_mask, is_causal, scale):
-    return _empty_output(query, value)
+    return empty_output(query, value)
 
 
-def _empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+def empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """``[B, H, S, Dv]`` backed by ``[B, S, H, Dv]`` memory: what the kernel writes, and what every
     path returns (a compiled graph plans for one layout)."""
     b, h, s, _ = query.shape
@@ -289,7 +295,7 @@ def _dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: to
     q_len, kv_len = query.shape[2], key.shape[2]
     if causal and mask is None and q_len != kv_len:  # SDPA's is_causal is top-left aligned; ours bottom-right
         mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
-    out = _empty_output(query, value)
+    out = empty_output(query, value)
     out.copy_(ORIGINAL_SDPA(query, key, value, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
                             enable_gqa=query.shape[1] != key.shape[1]))
     return out
