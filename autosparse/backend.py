@@ -69,11 +69,14 @@ class BackendOptions:
             model, if any (else the model compiles dense, said once).
         strict: raise (at compile time, or at the call) instead of running a call dense.
         inner: the compiler the rewritten graph goes to: a registered backend name or a callable.
+        mode: inductor's mode (``"reduce-overhead"``, ``"max-autotune"``, ...): ``torch.compile``
+            takes ``mode=`` or ``options=``, not both.
     """
 
     profile: Profile | str | Path | None = None
     strict: bool = False
     inner: str | Callable[..., Any] = "inductor"
+    mode: str | None = None
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
@@ -89,7 +92,7 @@ def autosparse_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options
                        mode: str | None = None) -> Callable[..., Any]:
     """The ``torch.compile`` backend (see the module docstring)."""
     opts = BackendOptions.parse(options)
-    inner = _inner_compiler(opts.inner, mode)
+    inner = _inner_compiler(opts.inner, opts.mode or mode)
     model = owning_model(gm, example_inputs, opts.profile)
     if model is None:
         _say_once("no transformers or diffusers model owns this compiled graph's parameters; compiled without "
@@ -111,6 +114,10 @@ def _inner_compiler(inner: str | Callable[..., Any], mode: str | None) -> Callab
         from torch._inductor.compile_fx import compile_fx
 
         patches = list_mode_options(mode)
+        if patches.get("triton.cudagraphs") and not runtime.HOST_SIDE_TAGS:
+            # This torch cannot mark the op as not capturable: a CUDA graph would freeze one call's decisions.
+            _say_once(f"mode={mode!r}: CUDA graphs are off (this torch has no cudagraph_unsafe tag)")
+            patches["triton.cudagraphs"] = False
         return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
     return lookup_backend(inner)
 

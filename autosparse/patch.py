@@ -38,7 +38,6 @@ class _Patch:
     original_implementation: str | None = None  # transformers, eager route
     handles: list[Any] = field(default_factory=list)  # hooks
     context: str | None = None  # compile route, diffusers: "graph" or "hook" (where the call context is read)
-    layer_of_param: dict[int, Any] = field(default_factory=dict)  # compile route: id(parameter) -> layer id
 
 
 def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool = False) -> nn.Module:

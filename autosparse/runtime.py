@@ -86,9 +86,9 @@ class PatchState:
     strict: bool
     stats: AttentionStats = field(default_factory=AttentionStats)
     context: CallContext = field(default_factory=CallContext)
-    # The same padding mask object reaches every layer of one forward: classify it once.
-    mask_seen: Any = None
-    mask_verdict: tuple[str | None, torch.Tensor | None] = (None, None)
+    # The same padding mask reaches every layer of one forward (eagerly the same object; in a compiled
+    # graph a view of the same buffer per layer): classify it once. (weakref to the base, view key, verdict)
+    mask_seen: tuple[Any, tuple, tuple[str | None, torch.Tensor | None]] | None = None
 
     def count_fallback(self, where: str, reason: str) -> None:
         if self.strict:
@@ -342,16 +342,22 @@ def _classify(plan: LayerPlan, heads: HeadSet, query: torch.Tensor, key: torch.T
 
 def _mask_verdict(state: PatchState, mask: torch.Tensor, causal: bool) -> tuple[str | None, torch.Tensor | None]:
     """Accept a mask only if it is exactly (causal and) key padding: then the kernel applies it."""
-    seen = state.mask_seen() if state.mask_seen is not None else None
-    if seen is mask:
-        return state.mask_verdict
+    base = mask._base if mask._base is not None else mask
+    version = None if base.is_inference() else base._version  # inference tensors keep no version counter
+    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), version, causal)
+    if state.mask_seen is not None and state.mask_seen[0]() is base and state.mask_seen[1] == key:
+        return state.mask_seen[2]
     verdict = _classify_mask(mask, causal)
-    state.mask_seen, state.mask_verdict = weakref.ref(mask), verdict
+    state.mask_seen = (weakref.ref(base), key, verdict)
     return verdict
 
 
 def _classify_mask(mask: torch.Tensor, causal: bool) -> tuple[str | None, torch.Tensor | None]:
-    """Bool masks ``[B, 1, Sq, Sk]`` or ``[B, 1, 1, Sk]`` (key padding, as HunyuanVideo passes)."""
+    """Bool masks ``[B, 1, Sq, Sk]`` or ``[B, 1, 1, Sk]`` (key padding, as HunyuanVideo passes).
+
+    One comparison with the mask the kernel would apply, built from the keys the last query row may
+    see (every valid key, if the mask is causal + padding): a long prefill's mask is S² booleans, so
+    no other full-size temporaries."""
     if mask.dtype != torch.bool:
         return "additive (float) attention mask", None
     if mask.dim() != 4 or mask.shape[1] != 1:
@@ -359,11 +365,13 @@ def _classify_mask(mask: torch.Tensor, causal: bool) -> tuple[str | None, torch.
     q_len, kv_len = mask.shape[-2:]
     if causal and q_len == 1:
         return "key-padding mask [B, 1, 1, Sk] on causal attention", None
-    kv_valid = mask.any(dim=-2)[:, 0]  # [B, Sk]: keys that some query may see
-    expected = kv_valid[:, None, None, :]
+    kv_valid = mask[:, 0, -1, :].clone()  # [B, Sk]; a copy: the verdict outlives the mask
+    padded = not bool(kv_valid.all())
     if causal:
-        rows = torch.arange(q_len, device=mask.device)[:, None] + (kv_len - q_len)
-        expected = expected & (torch.arange(kv_len, device=mask.device)[None, :] <= rows)
+        expected = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril_(kv_len - q_len)
+        expected = expected & kv_valid[:, None, None, :] if padded else expected.expand_as(mask)
+    else:
+        expected = kv_valid[:, None, None, :].expand_as(mask)
     if not torch.equal(mask, expected.expand_as(mask)):
         return "attention mask is not causal + key padding", None
-    return None, (None if bool(kv_valid.all()) else kv_valid)
+    return None, (kv_valid if padded else None)

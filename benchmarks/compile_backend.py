@@ -84,6 +84,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="depth (default: all 30)")
     parser.add_argument("--out", type=Path, default=None, help="folder for compile_backend.json and .md")
     parser.add_argument("--smoke", action="store_true", help="tiny Wan on the CPU in float32")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also profile 2 calls of each compiled mode: GPU time per kernel, per call")
     args = parser.parse_args()
     reps = args.reps or (1 if args.smoke else 10)
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -118,14 +120,20 @@ def main() -> None:
         log(f"  {name}: {ms:.1f} ms (first call {first_s:.1f} s) {row.get('stats', '')}")
 
     run("eager dense (SDPA)", model)
-    run("inductor dense", compiled(model, args.compile))
+    kernels: dict[str, list[tuple[str, float]]] = {}
+    dense_compiled = compiled(model, args.compile)
+    run("inductor dense", dense_compiled)
+    if args.kernels:
+        kernels["inductor dense"] = kernel_times(lambda: forward(dense_compiled, inputs))
     uncompile(model)
     model = dit.model
     autosparse.patch_model(model, profile)
     run("eager patch_model", model, patched=True)
     autosparse.unpatch_model(model)
-    run("backend=autosparse", compiled(model, args.compile, backend="autosparse", options={"profile": profile}),
-        patched=True)
+    backend = compiled(model, args.compile, backend="autosparse", options={"profile": profile})
+    run("backend=autosparse", backend, patched=True)
+    if args.kernels:
+        kernels["backend=autosparse"] = kernel_times(lambda: forward(backend, inputs))
     autosparse.unpatch_model(model)
     uncompile(model)
 
@@ -151,18 +159,38 @@ def main() -> None:
         "profile": {"source": "tiny uniform" if args.smoke else PROFILE.name + " without dense steps",
                     "pattern": profile.search.get("pattern"), "block_density": profile.search.get("block_density")},
         "backend_vs_patch_model_rel_l2": backend_vs_patch,
+        "kernels_ms_per_call": kernels,
     }
     table = ["| mode | forward ms | vs eager dense | vs inductor dense | first call s | rel L2 vs dense |",
              "|---|---:|---:|---:|---:|---:|"]
     table += [f"| {r['mode']} | {r['ms']:.1f} | {r['speedup_vs_eager_dense']:.2f}x | "
               f"{r['speedup_vs_inductor_dense']:.2f}x | {r['first_call_s']:.1f} | {r['rel_l2_vs_dense']:.3f} |"
               for r in rows]
+    for mode, ranked in kernels.items():
+        table += ["", f"| {mode}: kernel | ms per call |", "|---|---:|"]
+        table += [f"| {name[:90]} | {ms:.2f} |" for name, ms in ranked]
     text = "\n".join(table)
     log(text)
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compile_backend.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=1))
         (args.out / "compile_backend.md").write_text(f"{json.dumps(env, indent=1)}\n\n{text}\n")
+
+
+def kernel_times(call, calls: int = 2, top: int = 15) -> list[tuple[str, float]]:
+    """GPU time per kernel name over ``calls`` calls (torch.profiler), per call, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            totals[event.key] = totals.get(event.key, 0.0) + event.device_time_total / 1e3 / calls
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])
+    return ranked[:top] + [("(all kernels)", sum(totals.values()))]
 
 
 def _version(name: str) -> str | None:

@@ -5,7 +5,10 @@
 2. Speed: prefill forward time, dense (SDPA, default backend) vs patched, at long lengths, for a
    uniform sink+local profile; also the attention call alone through the op vs SDPA.
 
-    python benchmarks/llm_prefill.py [--layers 2] [--lengths 32768 65536]
+3. With ``--compile``: the forward again under ``torch.compile`` (inductor, dense) and under
+   ``torch.compile(model, backend="autosparse", options={"profile": ...})``, same lengths.
+
+    python benchmarks/llm_prefill.py [--layers 2] [--lengths 32768 65536] [--compile]
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--lengths", type=int, nargs="+", default=[32768, 65536])
     parser.add_argument("--window", type=int, default=2048)
+    parser.add_argument("--compile", action="store_true", help="also time inductor dense and backend='autosparse'")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}")
     model = llama_8b_shaped(args.layers)
@@ -128,6 +132,7 @@ def main() -> None:
         fwd_sparse = median_ms(forward, 3, warmup=1)
         autosparse.unpatch_model(model)
         rows.append((length, layout.density(), attn_dense, attn_sparse, fwd_dense, fwd_sparse))
+    compiled_rows = compiled_forwards(model, profile, args.lengths, gen) if args.compile else []
 
     print(f"\n{args.layers}-layer Llama-3.1-8B-shaped model (32 q / 8 kv heads, d=128), bf16, B=1, causal prefill, "
           f"profile {spec}, blocks {profile.block_size}")
@@ -137,6 +142,32 @@ def main() -> None:
     for length, density, ad, asp, fd, fs in rows:
         print(f"| {length} | {density:.3f} | {ad:.2f} | {asp:.2f} | {ad / asp:.2f}x | {1 / density:.1f}x "
               f"| {fd:.1f} | {fs:.1f} | {fd / fs:.2f}x |")
+    if compiled_rows:
+        print("\n| S | forward inductor dense ms | forward backend='autosparse' ms | speedup | calls |")
+        print("|---|---|---|---|---|")
+        for length, dense_ms, sparse_ms, calls in compiled_rows:
+            print(f"| {length} | {dense_ms:.1f} | {sparse_ms:.1f} | {dense_ms / sparse_ms:.2f}x | {calls} |")
+
+
+def compiled_forwards(model, profile: Profile, lengths: list[int], gen) -> list[tuple]:
+    """Prefill forward time per length: inductor dense, then the autosparse backend (one compiled
+    model each; the second length recompiles once, dynamic)."""
+    inputs = {length: torch.randint(0, 32000, (1, length), device="cuda", generator=gen) for length in lengths}
+    times = {}
+    for name, options in (("dense", None), ("sparse", {"profile": profile})):
+        torch._dynamo.reset()
+        compiled = torch.compile(model) if options is None else torch.compile(model, backend="autosparse",
+                                                                               options=options)
+        for length, ids in inputs.items():
+            def forward():
+                with torch.inference_mode():
+                    compiled(input_ids=ids, use_cache=False)
+
+            times[name, length] = median_ms(forward, 3, warmup=2)
+    calls = str(autosparse.stats(model))
+    autosparse.unpatch_model(model)
+    torch._dynamo.reset()
+    return [(length, times["dense", length], times["sparse", length], calls) for length in lengths]
 
 
 if __name__ == "__main__":

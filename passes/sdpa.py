@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from torch import fx
 
+import autosparse.backend  # noqa: F401  (registers torch.ops.autosparse.attention and .layer_of)
+from autosparse.runtime import empty_output
+
 __all__ = ["SdpaCall", "find_sdpa", "rewrite_sdpa"]
 
 log = logging.getLogger("autosparse")
@@ -99,7 +102,5 @@ def _example_output(call: SdpaCall) -> torch.Tensor | None:
     fake_mode = getattr(query, "fake_mode", None)
     if fake_mode is None or value is None:
         return None
-    from autosparse.runtime import empty_output
-
     with fake_mode:
         return empty_output(query, value)

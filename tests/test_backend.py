@@ -349,3 +349,27 @@ def test_unpatching_a_compiled_model_refuses_to_run_it(llama):
         autosparse.unpatch_model(llama)
         with pytest.raises(RuntimeError, match="torch._dynamo.reset"):
             compiled(ids)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CUDA graphs, the Triton kernel in bf16)")
+def test_cuda_graph_mode_keeps_per_call_decisions():
+    """mode="reduce-overhead" turns on CUDA graphs in inductor; the op decides per call on the host
+    (dense first step, sparse after), so it must stay out of the captured graphs."""
+    dit = build_dit("wan", device="cuda", dtype=torch.bfloat16, config={"attention_head_dim": 64},
+                    frames=2, height=32, width=96)
+    profile = autosparse.Profile.uniform(dit.model, {"kind": "neighborhood", "window": [1, 5, 5]}).with_dense_steps(1)
+    steps = [dit.inputs(timestep=t) for t in (900.0, 800.0, 700.0)]
+    autosparse.patch_model(dit.model, profile, strict=True)
+    with torch.no_grad():
+        expected = [dit.model(**inputs).sample for inputs in steps]
+    autosparse.unpatch_model(dit.model)
+    compiled = torch.compile(dit.model, backend="autosparse",
+                             options={"profile": profile, "strict": True, "mode": "reduce-overhead"})
+    with torch.no_grad():
+        for _ in range(2):  # a second generation: replays whatever was captured in the first
+            got = [compiled(**inputs).sample.clone() for inputs in steps]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-2)
+    calls = autosparse.stats(dit.model)
+    assert calls.dense["dense in profile"] == 2 * SERVED["wan"] and calls.sparse == 4 * SERVED["wan"]
+    autosparse.unpatch_model(dit.model)
