@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import autosparse.backend  # noqa: F401  (registers torch.ops.autosparse.attention and .layer_of)
 from autosparse.runtime import empty_output
@@ -79,9 +81,12 @@ def rewrite_sdpa(gm: fx.GraphModule, anchors: Mapping[SdpaCall, fx.Node]) -> int
     """
     attention, layer_of = torch.ops.autosparse.attention.default, torch.ops.autosparse.layer_of.default
     for call, anchor in anchors.items():
+        key, value = unexpanded_kv(call.key), unexpanded_kv(call.value)
+        if (key is call.key) != (value is call.value):  # both or neither
+            key, value = call.key, call.value
         with gm.graph.inserting_before(call.node):
             layer = gm.graph.call_function(layer_of, (anchor,))
-            new = gm.graph.call_function(attention, (call.query, call.key, call.value, layer, call.attn_mask,
+            new = gm.graph.call_function(attention, (call.query, key, value, layer, call.attn_mask,
                                                      call.is_causal, call.scale))
         new.meta = {k: v for k, v in call.node.meta.items() if k != "example_value"}
         example = _example_output(call)
@@ -94,6 +99,34 @@ def rewrite_sdpa(gm: fx.GraphModule, anchors: Mapping[SdpaCall, fx.Node]) -> int
         gm.recompile()
         log.debug("autosparse: %d SDPA call(s) routed to torch.ops.autosparse.attention", len(anchors))
     return len(anchors)
+
+
+_NEW_HEAD_AXIS = (slice(None), slice(None), None, slice(None), slice(None))
+
+
+def unexpanded_kv(node: fx.Node) -> fx.Node:
+    """The KV-head tensor behind transformers' ``repeat_kv`` (``x[:, :, None].expand(b, kv, n, s, d)
+    .reshape(b, kv * n, s, d)``, which models run before SDPA when a mask keeps them off SDPA's GQA),
+    else ``node``. Query head h reads KV head h // n there, as in the op, so the op can take ``x``:
+    the copy disappears from the graph and the kernel shares K/V across a group again."""
+    if not (node.op == "call_method" and node.target == "reshape"):
+        return node
+    expand = node.args[0]
+    if not (isinstance(expand, fx.Node) and expand.op == "call_method" and expand.target == "expand"):
+        return node
+    index = expand.args[0]
+    if not (isinstance(index, fx.Node) and index.op == "call_function" and index.target is operator.getitem
+            and index.args[1] == _NEW_HEAD_AXIS):
+        return node
+    source = index.args[0]
+    before, after = source.meta.get("example_value"), node.meta.get("example_value")
+    if before is None or after is None or before.dim() != 4 or after.dim() != 4:
+        return node
+    (b, kv, s, d), (b2, heads, s2, d2) = before.shape, after.shape
+    # Sizes may be symbolic: only facts known without a new guard count.
+    if not all(statically_known_true(x == y) for x, y in ((b, b2), (s, s2), (d, d2), (heads % kv, 0))):
+        return node
+    return source
 
 
 def _example_output(call: SdpaCall) -> torch.Tensor | None:

@@ -92,6 +92,10 @@ def test_llm_matches_patch_model(make, padded):
     torch.testing.assert_close(got.logits[mask.bool()], expected.logits[mask.bool()], rtol=1e-5, atol=1e-5)
     assert calls == eager_calls and calls.sparse == 2 and not calls.fallback
     assert inner.count(ATTENTION) == 2
+    # GQA reaches the op unexpanded (with a mask transformers repeats k/v; the pass looks through it)
+    kv_heads = [node.args[1].meta["example_value"].shape[1] for gm in inner.graphs for node in gm.graph.nodes
+                if node.target is ATTENTION]
+    assert kv_heads == [model.config.num_key_value_heads] * 2
     autosparse.unpatch_model(model)
 
 
