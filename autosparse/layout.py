@@ -18,7 +18,7 @@ from autosparse.kernels.reference import layout_mask
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.tokens import TokenGeometry, default_tile
 
-__all__ = ["BlockLayout", "grid_order"]
+__all__ = ["BlockLayout", "block_mask", "grid_order"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -136,13 +136,18 @@ class BlockLayout:
         )
 
 
+def block_mask(pattern: Pattern, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[NQ, NK]`` bool: the key blocks one head with ``pattern`` computes, text tokens included
+    (they attend, and are attended by, every head)."""
+    mask = pattern.block_mask(geometry, device)
+    text = geometry.text_block_mask(device)
+    return mask if text is None else mask | text
+
+
 @functools.lru_cache(maxsize=256)
 def _cached_layout(patterns: tuple[Pattern, ...], geometry: BlockGeometry, device: str) -> BlockLayout:
     # Identical heads share one mask computation; most layers use a handful of distinct patterns.
-    masks = {p: p.block_mask(geometry, device) for p in set(patterns)}
-    text = geometry.text_block_mask(device)  # text tokens attend and are attended by every head
-    if text is not None:
-        masks = {p: mask | text for p, mask in masks.items()}
+    masks = {p: block_mask(p, geometry, device) for p in set(patterns)}
     return BlockLayout.from_block_mask(torch.stack([masks[p] for p in patterns]), geometry)
 
 

@@ -86,6 +86,8 @@ class PatchState:
     strict: bool
     stats: AttentionStats = field(default_factory=AttentionStats)
     context: CallContext = field(default_factory=CallContext)
+    # Calibration (autosparse.search): sees every served call's q/k/v before it is served.
+    observer: Any = None
     # The same padding mask reaches every layer of one forward (eagerly the same object; in a compiled
     # graph a view of the same buffer per layer): classify it once. (weakref to the base, view key, verdict)
     mask_seen: tuple[Any, tuple, tuple[str | None, torch.Tensor | None]] | None = None
@@ -245,6 +247,8 @@ def empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
           mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
     state = plan.state
+    if state.observer is not None:
+        state.observer(plan, query, key, value, mask, causal, scale)
     heads = plan.heads_at(state.context.step)
     verdict = _classify(plan, heads, query, key, value, mask, causal)
     if verdict.dense is not None:

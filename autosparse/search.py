@@ -1,11 +1,18 @@
 """The offline search: calibrate on real inputs, pick per head the cheapest pattern under a budget.
 
-Calibration runs the model once per input with a capturing attention function (dense SDPA for the
-output, so the forward is unchanged) that, for every layer, scores each candidate pattern on sampled
-query rows: error = ‖O_pattern − O_dense‖ / ‖O_dense‖ per head, accumulated over inputs. Exact dense
-rows are cheap, and a pattern's output follows from the dense probabilities renormalised over its
-keys, so all candidates cost one matrix product each. Cost is the number of key blocks the pattern
-computes at the calibration shape (the CPU model of kernel time; measured timings come later).
+Calibration runs the model patched with a dense profile, so every attention call goes through the
+same capture as ``patch_model`` (transformers and diffusers models, with their token geometry and
+denoising step) and runs dense, unchanged; an observer on the op scores, for every layer, each
+candidate pattern on sampled query rows: error = ‖O_pattern − O_dense‖ / ‖O_dense‖ per head,
+accumulated over calls. Exact dense rows are cheap, and a pattern's output follows from the dense
+probabilities renormalised over its key blocks, so all candidates cost one matrix product each.
+Cost is the number of key blocks the pattern computes at the calibration shape (the CPU model of
+kernel time; measured timings come later).
+
+Candidates: for a 1-D sequence (LLMs), windows and sinks + windows of ``SearchConfig.windows``; for
+a diffusion transformer's token grid, tile-stepped neighborhoods (``structural.tile_window``) at the
+block densities of ``SearchConfig.densities``, scored in the tile order the kernel runs them in.
+Dense always qualifies.
 """
 
 from __future__ import annotations
@@ -20,14 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autosparse.models import AttentionLayer, attention_layers, model_signature
+from autosparse.layout import block_mask
+from autosparse.models import AttentionLayer, attention_layers, library, model_signature
 from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Window
 from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile
+from autosparse.tokens import TokenGeometry, default_tile
 
 __all__ = ["SearchConfig", "candidate_patterns", "search_profile"]
-
-_CAPTURE = "autosparse_calibrate"
-_OBSERVER_ATTR = "_autosparse_observer"
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,10 @@ class SearchConfig:
         block_size: (q_block, kv_block) of the profile.
         windows: local window sizes (tokens) tried, each alone and with ``sinks`` sink tokens.
         sinks: sink tokens of the ``sink_local`` candidates.
+        densities: token grids (diffusion transformers): a tile-stepped neighborhood is tried at
+            each of these block densities.
+        dense_steps: diffusion: the first denoising steps run dense in the profile and are not
+            calibrated (they fix the image's layout and are the most sensitive to sparsity).
         query_rows: query rows sampled per layer call to measure errors.
         seed: seeds the row sampling, so a search is reproducible.
     """
@@ -45,6 +55,8 @@ class SearchConfig:
     block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE
     windows: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     sinks: int = 4
+    densities: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
+    dense_steps: int = 0
     query_rows: int = 256
     seed: int = 0
 
@@ -55,11 +67,23 @@ class SearchConfig:
             raise ValueError(f"SearchConfig.query_rows must be >= 1, got {self.query_rows!r}")
 
 
-def candidate_patterns(config: SearchConfig) -> list[Pattern]:
-    """The patterns tried for every head; Dense is always last and always qualifies."""
+def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None) -> list[Pattern]:
+    """The patterns tried for every head (on ``tokens``' grid, if given); Dense is always last and
+    always qualifies."""
+    from autosparse.structural import tile_window
+
     candidates: list[Pattern] = []
-    for window in config.windows:
-        candidates += [Window(window), SinkLocal(config.sinks, window)]
+    if tokens is None:
+        for window in config.windows:
+            candidates += [Window(window), SinkLocal(config.sinks, window)]
+        return candidates + [Dense()]
+    for density in config.densities:
+        try:
+            pattern, _ = tile_window(tokens, density, block_size=config.block_size)
+        except ValueError:  # even one tile per dim is denser than this
+            continue
+        if pattern not in candidates:
+            candidates.append(pattern)
     return candidates + [Dense()]
 
 
@@ -78,28 +102,52 @@ class _LayerScores:
 class _Calibrator:
     def __init__(self, config: SearchConfig, layers: Sequence[AttentionLayer], progress: tqdm | None) -> None:
         self.config = config
-        self.candidates = candidate_patterns(config)
-        self.scores = {layer.name: _LayerScores(layer.num_heads, len(self.candidates)) for layer in layers}
+        self.layers = {layer.name: layer for layer in layers}
+        self.candidates: list[Pattern] | None = None  # fixed by the first call (they depend on its grid)
+        self.tokens: TokenGeometry | None = None
+        self.scores: dict[str, _LayerScores] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = progress
 
+    def _start(self, tokens: TokenGeometry | None) -> None:
+        """Candidates from the first call's geometry; every later call must have the same one."""
+        if self.candidates is None:
+            self.candidates, self.tokens = candidate_patterns(self.config, tokens), tokens
+            self.scores = {name: _LayerScores(layer.num_heads, len(self.candidates))
+                           for name, layer in self.layers.items()}
+        elif tokens != self.tokens:
+            raise ValueError(f"calibration inputs must share one token geometry: {self.tokens} then {tokens}")
+
     @torch.no_grad()
     def observe(self, name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
-                scale: float) -> None:
-        """q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` of one layer call (no padding)."""
+                scale: float, *, tokens: TokenGeometry | None = None, kv_valid: torch.Tensor | None = None) -> None:
+        """q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` of one layer call, in the model's token order;
+        ``tokens``: a diffusion transformer's token geometry (grid candidates, scored in tile
+        order); ``kv_valid``: ``[B, S]`` keys not padded."""
+        self._start(tokens)
         heads, q_len = query.shape[1:3]
         kv_len = key.shape[2]
-        geometry = BlockGeometry(q_len, kv_len, *self.config.block_size, causal)
-        rows = torch.randperm(q_len, generator=self.generator)[: self.config.query_rows].sort().values
+        rows_from = q_len
+        if tokens is not None:  # the kernel's order: grid tokens in tiles, then the text
+            tokens = tokens.with_tile(default_tile(len(tokens.grid), self.config.block_size[1]))
+            order = tokens.permutation(query.device)
+            query, key, value = (x.index_select(2, order) for x in (query, key, value))
+            kv_valid = kv_valid.index_select(1, order) if kv_valid is not None else None
+            rows_from = tokens.grid_tokens  # text rows are dense in every pattern: sample the grid only
+        geometry = BlockGeometry(q_len, kv_len, *self.config.block_size, causal, tokens)
+        rows = torch.randperm(rows_from, generator=self.generator)[: self.config.query_rows].sort().values
         group = heads // key.shape[1]
-        q = query[:, :, rows].float()
+        q = query[:, :, rows.to(query.device)].float()
         k = key.float().repeat_interleave(group, dim=1)
         v = value.float().repeat_interleave(group, dim=1)
         scores = torch.einsum("bhrd,bhkd->bhrk", q, k) * scale  # [B, H, R, Sk]
-        positions = rows + (kv_len - q_len)
-        keys = torch.arange(kv_len)
-        visible = keys[None, :] <= positions[:, None] if causal else torch.ones(len(rows), kv_len, dtype=torch.bool)
-        probs = torch.softmax(scores.masked_fill(~visible.to(scores.device), float("-inf")), dim=-1)
+        positions = (rows + (kv_len - q_len)).to(query.device)
+        keys = torch.arange(kv_len, device=query.device)
+        visible = (keys[None, :] <= positions[:, None])[None] if causal else \
+            torch.ones(1, len(rows), kv_len, dtype=torch.bool, device=query.device)
+        if kv_valid is not None:
+            visible = visible & kv_valid[:, None, :]
+        probs = torch.softmax(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1)
         # Patterns keep or drop whole key blocks, so per-block partial outputs and masses make
         # every candidate one small contraction: O = sum_j keep_j O_j / sum_j keep_j mass_j.
         num_kv, kv_block = geometry.num_kv_blocks, geometry.kv_block
@@ -111,15 +159,15 @@ class _Calibrator:
         dense = block_out.sum(3)
         layer = self.scores[name]
         layer.ref_sq += dense.double().square().sum(dim=(0, 2, 3)).cpu()
-        q_blocks = rows // geometry.q_block
+        q_blocks = (rows // geometry.q_block).to(query.device)
         dense_blocks = float(geometry.reachable().sum())
         for c, pattern in enumerate(self.candidates):
-            block_mask = pattern.block_mask(geometry)
-            blocks = float(block_mask.sum())
+            mask = block_mask(pattern, geometry, query.device)
+            blocks = float(mask.sum())
             layer.blocks[c] += blocks
             if blocks == dense_blocks:
                 continue  # computes every block: exactly dense, no error
-            keep = block_mask[q_blocks].to(probs)  # [R, NK]
+            keep = mask[q_blocks].to(probs)  # [R, NK]
             approx = torch.einsum("bhrjd,rj->bhrd", block_out, keep)
             approx = approx / torch.einsum("bhrj,rj->bhr", block_mass, keep).clamp_min(1e-30)[..., None]
             layer.err_sq[:, c] += (approx - dense).double().square().sum(dim=(0, 2, 3)).cpu()
@@ -148,59 +196,44 @@ class _Calibrator:
         return LayerProfile(layer.index, layer.num_heads, tuple(heads), tuple(measured))
 
 
-def _capture_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                       is_causal: bool | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Dense SDPA (the forward is unchanged) plus a look at q/k/v for the calibrator."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+def search_profile(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
+                   config: SearchConfig = SearchConfig(), *, progress: bool = True) -> Profile:
+    """Calibrate ``model`` on ``inputs`` and return the profile.
 
-    observer = getattr(module, _OBSERVER_ATTR, None)
-    if observer is not None:
-        if attention_mask is not None:
-            raise ValueError("calibration inputs must be unpadded single sequences (got an attention mask)")
-        calibrator, name = observer
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        calibrator.observe(name, query, key, value, causal, scale)
-    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  is_causal=is_causal, **kwargs)
-
-
-def search_profile(model: nn.Module, inputs: Iterable[torch.Tensor], config: SearchConfig = SearchConfig(), *,
-                   progress: bool = True) -> Profile:
-    """Calibrate ``model`` on ``inputs`` (LongTensors ``[1, S]`` of token ids) and return the profile.
-
-    The model runs unchanged (dense); its attention implementation is restored afterwards.
+    ``inputs``: for a transformers model, LongTensors ``[1, S]`` of token ids (unpadded); for a
+    diffusers transformer, the keyword arguments of one forward call each (e.g. the transformer's
+    inputs at several denoising steps, in order: the step is counted from the timestep as in
+    ``patch_model``). The model runs dense and unchanged; it is unpatched afterwards.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from autosparse.patch import patch_model, patch_of, unpatch_model
 
     inputs = list(inputs)
     if not inputs:
         raise ValueError("search_profile needs at least one calibration input")
     layers = attention_layers(model)
-    bar = tqdm(total=len(inputs) * len(layers), desc="calibrating", unit="layer", disable=not progress)
+    bar = tqdm(total=len(inputs) * len(layers), desc="calibrating", unit="call", disable=not progress)
     calibrator = _Calibrator(config, layers, bar)
-    AttentionInterface.register(_CAPTURE, _capture_attention)
-    AttentionMaskInterface.register(_CAPTURE, sdpa_mask)
-    original = model.config._attn_implementation
+    patch_model(model, Profile.uniform(model, Dense(), block_size=config.block_size))
+    state = patch_of(model).state
+    state.observer = _observer(calibrator, config)
     started = time.perf_counter()
     try:
-        for layer in layers:
-            setattr(layer.module, _OBSERVER_ATTR, (calibrator, layer.name))
-        model.set_attn_implementation(_CAPTURE)
         device = next(model.parameters()).device
         with torch.inference_mode():
-            for input_ids in inputs:
-                model(input_ids=input_ids.to(device), use_cache=False)
+            for x in inputs:
+                if isinstance(x, dict):
+                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()})
+                else:
+                    model(input_ids=x.to(device), use_cache=False)
     finally:
-        model.set_attn_implementation(original)
-        for layer in layers:
-            if hasattr(layer.module, _OBSERVER_ATTR):
-                delattr(layer.module, _OBSERVER_ATTR)
+        unpatch_model(model)
         bar.close()
+    if calibrator.candidates is None:
+        raise ValueError(f"no attention call was calibrated: {len(inputs)} inputs, dense_steps={config.dense_steps} "
+                         "(give inputs past the dense steps)")
     profile_layers = {layer.name: calibrator.choose(layer) for layer in layers}
-    return Profile(
+    tokens = calibrator.tokens
+    profile = Profile(
         model=model_signature(model),
         layers=profile_layers,
         block_size=config.block_size,
@@ -212,10 +245,34 @@ def search_profile(model: nn.Module, inputs: Iterable[torch.Tensor], config: Sea
             "candidates": [p.short_str() for p in calibrator.candidates],
             "calibration": {
                 "inputs": len(inputs),
-                "tokens": int(sum(x.shape[-1] for x in inputs)),
+                **({"tokens": int(sum(x.shape[-1] for x in inputs))} if library(model) == "transformers" else
+                   {"grid": list(tokens.grid) if tokens else None,
+                    "text_tokens": tokens.prefix + tokens.suffix if tokens else 0,
+                    "dense_steps": config.dense_steps}),
                 "query_rows": config.query_rows,
                 "seed": config.seed,
                 "seconds": round(time.perf_counter() - started, 2),
             },
         },
     )
+    return profile.with_dense_steps(config.dense_steps) if config.dense_steps else profile
+
+
+def _observer(calibrator: _Calibrator, config: SearchConfig):
+    """Sees every served call before it runs dense: hands q/k/v, the call's geometry and key
+    padding to the calibrator (skipping the dense first steps)."""
+
+    def observe(plan, query, key, value, mask, causal, scale) -> None:
+        context = plan.state.context
+        if context.step is not None and context.step < config.dense_steps:
+            return
+        if query.shape[2] != key.shape[2]:  # cross-attention: never sparse
+            return
+        kv_valid = None
+        if mask is not None:
+            if context.tokens is None or mask.dtype != torch.bool or mask.shape[-2] != 1:
+                raise ValueError("calibration inputs must be unpadded single sequences (got an attention mask)")
+            kv_valid = mask[:, 0, 0, :]
+        calibrator.observe(plan.name, query, key, value, causal, scale, tokens=context.tokens, kv_valid=kv_valid)
+
+    return observe

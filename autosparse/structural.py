@@ -75,8 +75,8 @@ def structural_profile(model: nn.Module, tokens: TokenGeometry, *, density: floa
         "calibrated": False,
         "note": ("Uncalibrated: a tile-stepped neighborhood (Sliding-Tile / GNA style) on every head, sized for "
                  "block density, not checked against real outputs. Calibrate on your prompts with "
-                 "`autosparse profile <model folder> --out my_profile.json` (search over diffusion transformers "
-                 "is not in autosparse 0.1 yet)."),
+                 "`autosparse profile --factory module:function --dense-steps 10 --out my_profile.json` "
+                 "(see examples/dit_factory.py)."),
         "target": target,
         "grid": list(tokens.grid),
         "text_tokens": tokens.prefix + tokens.suffix,

@@ -62,3 +62,19 @@ def test_show_a_structural_dit_profile(capsys):
     shown = capsys.readouterr().out
     assert "FluxTransformer2DModel" in shown and "neighborhood(window=[24, 48],stride=[8, 16]" in shown
     assert "denoising steps [0, 7): dense" in shown and "Uncalibrated" in shown
+
+
+def test_profile_a_diffusion_transformer_from_a_factory(tmp_path, capsys, monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # examples/ importable, as from the repo root
+    out = tmp_path / "wan.json"
+    main(["profile", "--factory", "examples.dit_factory:wan", "--budget", "0.5", "--dense-steps", "1",
+          "--block-size", "16", "32", "--out", str(out)])
+    profile = Profile.load(out)
+    assert profile.model["class"] == "WanTransformer3DModel"
+    assert profile.search["calibration"]["grid"] == [2, 16, 48] and profile.steps[0].dense
+    shown = capsys.readouterr().out
+    assert "blocks.1.attn1" in shown and "denoising steps [0, 1): dense" in shown
+    with pytest.raises(SystemExit):
+        main(["profile", "--out", str(out)])  # neither a model nor a factory

@@ -89,3 +89,85 @@ def test_search_profile_on_a_model(llama, tmp_path):
 def test_budget_is_validated():
     with pytest.raises(ValueError, match="budget must be in"):
         SearchConfig(budget=0.0)
+
+
+# -- diffusion transformers: grid candidates in tile order --------------------------------------
+
+
+def grid_qkv(tokens, seed: int):
+    """Model order: ``prefix`` text, the grid in raster order, ``suffix`` text. Head 0 attends by
+    3-D distance on the grid (local), head 1 near-uniformly; text tokens get random features."""
+    gen = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in tokens.grid], indexing="ij"),
+                       -1).reshape(-1, len(tokens.grid))
+    freqs = 2 * math.pi / torch.tensor([6.0, 9.0, 14.0, 22.0], dtype=torch.float64)
+    feats = torch.cat([f(grid[:, :, None] * freqs).flatten(1) for f in (torch.cos, torch.sin)], dim=-1)
+    feats = torch.nn.functional.pad(feats, (0, 32 - feats.shape[-1])) * 5.0
+    text = lambda n: torch.randn(n, 32, generator=gen, dtype=torch.float64) * 0.3  # noqa: E731
+    local = torch.cat([text(tokens.prefix), feats, text(tokens.suffix)])
+    uniform = torch.randn(tokens.length, 32, generator=gen, dtype=torch.float64) * 0.05
+    q = k = torch.stack([local, uniform])[None].float()
+    v = torch.randn(1, 2, tokens.length, 32, generator=gen)
+    return q, k, v
+
+
+def test_grid_candidates_scored_in_tile_order():
+    """The error reported for a chosen neighborhood is the error that layout has when the kernel
+    runs it (tile order, text dense), measured over all grid rows with dense masked attention."""
+    from autosparse import TokenGeometry
+    from autosparse.grid import Neighborhood
+
+    tokens = TokenGeometry((4, 16, 32), prefix=5)
+    budget = 0.15
+    config = SearchConfig(budget=budget, block_size=(32, 64), densities=(0.1, 0.2, 0.3, 0.5), query_rows=1024)
+    q, k, v = grid_qkv(tokens, seed=0)
+    layer = AttentionLayer("attn", 0, 2, 2, 32, module=None)
+    calibrator = _Calibrator(config, [layer], progress=None)
+    calibrator.observe("attn", q, k, v, causal=False, scale=32 ** -0.5, tokens=tokens)
+    assert all(isinstance(c, Neighborhood) for c in calibrator.candidates[:-1]) and len(calibrator.candidates) > 2
+    chosen = calibrator.choose(layer)
+    local, uniform = chosen.heads
+    assert isinstance(local, Neighborhood) and uniform == Dense()
+    from autosparse.tokens import default_tile
+
+    tiled = tokens.with_tile(default_tile(3, 64))
+    geometry = BlockGeometry(tokens.length, tokens.length, 32, 64, False, tiled)
+    mask = BlockLayout.from_patterns([local], geometry).to_dense_model_order()[None]  # [1, 1, S, S]
+    dense = dense_attention(q[:, :1].double(), k[:, :1].double(), v[:, :1].double())
+    approx = dense_attention(q[:, :1].double(), k[:, :1].double(), v[:, :1].double(), mask=mask)
+    rows = slice(tokens.prefix, tokens.prefix + tokens.grid_tokens)
+    true_error = float((approx - dense)[:, :, rows].norm() / dense[:, :, rows].norm())
+    assert true_error <= 1.5 * budget
+    assert chosen.measured[0]["error"] == pytest.approx(true_error, rel=0.25, abs=5e-3)
+    assert chosen.measured[0]["density"] == pytest.approx(BlockLayout.from_patterns([local], geometry).density(),
+                                                          abs=1e-6)  # stored rounded to 6 decimals
+    with pytest.raises(ValueError, match="one token geometry"):
+        calibrator.observe("attn", q, k, v, causal=False, scale=0.2, tokens=TokenGeometry((4, 16, 32), prefix=6))
+
+
+def test_search_profile_on_a_diffusion_transformer():
+    """A tiny Wan calibrated over three denoising steps through the patch_model capture: grid
+    candidates, dense first step (not calibrated), a profile that patches the model."""
+    import autosparse
+    from autosparse.dits import build_dit
+
+    dit = build_dit("wan", frames=2, height=32, width=96)
+    steps = [dit.inputs(timestep=t) for t in (900.0, 700.0, 500.0)]
+    config = SearchConfig(budget=0.5, block_size=(16, 32), densities=(0.2, 0.4), dense_steps=1, query_rows=64)
+    profile = search_profile(dit.model, steps, config, progress=False)
+    calibration = profile.search["calibration"]
+    assert calibration["grid"] == [2, 16, 48] and calibration["dense_steps"] == 1
+    assert profile.steps[0].dense and (profile.steps[0].start, profile.steps[0].end) == (0, 1)
+    assert any("neighborhood" in c for c in profile.search["candidates"])
+    for entry in profile.layers.values():
+        assert all(m["error"] <= 0.5 for m in entry.measured)
+    assert autosparse.patch.patch_of(dit.model) is None  # unpatched after calibrating
+    autosparse.patch_model(dit.model, profile, strict=True)
+    with torch.no_grad():
+        for inputs in steps:
+            dit.model(**inputs)
+    calls = autosparse.stats(dit.model)
+    autosparse.unpatch_model(dit.model)
+    sparse_layers = sum(any(not p.is_dense for p in entry.heads) for entry in profile.layers.values())
+    assert sparse_layers > 0
+    assert calls.sparse == 2 * sparse_layers and calls.dense["dense in profile"] == 6 - 2 * sparse_layers

@@ -1,0 +1,18 @@
+"""Calibration factories for ``autosparse profile --factory examples.dit_factory:wan``.
+
+A factory is any function with no arguments that returns ``(model, calibration inputs)``. For a
+diffusion transformer the inputs are the keyword arguments of one transformer call each, at several
+denoising steps in order (the step is counted from the timestep). With a real pipeline, record them
+from the pipeline's own calls (e.g. a forward pre-hook with ``with_kwargs=True`` on
+``pipe.transformer`` that stores ``kwargs`` for a few steps of one generation).
+
+Here: the tiny random-weight Wan of ``autosparse.dits`` (plumbing only: random weights attend
+almost uniformly, so what the search finds says nothing about a real model).
+"""
+
+from autosparse.dits import build_dit
+
+
+def wan():
+    dit = build_dit("wan", frames=2, height=32, width=96)
+    return dit.model, [dit.inputs(timestep=t) for t in (900.0, 700.0, 500.0, 300.0)]
