@@ -15,21 +15,27 @@ __all__ = ["main"]
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from autosparse.search import SearchConfig, search_profile
+    from autosparse.search import SearchConfig, calibrate
+    from autosparse.validate import fit_to_target
 
     if (args.model is None) == (args.factory is None):
         raise ValueError("give a model (directory or alias) or --factory module:function, not both")
-    model, inputs = _factory(args.factory) if args.factory else _text_calibration(args)
+    model, inputs, heldout = _factory(args.factory) if args.factory else _text_calibration(args)
+    if args.target is not None and not heldout:
+        raise ValueError("--target needs held-out inputs: a longer --text (one more --seq-len window), or a factory "
+                         "returning (model, calibration inputs, held-out inputs)")
     model.to(args.device)
     config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size), dense_steps=args.dense_steps)
-    profile = search_profile(model, inputs, config)
+    calibration = calibrate(model, inputs, config)
+    profile = calibration.profile() if args.target is None else fit_to_target(calibration, heldout, args.target)
     profile.save(args.out)
     print(f"saved {args.out}")
     _print_summary(profile)
 
 
 def _text_calibration(args: argparse.Namespace):
-    """A causal LM and ``--inputs`` windows of ``--seq-len`` tokens of the calibration text."""
+    """A causal LM, ``--inputs`` windows of ``--seq-len`` tokens from the start of the text, and a
+    held-out window from its end (None if the text is too short for one that does not overlap)."""
     from autosparse.zoo import fixture_text, load_causal_lm
 
     model, tokenizer = load_causal_lm(args.model)
@@ -41,13 +47,15 @@ def _text_calibration(args: argparse.Namespace):
         raise SystemExit(
             f"--text has {ids.shape[-1]} tokens: too few for --inputs {args.inputs} x --seq-len {args.seq_len}"
         )
-    return model, windows
+    spare = ids.shape[-1] >= (args.inputs + 1) * args.seq_len
+    return model, windows, [ids[:, -args.seq_len:]] if spare else None
 
 
 def _factory(spec: str):
     """``module:function`` (importable from the current directory too), called with no arguments,
-    returning ``(model, calibration inputs)``: token-id tensors for an LLM, or one forward call's
-    keyword arguments each for a diffusion transformer (several denoising steps, in order)."""
+    returning ``(model, calibration inputs)`` or ``(model, calibration inputs, held-out inputs)``:
+    token-id tensors for an LLM, or one forward call's keyword arguments each for a diffusion
+    transformer (several denoising steps, in order)."""
     import importlib
 
     module_name, _, function_name = spec.partition(":")
@@ -55,8 +63,11 @@ def _factory(spec: str):
         raise ValueError(f"--factory {spec!r}: expected module:function")
     if "" not in sys.path:
         sys.path.insert(0, "")
-    model, inputs = getattr(importlib.import_module(module_name), function_name)()
-    return model, list(inputs)
+    made = getattr(importlib.import_module(module_name), function_name)()
+    if not isinstance(made, tuple) or len(made) not in (2, 3):
+        raise ValueError(f"--factory {spec}: expected (model, inputs) or (model, inputs, held-out inputs)")
+    model, inputs, heldout = made if len(made) == 3 else (*made, None)
+    return model, list(inputs), list(heldout) if heldout is not None else None
 
 
 def _show(args: argparse.Namespace) -> None:
@@ -79,6 +90,12 @@ def _print_summary(profile: Profile) -> None:
     densities = [row["density"] for row in rows if not math.isnan(row["density"])]
     if densities:
         print(f"mean attention density {sum(densities) / len(densities):.3f} over {len(rows)} layers")
+    validation = profile.search.get("validation")
+    if validation:
+        rounds = validation["trials"]
+        print(f"validated on {validation['heldout_inputs']} held-out inputs: {validation['metric']} "
+              f"{rounds[-1]['error']:+.4f} (target {validation['target']}), budget {rounds[-1]['budget']:.4g}, "
+              f"{'met' if validation['met'] else 'NOT met'} after {len(rounds)} round(s)")
     for step_range in profile.steps:
         what = "dense" if step_range.dense else f"own patterns for {len(step_range.layers)} layers"
         print(f"denoising steps {step_range}: {what}")
@@ -118,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--factory", metavar="MODULE:FUNCTION",
                          help="any supported model: a function returning (model, calibration inputs), e.g. "
                               "examples.dit_factory:wan (diffusion transformers: inputs at several steps)")
+    profile.add_argument("--target", type=float, default=None,
+                         help="end-to-end target on held-out inputs (LLM: perplexity change, e.g. 0.01; diffusion: "
+                              "output relative error): the budget is lowered until it holds")
     profile.add_argument("--dense-steps", type=int, default=0,
                          help="diffusion: first denoising steps kept dense (not calibrated)")
     profile.add_argument("--text", help="LLM: calibration text file (default: the shipped Jargon File excerpt)")

@@ -33,7 +33,7 @@ from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Window
 from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile
 from autosparse.tokens import TokenGeometry, default_tile
 
-__all__ = ["SearchConfig", "candidate_patterns", "search_profile"]
+__all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "run_model", "search_profile"]
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,10 @@ class _Calibrator:
         if self.progress is not None:
             self.progress.update(1)
 
-    def choose(self, layer: AttentionLayer) -> LayerProfile:
-        """Per head: the candidate with the fewest key blocks whose error is within budget."""
+    def choose(self, layer: AttentionLayer, budget: float | None = None) -> LayerProfile:
+        """Per head: the candidate with the fewest key blocks whose error is within ``budget``
+        (default: the config's)."""
+        budget = self.config.budget if budget is None else budget
         scores = self.scores[layer.name]
         errors = scores.relative_error()
         dense_blocks = float(scores.blocks[-1])
@@ -186,7 +188,7 @@ class _Calibrator:
         for h in range(layer.num_heads):
             for c in order:
                 # A pattern that computes every block is dense, and dense SDPA runs it faster.
-                if float(errors[h, c]) <= self.config.budget or float(scores.blocks[c]) >= dense_blocks:
+                if float(errors[h, c]) <= budget or float(scores.blocks[c]) >= dense_blocks:
                     break
             chosen = self.candidates[c] if float(scores.blocks[c]) < dense_blocks else Dense()
             heads.append(chosen)
@@ -196,9 +198,49 @@ class _Calibrator:
         return LayerProfile(layer.index, layer.num_heads, tuple(heads), tuple(measured))
 
 
+@dataclass
+class Calibration:
+    """What calibration measured, per layer, head and candidate: the error on the sampled rows and
+    the key blocks computed. Choosing under any budget is free from here (no forward pass), which
+    is what end-to-end validation uses to tighten a profile (``autosparse.validate``)."""
+
+    model: nn.Module
+    config: SearchConfig
+    calibrator: _Calibrator
+    details: dict[str, Any]  # recorded in the profile's search.calibration
+
+    def profile(self, budget: float | None = None) -> Profile:
+        """The cheapest per-head choice under ``budget`` (default: the config's)."""
+        budget = self.config.budget if budget is None else budget
+        calibrator = self.calibrator
+        layers = {name: calibrator.choose(layer, budget) for name, layer in calibrator.layers.items()}
+        profile = Profile(
+            model=model_signature(self.model),
+            layers=layers,
+            block_size=self.config.block_size,
+            search={
+                "method": "calibrated",
+                "budget": budget,
+                "error": "relative L2 error of the attention output per head on sampled query rows",
+                "cost": "key blocks computed at the calibration shape",
+                "candidates": [p.short_str() for p in calibrator.candidates],
+                "calibration": self.details,
+            },
+        )
+        steps = self.config.dense_steps
+        return profile.with_dense_steps(steps) if steps else profile
+
+
 def search_profile(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
                    config: SearchConfig = SearchConfig(), *, progress: bool = True) -> Profile:
-    """Calibrate ``model`` on ``inputs`` and return the profile.
+    """Calibrate ``model`` on ``inputs`` and return the profile under ``config.budget``
+    (``calibrate(...).profile()``)."""
+    return calibrate(model, inputs, config, progress=progress).profile()
+
+
+def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
+              config: SearchConfig = SearchConfig(), *, progress: bool = True) -> Calibration:
+    """Run ``model`` on ``inputs`` and score every candidate pattern of every head.
 
     ``inputs``: for a transformers model, LongTensors ``[1, S]`` of token ids (unpadded); for a
     diffusers transformer, the keyword arguments of one forward call each (e.g. the transformer's
@@ -209,53 +251,43 @@ def search_profile(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, A
 
     inputs = list(inputs)
     if not inputs:
-        raise ValueError("search_profile needs at least one calibration input")
+        raise ValueError("calibration needs at least one input")
     layers = attention_layers(model)
     bar = tqdm(total=len(inputs) * len(layers), desc="calibrating", unit="call", disable=not progress)
     calibrator = _Calibrator(config, layers, bar)
     patch_model(model, Profile.uniform(model, Dense(), block_size=config.block_size))
-    state = patch_of(model).state
-    state.observer = _observer(calibrator, config)
+    patch_of(model).state.observer = _observer(calibrator, config)
     started = time.perf_counter()
     try:
-        device = next(model.parameters()).device
         with torch.inference_mode():
             for x in inputs:
-                if isinstance(x, dict):
-                    model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()})
-                else:
-                    model(input_ids=x.to(device), use_cache=False)
+                run_model(model, x)
     finally:
         unpatch_model(model)
         bar.close()
     if calibrator.candidates is None:
         raise ValueError(f"no attention call was calibrated: {len(inputs)} inputs, dense_steps={config.dense_steps} "
                          "(give inputs past the dense steps)")
-    profile_layers = {layer.name: calibrator.choose(layer) for layer in layers}
     tokens = calibrator.tokens
-    profile = Profile(
-        model=model_signature(model),
-        layers=profile_layers,
-        block_size=config.block_size,
-        search={
-            "method": "calibrated",
-            "budget": config.budget,
-            "error": "relative L2 error of the attention output per head on sampled query rows",
-            "cost": "key blocks computed at the calibration shape",
-            "candidates": [p.short_str() for p in calibrator.candidates],
-            "calibration": {
-                "inputs": len(inputs),
-                **({"tokens": int(sum(x.shape[-1] for x in inputs))} if library(model) == "transformers" else
-                   {"grid": list(tokens.grid) if tokens else None,
-                    "text_tokens": tokens.prefix + tokens.suffix if tokens else 0,
-                    "dense_steps": config.dense_steps}),
-                "query_rows": config.query_rows,
-                "seed": config.seed,
-                "seconds": round(time.perf_counter() - started, 2),
-            },
-        },
-    )
-    return profile.with_dense_steps(config.dense_steps) if config.dense_steps else profile
+    details = {
+        "inputs": len(inputs),
+        **({"tokens": int(sum(x.shape[-1] for x in inputs))} if library(model) == "transformers" else
+           {"grid": list(tokens.grid) if tokens else None,
+            "text_tokens": tokens.prefix + tokens.suffix if tokens else 0,
+            "dense_steps": config.dense_steps}),
+        "query_rows": config.query_rows,
+        "seed": config.seed,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return Calibration(model, config, calibrator, details)
+
+
+def run_model(model: nn.Module, x: torch.Tensor | dict[str, Any]) -> Any:
+    """One forward on a calibration/validation input: token ids (LLM, no cache) or a call's kwargs."""
+    device = next(model.parameters()).device
+    if isinstance(x, dict):
+        return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()})
+    return model(input_ids=x.to(device), use_cache=False)
 
 
 def _observer(calibrator: _Calibrator, config: SearchConfig):

@@ -14,5 +14,7 @@ from autosparse.dits import build_dit
 
 
 def wan():
+    """(model, calibration inputs at 4 steps, held-out inputs: another generation's 4 steps)."""
     dit = build_dit("wan", frames=2, height=32, width=96)
-    return dit.model, [dit.inputs(timestep=t) for t in (900.0, 700.0, 500.0, 300.0)]
+    steps = (900.0, 700.0, 500.0, 300.0)
+    return dit.model, [dit.inputs(timestep=t) for t in steps], [dit.inputs(timestep=t) for t in steps]

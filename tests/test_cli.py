@@ -70,11 +70,14 @@ def test_profile_a_diffusion_transformer_from_a_factory(tmp_path, capsys, monkey
     monkeypatch.chdir(Path(__file__).resolve().parents[1])  # examples/ importable, as from the repo root
     out = tmp_path / "wan.json"
     main(["profile", "--factory", "examples.dit_factory:wan", "--budget", "0.5", "--dense-steps", "1",
-          "--block-size", "16", "32", "--out", str(out)])
+          "--block-size", "16", "32", "--target", "0.01", "--out", str(out)])
     profile = Profile.load(out)
     assert profile.model["class"] == "WanTransformer3DModel"
     assert profile.search["calibration"]["grid"] == [2, 16, 48] and profile.steps[0].dense
+    validation = profile.search["validation"]
+    assert validation["heldout_inputs"] == 4 and validation["target"] == 0.01
+    assert validation["met"] == (validation["trials"][-1]["error"] <= 0.01)
     shown = capsys.readouterr().out
-    assert "blocks.1.attn1" in shown and "denoising steps [0, 1): dense" in shown
+    assert "blocks.1.attn1" in shown and "denoising steps [0, 1): dense" in shown and "held-out inputs" in shown
     with pytest.raises(SystemExit):
         main(["profile", "--out", str(out)])  # neither a model nor a factory
