@@ -1,4 +1,5 @@
-"""The ``autosparse`` command: ``profile`` a model, ``show`` a profile, ``tune`` the kernel, run the ``demo``."""
+"""The ``autosparse`` command: ``profile`` a model, ``show`` a profile, ``bench`` it here, ``tune`` the
+kernel, run the ``demo``."""
 
 from __future__ import annotations
 
@@ -71,7 +72,33 @@ def _factory(spec: str):
 
 
 def _show(args: argparse.Namespace) -> None:
-    _print_summary(Profile.load(args.profile))
+    profile = Profile.load(args.profile)
+    _print_summary(profile)
+    if args.png:
+        from autosparse.heatmap import save_heatmap
+
+        save_heatmap(profile, args.png)
+        print(f"saved {args.png}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from autosparse.bench import bench
+
+    if (args.model is None) == (args.factory is None):
+        raise ValueError("give a model (directory or alias) or --factory module:function, not both")
+    if args.factory:
+        model, inputs, heldout = _factory(args.factory)
+        inputs = heldout or inputs
+    else:
+        model, windows, heldout = _text_calibration(args)
+        inputs = heldout or windows[-1:]
+    model.to(args.device)
+    result = bench(model, Profile.load(args.profile), inputs, reps=args.reps)
+    print("| device | inputs | dense ms/forward | patched ms/forward | speedup | output error mean | max |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    print(f"| {result['device']} | {result['inputs']} | {result['dense_ms']:.1f} | {result['patched_ms']:.1f} | "
+          f"{result['speedup']:.2f}x | {result['mean_error']:.4f} | {result['max_error']:.4f} |")
+    print(result["stats"])
 
 
 def _print_summary(profile: Profile) -> None:
@@ -151,7 +178,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     show = commands.add_parser("show", help="print a per-layer summary of a profile")
     show.add_argument("profile")
+    show.add_argument("--png", help="also draw layers x heads (pattern kind, density) into this PNG")
     show.set_defaults(run=_show)
+
+    bench = commands.add_parser("bench", help="dense vs patched forward time and output error on this device")
+    bench.add_argument("model", nargs="?", help="as for profile: a model directory or 'smollm2-135m'")
+    bench.add_argument("profile", help="the profile JSON")
+    bench.add_argument("--factory", metavar="MODULE:FUNCTION", help="as for profile (its held-out inputs if any)")
+    bench.add_argument("--text", help="LLM: text for the input window (default: the shipped Jargon File excerpt)")
+    bench.add_argument("--seq-len", type=int, default=4096, help="LLM: tokens in the input window")
+    bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    bench.set_defaults(run=_bench, inputs=1)
 
     tune = commands.add_parser("tune", help="time the kernel's tile configs on this GPU and cache the fastest")
     tune.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])

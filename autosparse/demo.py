@@ -19,8 +19,9 @@ from autosparse.zoo import SMOLLM2, fixture_text, load_causal_lm, token_splits
 
 __all__ = ["DEMO_BUDGET", "run_demo"]
 
-# Chosen on the fixture so the patched perplexity stays within 2% of dense (tests/test_fidelity.py).
-DEMO_BUDGET = 0.1
+# Chosen on the fixture so the patched perplexity stays within 2% of dense (tests/test_fidelity.py):
+# +1.57% at density 0.479 (benchmarks/fidelity_curve.py gives the whole curve).
+DEMO_BUDGET = 0.08
 
 
 def _timed_perplexity(model: torch.nn.Module, ids: torch.Tensor) -> tuple[float, float]:

@@ -27,13 +27,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from autosparse.cost import LayerShape, relative_costs
 from autosparse.layout import block_mask
 from autosparse.models import AttentionLayer, attention_layers, library, model_signature
 from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Window
 from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile
 from autosparse.tokens import TokenGeometry, default_tile
 
-__all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "run_model", "search_profile"]
+__all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "output_tensor", "run_model",
+           "search_profile"]
 
 
 @dataclass(frozen=True)
@@ -49,18 +51,25 @@ class SearchConfig:
             calibrated (they fix the image's layout and are the most sensitive to sparsity).
         query_rows: query rows sampled per layer call to measure errors.
         seed: seeds the row sampling, so a search is reproducible.
+        cost: ``"auto"``: kernel time measured on this GPU relative to dense SDPA (``autosparse.cost``;
+            key blocks on a CPU); ``"blocks"``: always key blocks.
     """
 
     budget: float = 0.05
     block_size: tuple[int, int] = DEFAULT_BLOCK_SIZE
-    windows: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+    # Steps of ~1.5x: between powers of two a head often fits (SmolLM2: 0.457 vs 0.471 density at
+    # the same held-out perplexity; benchmarks/NOTES.md run 23).
+    windows: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384)
     sinks: int = 4
     densities: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
     dense_steps: int = 0
     query_rows: int = 256
     seed: int = 0
+    cost: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.cost not in ("auto", "blocks"):
+            raise ValueError(f"SearchConfig.cost must be 'auto' or 'blocks', got {self.cost!r}")
         if not 0.0 < self.budget < 1.0:
             raise ValueError(f"SearchConfig.budget must be in (0, 1), got {self.budget!r}")
         if self.query_rows < 1:
@@ -88,12 +97,14 @@ def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None
 
 
 class _LayerScores:
-    """Per head and candidate: squared error and squared reference norm, summed over calls."""
+    """Per head and candidate: squared error and squared reference norm, summed over calls; per
+    candidate: key blocks (summed) and cost relative to dense (at the first call's shape)."""
 
     def __init__(self, num_heads: int, num_candidates: int) -> None:
         self.err_sq = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
         self.ref_sq = torch.zeros(num_heads, dtype=torch.float64)
         self.blocks = torch.zeros(num_candidates, dtype=torch.float64)
+        self.cost: list[float] | None = None
 
     def relative_error(self) -> torch.Tensor:
         return (self.err_sq / self.ref_sq.clamp_min(1e-30)[:, None]).sqrt()
@@ -108,6 +119,13 @@ class _Calibrator:
         self.scores: dict[str, _LayerScores] = {}
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = progress
+        self._costs: dict[LayerShape, list[float]] = {}  # layers of one shape share their cost table
+
+    def _cost(self, shape: LayerShape, device: torch.device) -> list[float]:
+        if shape not in self._costs:
+            measure_on = device if self.config.cost == "auto" else torch.device("cpu")
+            self._costs[shape] = relative_costs(self.candidates, shape, measure_on)
+        return self._costs[shape]
 
     def _start(self, tokens: TokenGeometry | None) -> None:
         """Candidates from the first call's geometry; every later call must have the same one."""
@@ -158,6 +176,9 @@ class _Calibrator:
         block_mass = probs_blocks.sum(-1)  # [B, H, R, NK]
         dense = block_out.sum(3)
         layer = self.scores[name]
+        if layer.cost is None:
+            shape = LayerShape(geometry, heads, key.shape[1], query.shape[-1], query.dtype)
+            layer.cost = self._cost(shape, query.device)
         layer.ref_sq += dense.double().square().sum(dim=(0, 2, 3)).cpu()
         q_blocks = (rows // geometry.q_block).to(query.device)
         dense_blocks = float(geometry.reachable().sum())
@@ -175,26 +196,26 @@ class _Calibrator:
             self.progress.update(1)
 
     def choose(self, layer: AttentionLayer, budget: float | None = None) -> LayerProfile:
-        """Per head: the candidate with the fewest key blocks whose error is within ``budget``
-        (default: the config's)."""
+        """Per head: the cheapest candidate whose error is within ``budget`` (default: the
+        config's); dense where none is cheaper than dense attention."""
         budget = self.config.budget if budget is None else budget
         scores = self.scores[layer.name]
         errors = scores.relative_error()
         dense_blocks = float(scores.blocks[-1])
-        if dense_blocks == 0:
+        if dense_blocks == 0 or scores.cost is None:
             raise RuntimeError(f"layer {layer.name} was never called during calibration")
-        order = sorted(range(len(self.candidates)), key=lambda c: (float(scores.blocks[c]), c))
+        order = sorted(range(len(self.candidates)), key=lambda c: (scores.cost[c], float(scores.blocks[c]), c))
         heads, measured = [], []
         for h in range(layer.num_heads):
             for c in order:
-                # A pattern that computes every block is dense, and dense SDPA runs it faster.
-                if float(errors[h, c]) <= budget or float(scores.blocks[c]) >= dense_blocks:
+                # Not cheaper than dense attention (all blocks, or slower here): dense SDPA then.
+                if float(errors[h, c]) <= budget or scores.cost[c] >= 1.0:
                     break
-            chosen = self.candidates[c] if float(scores.blocks[c]) < dense_blocks else Dense()
-            heads.append(chosen)
-            error = 0.0 if chosen.is_dense else float(errors[h, c])
-            density = 1.0 if chosen.is_dense else float(scores.blocks[c]) / dense_blocks
-            measured.append({"error": round(error, 6), "density": round(density, 6)})
+            sparse = scores.cost[c] < 1.0 and float(scores.blocks[c]) < dense_blocks
+            heads.append(self.candidates[c] if sparse else Dense())
+            measured.append({"error": round(float(errors[h, c]), 6) if sparse else 0.0,
+                             "density": round(float(scores.blocks[c]) / dense_blocks, 6) if sparse else 1.0,
+                             "cost": round(scores.cost[c], 4) if sparse else 1.0})
         return LayerProfile(layer.index, layer.num_heads, tuple(heads), tuple(measured))
 
 
@@ -222,7 +243,9 @@ class Calibration:
                 "method": "calibrated",
                 "budget": budget,
                 "error": "relative L2 error of the attention output per head on sampled query rows",
-                "cost": "key blocks computed at the calibration shape",
+                "cost": ("kernel time relative to dense SDPA, measured on " + _device_name(self.model)
+                         if self.config.cost == "auto" and _device_name(self.model) != "cpu"
+                         else "key blocks computed at the calibration shape"),
                 "candidates": [p.short_str() for p in calibrator.candidates],
                 "calibration": self.details,
             },
@@ -280,6 +303,19 @@ def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
         "seconds": round(time.perf_counter() - started, 2),
     }
     return Calibration(model, config, calibrator, details)
+
+
+def _device_name(model: nn.Module) -> str:
+    device = next(model.parameters()).device
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor a model call returns: an LLM's logits, a diffusers transformer's sample."""
+    for name in ("logits", "sample"):
+        if hasattr(output, name):
+            return getattr(output, name)
+    return output if isinstance(output, torch.Tensor) else output[0]
 
 
 def run_model(model: nn.Module, x: torch.Tensor | dict[str, Any]) -> Any:

@@ -22,7 +22,7 @@ from torch import nn
 
 from autosparse.models import library
 from autosparse.profile import Profile
-from autosparse.search import Calibration, run_model
+from autosparse.search import Calibration, output_tensor, run_model
 
 __all__ = ["Reference", "fit_to_target", "heldout_error", "profile_density"]
 
@@ -60,29 +60,46 @@ def heldout_error(model: nn.Module, profile: Profile, reference: Reference) -> f
 
 
 def fit_to_target(calibration: Calibration, heldout: Sequence[Any], target: float, *, shrink: float = 0.7,
-                  max_rounds: int = 12) -> Profile:
-    """The profile under the largest budget (from the calibration's, times ``shrink`` per round)
-    whose held-out error is at most ``target``; the rounds are recorded in
-    ``profile.search["validation"]``, with ``met`` false if even the last round missed."""
+                  max_rounds: int = 12, refine: int = 2) -> Profile:
+    """The profile under the largest budget found whose held-out error is at most ``target``.
+
+    From the calibration's budget, times ``shrink`` per round until the target holds (or every head
+    is dense), then ``refine`` rounds of bisection (geometric) between the last budget that missed
+    and the first that held. Every round is one patched pass over ``heldout``; the rounds are
+    recorded in ``profile.search["validation"]``, with ``met`` false if no round held."""
     if not 0.0 < shrink < 1.0:
         raise ValueError(f"shrink must be in (0, 1), got {shrink!r}")
     model = calibration.model
     reference = Reference.of(model, heldout)
-    budget = calibration.config.budget
-    trials = []
-    for _ in range(max_rounds):
+    trials: list[dict[str, float]] = []
+
+    def attempt(budget: float) -> tuple[Profile, bool]:
         profile = calibration.profile(budget)
         error = heldout_error(model, profile, reference)
-        density = profile_density(profile)
-        trials.append({"budget": round(budget, 6), "density": round(density, 4), "error": round(error, 6)})
-        if error <= target or density >= 1.0:
+        trials.append({"budget": round(budget, 6), "density": round(profile_density(profile), 4),
+                       "error": round(error, 6)})
+        return profile, error <= target
+
+    missed, budget = None, calibration.config.budget
+    for _ in range(max_rounds):
+        profile, held = attempt(budget)
+        if held or trials[-1]["density"] >= 1.0:
             break
-        budget *= shrink
+        missed, budget = budget, budget * shrink
+    best, best_budget = (profile, budget) if held else (None, None)
+    for _ in range(refine if held and missed is not None else 0):
+        middle = math.sqrt(missed * best_budget)
+        candidate, ok = attempt(middle)
+        if ok:
+            best, best_budget = candidate, middle
+        else:
+            missed = middle
+    chosen = best if best is not None else profile
     metric = ("perplexity change" if library(model) == "transformers"
               else "relative L2 error of the transformer output, worst step")
-    profile.search["validation"] = {"metric": metric, "target": target, "heldout_inputs": len(reference.inputs),
-                                    "met": trials[-1]["error"] <= target, "trials": trials}
-    return profile
+    chosen.search["validation"] = {"metric": metric, "target": target, "heldout_inputs": len(reference.inputs),
+                                   "met": best is not None, "trials": trials}
+    return chosen
 
 
 def profile_density(profile: Profile) -> float:
@@ -94,19 +111,10 @@ def profile_density(profile: Profile) -> float:
 @torch.inference_mode()
 def _outputs(model: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor | float]:
     if library(model) == "transformers":
-        return [_mean_loss(run_model(model, x).logits, x) for x in inputs]
-    return [_first_tensor(run_model(model, x)).float() for x in inputs]
+        return [_mean_loss(output_tensor(run_model(model, x)), x) for x in inputs]
+    return [output_tensor(run_model(model, x)).float() for x in inputs]
 
 
 def _mean_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
     ids = ids.to(logits.device)
     return float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()))
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    """A diffusers transformer's output tensor (``.sample``, or the first element of a tuple)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "sample"):
-        return output.sample
-    return output[0]

@@ -41,7 +41,7 @@ if str(REPO_ROOT) not in sys.path:
 import autosparse  # noqa: E402
 from autosparse.dits import build_dit  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
+from autosparse.timing import median_ms  # noqa: E402
 
 WARMUP = 2
 PROFILE = REPO_ROOT / "profiles" / "wan2.1-t2v-1.3b-480p.json"

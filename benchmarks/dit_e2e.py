@@ -52,7 +52,7 @@ from autosparse.layout import grid_order  # noqa: E402
 from autosparse.models import AttentionLayer, attention_layers  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA  # noqa: E402
 from autosparse.structural import tile_window  # noqa: E402
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
+from autosparse.timing import median_ms  # noqa: E402
 
 Q_BLOCK, KV_BLOCK = 64, 128  # the profile's default layout blocks; the window search uses the same
 WARMUP = 2

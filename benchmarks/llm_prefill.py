@@ -27,7 +27,7 @@ import autosparse  # noqa: E402
 from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile  # noqa: E402
 from autosparse.kernels.reference import dense_attention  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
-from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
+from autosparse.timing import median_ms  # noqa: E402
 
 
 def llama_8b_shaped(layers: int) -> LlamaForCausalLM:

@@ -55,12 +55,14 @@ def main() -> None:
     sync()
     search_s = time.perf_counter() - begin
     densities = [m["density"] for entry in profile.layers.values() for m in entry.measured]
+    costs = [m["cost"] for entry in profile.layers.values() for m in entry.measured]
     sparse = sum(d < 1.0 for d in densities)
     print(f"{dit.description}: {len(profile.layers)} layers x {args.steps} steps, {args.rows} query rows per call")
     print(f"candidates: {profile.search['candidates']}")
     print(f"search {search_s:.1f} s (calibration {profile.search['calibration']['seconds']:.1f} s), "
           f"dense forward {forward_s * 1e3:.0f} ms; {sparse}/{len(densities)} heads sparse, "
-          f"mean density {sum(densities) / len(densities):.3f}; device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
+          f"mean density {sum(densities) / len(densities):.3f}, mean cost {sum(costs) / len(costs):.3f} of dense "
+          f"({profile.search['cost']}); device {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}, "
           f"torch {torch.__version__}")
 
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+
+from autosparse import cache
+from autosparse.timing import gpu_ms
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +33,11 @@ CANDIDATES: tuple[tuple[int, int, int], ...] = (  # (block_m, num_warps, num_sta
 )
 
 
+_CACHE = "tile_configs.json"
+
+
 def cache_path() -> Path:
-    root = os.environ.get("AUTOSPARSE_CACHE_DIR") or Path.home() / ".cache" / "autosparse"
-    return Path(root) / "tile_configs.json"
+    return cache.path(_CACHE)
 
 
 def _device_key(device: torch.device) -> str:
@@ -55,32 +57,11 @@ def _key(device: torch.device, q_block: int, kv_block: int, head_dim: int, dtype
     return f"{_device_key(device)} | d{head_dim} {dt} {q_block}x{kv_block} {'tma' if tma else 'ptr'}"
 
 
-@functools.lru_cache(maxsize=1)
-def _load(path: str, mtime: float) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        return data
-    except (OSError, ValueError) as err:
-        log.warning("ignoring the tile-config cache %s: %s", path, err)
-        return {}
-
-
-def _entries() -> dict:
-    path = cache_path()
-    try:
-        mtime = path.stat().st_mtime
-    except OSError:
-        return {}
-    return _load(str(path), mtime)
-
-
 def lookup(device: torch.device, q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype, tma: bool):
     """The tuned TileConfig for this GPU and shape class, or None."""
     from .block_sparse_op import TileConfig
 
-    entry = _entries().get(_key(device, q_block, kv_block, head_dim, dtype, tma))
+    entry = cache.entries(_CACHE).get(_key(device, q_block, kv_block, head_dim, dtype, tma))
     if not isinstance(entry, dict):
         return None
     try:
@@ -91,27 +72,10 @@ def lookup(device: torch.device, q_block: int, kv_block: int, head_dim: int, dty
         return None
 
 
-def _save(key: str, entry: dict) -> None:
-    path = cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = dict(_entries())
-    data[key] = entry
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tile_configs.", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)  # atomic: a concurrent reader sees the old or the new file, never half
-
-
-def _do_bench(fn: Callable[[], object]) -> float:
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-
 def tune(head_dim: int, dtype: torch.dtype = torch.bfloat16, q_block: int = 64, kv_block: int = 128, *,
          device: torch.device | str = "cuda", seq_len: int = 16384, heads: int = 8, density: float = 0.25,
          candidates: Sequence[tuple[int, int, int]] = CANDIDATES,
-         time_fn: Callable[[Callable[[], object]], float] = _do_bench, save: bool = True) -> dict:
+         time_fn: Callable[[Callable[[], object]], float] = gpu_ms, save: bool = True) -> dict:
     """Time every candidate (block_m, num_warps, num_stages) on a random layout of ``density`` and
     store the fastest; returns ``{"best": TileConfig, "times_ms": {candidate: ms or error}}``.
 
@@ -157,6 +121,6 @@ def tune(head_dim: int, dtype: torch.dtype = torch.bfloat16, q_block: int = 64, 
     if save:
         entry = dict(block_m=best.block_m, num_warps=best.num_warps, num_stages=best.num_stages, ms=best_ms,
                      shape=dict(seq_len=seq_len, heads=heads, density=density), times_ms=times)
-        _save(_key(device, q_block, kv_block, head_dim, dtype, tma), entry)
+        cache.store(_CACHE, _key(device, q_block, kv_block, head_dim, dtype, tma), entry)
         bso.default_config.cache_clear()
     return {"best": dataclasses.replace(best), "times_ms": times}

@@ -1,6 +1,7 @@
 """The CLI: profile a model directory and the SmolLM2 alias, show the result, clear errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +82,36 @@ def test_profile_a_diffusion_transformer_from_a_factory(tmp_path, capsys, monkey
     assert "blocks.1.attn1" in shown and "denoising steps [0, 1): dense" in shown and "held-out inputs" in shown
     with pytest.raises(SystemExit):
         main(["profile", "--out", str(out)])  # neither a model nor a factory
+
+
+def test_show_png_and_bench_from_a_factory(tmp_path, capsys, monkeypatch):
+    """The profile -> show -> bench workflow on a diffusion transformer (tiny Wan factory)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    out, png = tmp_path / "wan.json", tmp_path / "wan.png"
+    main(["profile", "--factory", "examples.dit_factory:wan", "--budget", "0.5", "--block-size", "16", "32",
+          "--out", str(out)])
+    main(["show", str(out), "--png", str(png)])
+    image = Image.open(png)
+    assert image.format == "PNG" and image.size[0] >= 2 * 12 and image.size[1] >= 2 * 12
+    capsys.readouterr()
+    main(["bench", str(out), "--factory", "examples.dit_factory:wan", "--reps", "1"])
+    table = capsys.readouterr().out
+    row = [line for line in table.splitlines() if line.startswith("| cpu |")]
+    assert row, table
+    cells = [c.strip() for c in row[0].strip("|").split("|")]
+    assert cells[1] == "4" and float(cells[5]) > 0.0  # 4 held-out steps; sparse heads change the output
+    assert "AttentionStats(sparse=" in table
+
+
+def test_show_png_of_an_uncalibrated_profile(tmp_path):
+    from PIL import Image
+
+    from autosparse.heatmap import save_heatmap
+
+    profile = Profile.load(Path(__file__).resolve().parents[1] / "profiles" / "hunyuanvideo-720p.json")
+    save_heatmap(profile, tmp_path / "h.png")
+    assert Image.open(tmp_path / "h.png").size[0] >= 24 * 12  # 24 heads

@@ -53,7 +53,7 @@ def test_picks_cheapest_pattern_within_budget():
     for h, pattern in enumerate(chosen.heads):
         measured = chosen.measured[h]
         if pattern.is_dense:
-            assert measured == {"error": 0.0, "density": 1.0}
+            assert measured == {"error": 0.0, "density": 1.0, "cost": 1.0}
             continue
         true_error = exact_error(pattern, q[:, h : h + 1], k[:, h : h + 1], v[:, h : h + 1], geometry)
         assert true_error <= 1.5 * budget

@@ -53,10 +53,12 @@ def test_fit_to_target_tightens_until_the_target_holds(kind):
     validation = profile.search["validation"]
     trials = validation["trials"]
     assert len(trials) > 1 and trials[0]["error"] == pytest.approx(loose, abs=1e-6)
-    assert all(a["budget"] > b["budget"] for a, b in zip(trials, trials[1:]))
-    assert all(a["density"] <= b["density"] for a, b in zip(trials, trials[1:]))
-    assert validation["met"] == (trials[-1]["error"] <= target)
+    held = [t for t in trials if t["error"] <= target]
+    assert validation["met"] == bool(held)
     assert validation["met"] or trials[-1]["density"] == 1.0
-    assert profile.search["budget"] == pytest.approx(trials[-1]["budget"], rel=1e-5)
+    # The chosen budget is the largest that held, and every larger budget tried missed.
+    chosen = max(held, key=lambda t: t["budget"])
+    assert profile.search["budget"] == pytest.approx(chosen["budget"], rel=1e-5)
+    assert all(t["error"] > target for t in trials if t["budget"] > chosen["budget"])
     again = heldout_error(model, profile, Reference.of(model, heldout))
-    assert again == pytest.approx(trials[-1]["error"], abs=1e-6)
+    assert again == pytest.approx(chosen["error"], abs=1e-6)
