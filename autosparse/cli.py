@@ -26,7 +26,8 @@ def _profile(args: argparse.Namespace) -> None:
         raise ValueError("--target needs held-out inputs: a longer --text (one more --seq-len window), or a factory "
                          "returning (model, calibration inputs, held-out inputs)")
     model.to(args.device)
-    config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size), dense_steps=args.dense_steps)
+    config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size), dense_steps=args.dense_steps,
+                          step_ranges=tuple(args.step_ranges))
     calibration = calibrate(model, inputs, config)
     profile = calibration.profile() if args.target is None else fit_to_target(calibration, heldout, args.target)
     profile.save(args.out)
@@ -167,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "output relative error): the budget is lowered until it holds")
     profile.add_argument("--dense-steps", type=int, default=0,
                          help="diffusion: first denoising steps kept dense (not calibrated)")
+    profile.add_argument("--step-ranges", type=int, nargs="*", default=[], metavar="STEP",
+                         help="diffusion: step boundaries; each range gets its own patterns (e.g. 20 35)")
     profile.add_argument("--text", help="LLM: calibration text file (default: the shipped Jargon File excerpt)")
     profile.add_argument("--budget", type=float, default=0.05, help="max relative attention-output error per head")
     profile.add_argument("--seq-len", type=int, default=4096, help="tokens per calibration input")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -28,10 +28,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autosparse.cost import LayerShape, relative_costs
+from autosparse.grid import Spatial, Temporal
 from autosparse.layout import block_mask
 from autosparse.models import AttentionLayer, attention_layers, library, model_signature
 from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Window
-from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile
+from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile, StepRange
 from autosparse.tokens import TokenGeometry, default_tile
 
 __all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "output_tensor", "run_model",
@@ -49,6 +50,9 @@ class SearchConfig:
             each of these block densities.
         dense_steps: diffusion: the first denoising steps run dense in the profile and are not
             calibrated (they fix the image's layout and are the most sensitive to sparsity).
+        step_ranges: diffusion: boundaries that split the later steps into ranges, each chosen
+            on its own calibration calls (``(20, 35)``: ``[dense_steps, 20)``, ``[20, 35)``,
+            ``[35, end)``); a range where every head stays dense becomes a dense range.
         query_rows: query rows sampled per layer call to measure errors.
         seed: seeds the row sampling, so a search is reproducible.
         cost: ``"auto"``: kernel time measured on this GPU relative to dense SDPA (``autosparse.cost``;
@@ -63,17 +67,28 @@ class SearchConfig:
     sinks: int = 4
     densities: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.5)
     dense_steps: int = 0
+    step_ranges: tuple[int, ...] = ()
     query_rows: int = 256
     seed: int = 0
     cost: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.cost not in ("auto", "blocks"):
-            raise ValueError(f"SearchConfig.cost must be 'auto' or 'blocks', got {self.cost!r}")
         if not 0.0 < self.budget < 1.0:
             raise ValueError(f"SearchConfig.budget must be in (0, 1), got {self.budget!r}")
         if self.query_rows < 1:
             raise ValueError(f"SearchConfig.query_rows must be >= 1, got {self.query_rows!r}")
+        if self.cost not in ("auto", "blocks"):
+            raise ValueError(f"SearchConfig.cost must be 'auto' or 'blocks', got {self.cost!r}")
+        bounds = (self.dense_steps, *self.step_ranges)
+        if any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise ValueError(f"SearchConfig.step_ranges must rise above dense_steps={self.dense_steps}, "
+                             f"got {self.step_ranges}")
+
+    def range_of(self, step: int | None) -> int:
+        """Index of the step range holding ``step`` (None, an LLM call: the last one)."""
+        if step is None:
+            return len(self.step_ranges)
+        return sum(step >= b for b in self.step_ranges)
 
 
 def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None) -> list[Pattern]:
@@ -93,6 +108,8 @@ def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None
             continue
         if pattern not in candidates:
             candidates.append(pattern)
+    if len(tokens.grid) == 3:  # video: the spatial and temporal heads of Sparse VideoGen
+        candidates += [Spatial(1), Temporal((1, 1))]
     return candidates + [Dense()]
 
 
@@ -116,7 +133,8 @@ class _Calibrator:
         self.layers = {layer.name: layer for layer in layers}
         self.candidates: list[Pattern] | None = None  # fixed by the first call (they depend on its grid)
         self.tokens: TokenGeometry | None = None
-        self.scores: dict[str, _LayerScores] = {}
+        # Per step range (one for an LLM), per layer.
+        self.ranges: list[dict[str, _LayerScores]] = []
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = progress
         self._costs: dict[LayerShape, list[float]] = {}  # layers of one shape share their cost table
@@ -131,17 +149,24 @@ class _Calibrator:
         """Candidates from the first call's geometry; every later call must have the same one."""
         if self.candidates is None:
             self.candidates, self.tokens = candidate_patterns(self.config, tokens), tokens
-            self.scores = {name: _LayerScores(layer.num_heads, len(self.candidates))
-                           for name, layer in self.layers.items()}
+            self.ranges = [{name: _LayerScores(layer.num_heads, len(self.candidates))
+                            for name, layer in self.layers.items()}
+                           for _ in range(len(self.config.step_ranges) + 1)]
         elif tokens != self.tokens:
             raise ValueError(f"calibration inputs must share one token geometry: {self.tokens} then {tokens}")
 
+    @property
+    def scores(self) -> dict[str, _LayerScores]:
+        """The last step range's scores (an LLM's only ones)."""
+        return self.ranges[-1]
+
     @torch.no_grad()
     def observe(self, name: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, causal: bool,
-                scale: float, *, tokens: TokenGeometry | None = None, kv_valid: torch.Tensor | None = None) -> None:
+                scale: float, *, tokens: TokenGeometry | None = None, kv_valid: torch.Tensor | None = None,
+                step: int | None = None) -> None:
         """q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` of one layer call, in the model's token order;
         ``tokens``: a diffusion transformer's token geometry (grid candidates, scored in tile
-        order); ``kv_valid``: ``[B, S]`` keys not padded."""
+        order); ``kv_valid``: ``[B, S]`` keys not padded; ``step``: the denoising step."""
         self._start(tokens)
         heads, q_len = query.shape[1:3]
         kv_len = key.shape[2]
@@ -175,7 +200,7 @@ class _Calibrator:
         block_out = torch.einsum("bhrjk,bhjkd->bhrjd", probs_blocks, v_blocks)
         block_mass = probs_blocks.sum(-1)  # [B, H, R, NK]
         dense = block_out.sum(3)
-        layer = self.scores[name]
+        layer = self.ranges[self.config.range_of(step)][name]
         if layer.cost is None:
             shape = LayerShape(geometry, heads, key.shape[1], query.shape[-1], query.dtype)
             layer.cost = self._cost(shape, query.device)
@@ -195,15 +220,16 @@ class _Calibrator:
         if self.progress is not None:
             self.progress.update(1)
 
-    def choose(self, layer: AttentionLayer, budget: float | None = None) -> LayerProfile:
+    def choose(self, layer: AttentionLayer, budget: float | None = None, step_range: int = -1) -> LayerProfile:
         """Per head: the cheapest candidate whose error is within ``budget`` (default: the
         config's); dense where none is cheaper than dense attention."""
         budget = self.config.budget if budget is None else budget
-        scores = self.scores[layer.name]
+        scores = self.ranges[step_range][layer.name]
         errors = scores.relative_error()
         dense_blocks = float(scores.blocks[-1])
         if dense_blocks == 0 or scores.cost is None:
-            raise RuntimeError(f"layer {layer.name} was never called during calibration")
+            raise ValueError(f"layer {layer.name} was never called during calibration"
+                             + (f" in step range {step_range}" if len(self.ranges) > 1 else ""))
         order = sorted(range(len(self.candidates)), key=lambda c: (scores.cost[c], float(scores.blocks[c]), c))
         heads, measured = [], []
         for h in range(layer.num_heads):
@@ -234,7 +260,9 @@ class Calibration:
         """The cheapest per-head choice under ``budget`` (default: the config's)."""
         budget = self.config.budget if budget is None else budget
         calibrator = self.calibrator
-        layers = {name: calibrator.choose(layer, budget) for name, layer in calibrator.layers.items()}
+        per_range = [{name: calibrator.choose(layer, budget, r) for name, layer in calibrator.layers.items()}
+                     for r in range(len(calibrator.ranges))]
+        layers = per_range[-1]  # the last range's choice is the default (and an LLM's only one)
         profile = Profile(
             model=model_signature(self.model),
             layers=layers,
@@ -250,8 +278,18 @@ class Calibration:
                 "calibration": self.details,
             },
         )
-        steps = self.config.dense_steps
-        return profile.with_dense_steps(steps) if steps else profile
+        return _with_schedule(profile, per_range, self.config)
+
+
+def _with_schedule(profile: Profile, per_range: list[dict[str, LayerProfile]], config: SearchConfig) -> Profile:
+    """Dense first steps, then a StepRange with its own layers for every range but the last
+    (the profile's default); a range whose choice is dense everywhere runs dense."""
+    bounds = (config.dense_steps, *config.step_ranges, None)
+    ranges = [StepRange(0, config.dense_steps, dense=True)] if config.dense_steps else []
+    for r, layers in enumerate(per_range[:-1]):
+        dense = all(p.is_dense for layer in layers.values() for p in layer.heads)
+        ranges.append(StepRange(bounds[r], bounds[r + 1], dense=dense, layers={} if dense else layers))
+    return replace(profile, steps=tuple(ranges)) if ranges else profile
 
 
 def search_profile(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
@@ -341,6 +379,7 @@ def _observer(calibrator: _Calibrator, config: SearchConfig):
             if context.tokens is None or mask.dtype != torch.bool or mask.shape[-2] != 1:
                 raise ValueError("calibration inputs must be unpadded single sequences (got an attention mask)")
             kv_valid = mask[:, 0, 0, :]
-        calibrator.observe(plan.name, query, key, value, causal, scale, tokens=context.tokens, kv_valid=kv_valid)
+        calibrator.observe(plan.name, query, key, value, causal, scale, tokens=context.tokens, kv_valid=kv_valid,
+                           step=context.step)
 
     return observe

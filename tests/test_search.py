@@ -9,7 +9,7 @@ import torch
 from autosparse import BlockGeometry, BlockLayout, Dense, Profile, Window, SinkLocal
 from autosparse.kernels.reference import dense_attention
 from autosparse.models import AttentionLayer, attention_layers
-from autosparse.search import SearchConfig, _Calibrator, search_profile
+from autosparse.search import SearchConfig, _Calibrator, calibrate, search_profile
 
 
 def positional_qkv(length: int, seed: int):
@@ -124,7 +124,11 @@ def test_grid_candidates_scored_in_tile_order():
     layer = AttentionLayer("attn", 0, 2, 2, 32, module=None)
     calibrator = _Calibrator(config, [layer], progress=None)
     calibrator.observe("attn", q, k, v, causal=False, scale=32 ** -0.5, tokens=tokens)
-    assert all(isinstance(c, Neighborhood) for c in calibrator.candidates[:-1]) and len(calibrator.candidates) > 2
+    from autosparse.grid import Spatial, Temporal
+
+    *neighborhoods, spatial, temporal, dense = calibrator.candidates  # video: + the spatial and temporal heads
+    assert all(isinstance(c, Neighborhood) for c in neighborhoods) and len(neighborhoods) > 1
+    assert (spatial, temporal, dense) == (Spatial(1), Temporal((1, 1)), Dense())
     chosen = calibrator.choose(layer)
     local, uniform = chosen.heads
     assert isinstance(local, Neighborhood) and uniform == Dense()
@@ -145,6 +149,19 @@ def test_grid_candidates_scored_in_tile_order():
         calibrator.observe("attn", q, k, v, causal=False, scale=0.2, tokens=TokenGeometry((4, 16, 32), prefix=6))
 
 
+def _generation_stats(model, profile, steps):
+    """Attention call counts of one patched generation over ``steps``."""
+    import autosparse
+
+    autosparse.patch_model(model, profile, strict=True)
+    with torch.no_grad():
+        for inputs in steps:
+            model(**inputs)
+    calls = autosparse.stats(model)
+    autosparse.unpatch_model(model)
+    return calls
+
+
 def test_search_profile_on_a_diffusion_transformer():
     """A tiny Wan calibrated over three denoising steps through the patch_model capture: grid
     candidates, dense first step (not calibrated), a profile that patches the model."""
@@ -162,12 +179,37 @@ def test_search_profile_on_a_diffusion_transformer():
     for entry in profile.layers.values():
         assert all(m["error"] <= 0.5 for m in entry.measured)
     assert autosparse.patch.patch_of(dit.model) is None  # unpatched after calibrating
-    autosparse.patch_model(dit.model, profile, strict=True)
-    with torch.no_grad():
-        for inputs in steps:
-            dit.model(**inputs)
-    calls = autosparse.stats(dit.model)
-    autosparse.unpatch_model(dit.model)
+    calls = _generation_stats(dit.model, profile, steps)
     sparse_layers = sum(any(not p.is_dense for p in entry.heads) for entry in profile.layers.values())
     assert sparse_layers > 0
     assert calls.sparse == 2 * sparse_layers and calls.dense["dense in profile"] == 6 - 2 * sparse_layers
+
+
+def test_step_ranges_get_their_own_patterns():
+    """Calls are scored per step range; each range but the last becomes a StepRange of the profile
+    (dense if nothing there is sparse), the last is the default, the first steps stay dense."""
+    import autosparse
+    from autosparse.dits import build_dit
+
+    dit = build_dit("wan", frames=2, height=32, width=96)
+    steps = [dit.inputs(timestep=t) for t in (900.0, 800.0, 700.0, 600.0, 500.0)]
+    config = SearchConfig(budget=0.5, block_size=(16, 32), densities=(0.2, 0.4), dense_steps=1, step_ranges=(3,),
+                          query_rows=64)
+    calibration = calibrate(dit.model, steps, config, progress=False)
+    assert len(calibration.calibrator.ranges) == 2
+    profile = calibration.profile()
+    dense_first, middle = profile.steps
+    assert dense_first.dense and (dense_first.start, dense_first.end) == (0, 1)
+    assert (middle.start, middle.end) == (1, 3) and not middle.dense
+    # The middle range's choice is made on steps 1-2 only: it matches choosing from those scores.
+    calibrator = calibration.calibrator
+    for name, layer in calibrator.layers.items():
+        assert middle.layers[name].heads == calibrator.choose(layer, 0.5, 0).heads
+        assert profile.layers[name].heads == calibrator.choose(layer, 0.5, 1).heads
+    # Nothing sparse at a tiny budget: the middle range becomes dense, the default layers dense too.
+    tight = calibration.profile(1e-6)
+    assert tight.steps[1].dense and all(p.is_dense for e in tight.layers.values() for p in e.heads)
+    calls = _generation_stats(dit.model, profile, steps)
+    assert calls.total == 10 and calls.dense["dense in profile"] >= 2  # step 0 at least
+    with pytest.raises(ValueError, match="step_ranges must rise"):
+        SearchConfig(dense_steps=4, step_ranges=(3,))
