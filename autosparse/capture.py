@@ -189,7 +189,6 @@ def call_reader(model: nn.Module, state: PatchState):
     under ``torch.compile``."""
     family = family_of(model)
     signature = inspect.signature(model.forward)
-    last_timestep: list[float | None] = [None]
 
     @torch._dynamo.disable
     def read_call(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -201,12 +200,12 @@ def call_reader(model: nn.Module, state: PatchState):
             context.step = None
             return None
         now = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
-        previous = last_timestep[0]
+        previous = context.timestep
         if previous is None or context.step is None or now > previous:
             context.step = 0
         elif now < previous:
             context.step += 1
-        last_timestep[0] = now
+        context.timestep = now
         return None
 
     return read_call

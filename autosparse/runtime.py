@@ -73,10 +73,12 @@ class AttentionStats:
 @dataclass
 class CallContext:
     """What the model's current forward call says about its attention calls: the token geometry of
-    the attention sequence (None: unknown, only 1-D patterns apply) and the denoising step."""
+    the attention sequence (None: unknown, only 1-D patterns apply), the denoising step and the
+    timestep it was counted from (the next call's step depends on it)."""
 
     tokens: TokenGeometry | None = None
     step: int | None = None
+    timestep: float | None = None
 
 
 @dataclass

@@ -17,9 +17,11 @@ Dense always qualifies.
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,8 +37,8 @@ from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Window
 from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile, StepRange
 from autosparse.tokens import TokenGeometry, default_tile
 
-__all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "output_tensor", "run_model",
-           "search_profile"]
+__all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "output_tensor", "record_inputs",
+           "run_model", "search_profile"]
 
 
 @dataclass(frozen=True)
@@ -300,13 +302,18 @@ def search_profile(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, A
 
 
 def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
-              config: SearchConfig = SearchConfig(), *, progress: bool = True) -> Calibration:
+              config: SearchConfig = SearchConfig(), *, progress: bool = True,
+              checkpoint: str | Path | None = None) -> Calibration:
     """Run ``model`` on ``inputs`` and score every candidate pattern of every head.
 
     ``inputs``: for a transformers model, LongTensors ``[1, S]`` of token ids (unpadded); for a
     diffusers transformer, the keyword arguments of one forward call each (e.g. the transformer's
     inputs at several denoising steps, in order: the step is counted from the timestep as in
     ``patch_model``). The model runs dense and unchanged; it is unpatched afterwards.
+
+    ``checkpoint``: a file the scores are saved to after every input; a calibration started again
+    with the same model, inputs count and config resumes after the last input saved (and gives the
+    same result as one uninterrupted run). Load only checkpoints you wrote: they are pickles.
     """
     from autosparse.patch import patch_model, patch_of, unpatch_model
 
@@ -317,12 +324,19 @@ def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
     bar = tqdm(total=len(inputs) * len(layers), desc="calibrating", unit="call", disable=not progress)
     calibrator = _Calibrator(config, layers, bar)
     patch_model(model, Profile.uniform(model, Dense(), block_size=config.block_size))
-    patch_of(model).state.observer = _observer(calibrator, config)
+    state = patch_of(model).state
+    state.observer = _observer(calibrator, config)
+    identity = {"model": model_signature(model)["fingerprint"], "class": type(model).__name__,
+                "inputs": len(inputs), "config": repr(config)}
+    done = _resume(checkpoint, identity, calibrator, state) if checkpoint else 0
+    bar.update(done * len(layers))
     started = time.perf_counter()
     try:
         with torch.inference_mode():
-            for x in inputs:
-                run_model(model, x)
+            for i in range(done, len(inputs)):
+                run_model(model, inputs[i])
+                if checkpoint:
+                    _save_checkpoint(checkpoint, identity, i + 1, calibrator, state)
     finally:
         unpatch_model(model)
         bar.close()
@@ -348,12 +362,79 @@ def _device_name(model: nn.Module) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
+def record_inputs(module: nn.Module, run: Callable[[], Any], *, calls: int | None = None) -> list[dict[str, Any]]:
+    """The keyword arguments of ``module``'s forward calls while ``run()`` runs (the first ``calls``):
+    a diffusion pipeline's transformer inputs at its denoising steps, ready to calibrate on, e.g.
+    ``record_inputs(pipe.transformer, lambda: pipe(prompt, num_inference_steps=50), calls=20)``.
+    Positional arguments are stored under their parameter names."""
+    signature = inspect.signature(module.forward)
+    recorded: list[dict[str, Any]] = []
+
+    def keep(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if calls is None or len(recorded) < calls:
+            recorded.append(dict(signature.bind_partial(*args, **kwargs).arguments))
+        return None
+
+    handle = module.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return recorded
+
+
 def output_tensor(output: Any) -> torch.Tensor:
     """The tensor a model call returns: an LLM's logits, a diffusers transformer's sample."""
     for name in ("logits", "sample"):
         if hasattr(output, name):
             return getattr(output, name)
     return output if isinstance(output, torch.Tensor) else output[0]
+
+
+_CHECKPOINT_VERSION = 1
+
+
+def _save_checkpoint(path: str | Path, identity: dict[str, Any], done: int, calibrator: _Calibrator,
+                     state: Any) -> None:
+    """Everything the next input's calibration depends on, written atomically."""
+    snapshot = {
+        "version": _CHECKPOINT_VERSION, "identity": identity, "done": done,
+        "candidates": calibrator.candidates, "tokens": calibrator.tokens, "costs": calibrator._costs,
+        "ranges": [{name: vars(scores) for name, scores in scores_by_layer.items()}
+                   for scores_by_layer in calibrator.ranges],
+        "generator": calibrator.generator.get_state(),
+        "context": (state.context.step, state.context.timestep),
+    }
+    tmp = Path(f"{path}.tmp")
+    torch.save(snapshot, tmp)
+    tmp.replace(path)
+
+
+def _resume(path: str | Path, identity: dict[str, Any], calibrator: _Calibrator, state: Any) -> int:
+    """Restore a checkpoint into ``calibrator`` (and the step counter); the inputs already done."""
+    if not Path(path).exists():
+        return 0
+    snapshot = torch.load(path, weights_only=False)
+    if snapshot.get("version") != _CHECKPOINT_VERSION:
+        raise ValueError(f"checkpoint {path}: version {snapshot.get('version')!r}, expected {_CHECKPOINT_VERSION}")
+    for key, want in identity.items():
+        if snapshot["identity"].get(key) != want:
+            raise ValueError(f"checkpoint {path}: {key} is {snapshot['identity'].get(key)!r}, this calibration has "
+                             f"{want!r} (delete the file to start over)")
+    if snapshot["candidates"] is not None:
+        calibrator.candidates, calibrator.tokens = snapshot["candidates"], snapshot["tokens"]
+        calibrator._costs = snapshot["costs"]
+        calibrator.ranges = []
+        for saved in snapshot["ranges"]:
+            by_layer = {}
+            for name, fields in saved.items():
+                scores = _LayerScores(0, 0)
+                scores.__dict__.update(fields)
+                by_layer[name] = scores
+            calibrator.ranges.append(by_layer)
+    calibrator.generator.set_state(snapshot["generator"])
+    state.context.step, state.context.timestep = snapshot["context"]
+    return snapshot["done"]
 
 
 def run_model(model: nn.Module, x: torch.Tensor | dict[str, Any]) -> Any:

@@ -3,8 +3,16 @@
 A factory is any function with no arguments that returns ``(model, calibration inputs)``. For a
 diffusion transformer the inputs are the keyword arguments of one transformer call each, at several
 denoising steps in order (the step is counted from the timestep). With a real pipeline, record them
-from the pipeline's own calls (e.g. a forward pre-hook with ``with_kwargs=True`` on
-``pipe.transformer`` that stores ``kwargs`` for a few steps of one generation).
+from the pipeline's own calls::
+
+    from autosparse.search import record_inputs
+
+    def wan_pipeline():
+        pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to("cuda")
+        generate = lambda prompt: pipe(prompt, num_frames=81, num_inference_steps=50)
+        calibration = record_inputs(pipe.transformer, lambda: generate("a fox in the snow"))
+        heldout = record_inputs(pipe.transformer, lambda: generate("a city street at night"))
+        return pipe.transformer, calibration, heldout
 
 Here: the tiny random-weight Wan of ``autosparse.dits`` (plumbing only: random weights attend
 almost uniformly, so what the search finds says nothing about a real model).

@@ -213,3 +213,62 @@ def test_step_ranges_get_their_own_patterns():
     assert calls.total == 10 and calls.dense["dense in profile"] >= 2  # step 0 at least
     with pytest.raises(ValueError, match="step_ranges must rise"):
         SearchConfig(dense_steps=4, step_ranges=(3,))
+
+
+def test_record_inputs_of_a_pipeline_then_calibrate():
+    """A pipeline-like loop calls the transformer positionally and with keywords (CFG: twice per
+    step); the recorded calls replay exactly and calibrate like hand-made inputs."""
+    from autosparse.dits import build_dit
+    from autosparse.search import record_inputs
+
+    dit = build_dit("wan", frames=2, height=32, width=96)
+    steps = [dit.inputs(timestep=t) for t in (900.0, 600.0)]
+
+    def pipeline():
+        with torch.no_grad():
+            for inputs in steps:
+                for _ in range(2):  # conditional and unconditional
+                    dit.model(inputs["hidden_states"], **{k: v for k, v in inputs.items() if k != "hidden_states"})
+
+    recorded = record_inputs(dit.model, pipeline)
+    assert len(recorded) == 4 and torch.equal(recorded[2]["hidden_states"], steps[1]["hidden_states"])
+    assert record_inputs(dit.model, pipeline, calls=3)[-1]["timestep"] is steps[1]["timestep"]
+    config = SearchConfig(budget=0.5, block_size=(16, 32), densities=(0.2, 0.4), query_rows=64)
+    from_recorded = search_profile(dit.model, recorded, config, progress=False)
+    by_hand = search_profile(dit.model, [x for x in steps for _ in range(2)], config, progress=False)
+    assert {n: e.heads for n, e in from_recorded.layers.items()} == {n: e.heads for n, e in by_hand.layers.items()}
+
+
+def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    """Stopped after 2 of 4 denoising steps, started again with the same checkpoint: it skips the
+    steps done, keeps counting steps where it left off, and ends exactly where one run ends."""
+    import autosparse.search as search
+    from autosparse.dits import build_dit
+
+    dit = build_dit("wan", frames=2, height=32, width=96)
+    steps = [dit.inputs(timestep=t) for t in (900.0, 800.0, 700.0, 600.0)]
+    config = SearchConfig(budget=0.5, block_size=(16, 32), densities=(0.2, 0.4), dense_steps=1, step_ranges=(3,),
+                          query_rows=64)
+    whole = calibrate(dit.model, steps, config, progress=False)
+    checkpoint = tmp_path / "calib.pt"
+    real_run, seen = search.run_model, []
+
+    def stop_at_third(model, x):
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        seen.append(x)
+        return real_run(model, x)
+
+    monkeypatch.setattr(search, "run_model", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(dit.model, steps, config, progress=False, checkpoint=checkpoint)
+    monkeypatch.setattr(search, "run_model", lambda model, x: seen.append(x) or real_run(model, x))
+    resumed = calibrate(dit.model, steps, config, progress=False, checkpoint=checkpoint)
+    assert [s["timestep"] for s in seen] == [s["timestep"] for s in steps]  # each step run once in all
+    for a, b in zip(whole.calibrator.ranges, resumed.calibrator.ranges):
+        for name in a:
+            assert torch.equal(a[name].err_sq, b[name].err_sq) and torch.equal(a[name].blocks, b[name].blocks)
+    assert whole.profile().to_dict()["layers"] == resumed.profile().to_dict()["layers"]
+    assert whole.profile().steps == resumed.profile().steps
+    with pytest.raises(ValueError, match="checkpoint .*: inputs is 4"):
+        calibrate(dit.model, steps[:3], config, progress=False, checkpoint=checkpoint)
