@@ -11,8 +11,9 @@ kernel time; measured timings come later).
 
 Candidates: for a 1-D sequence (LLMs), windows and sinks + windows of ``SearchConfig.windows``; for
 a diffusion transformer's token grid, tile-stepped neighborhoods (``structural.tile_window``) at the
-block densities of ``SearchConfig.densities``, scored in the tile order the kernel runs them in.
-Dense always qualifies.
+block densities of ``SearchConfig.densities`` (video also: spatial, temporal, and the smallest
+neighborhood plus the first frame), scored in the tile order the kernel runs them in. Dense always
+qualifies.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autosparse.cost import LayerShape, relative_costs
-from autosparse.grid import Spatial, Temporal
+from autosparse.grid import Spatial, Stripes, Temporal
 from autosparse.layout import block_mask
 from autosparse.models import AttentionLayer, attention_layers, library, model_signature
-from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Window
+from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Union, Window
 from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile, StepRange
 from autosparse.tokens import TokenGeometry, default_tile
 
@@ -110,8 +111,10 @@ def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None
             continue
         if pattern not in candidates:
             candidates.append(pattern)
-    if len(tokens.grid) == 3:  # video: the spatial and temporal heads of Sparse VideoGen
-        candidates += [Spatial(1), Temporal((1, 1))]
+    if len(tokens.grid) == 3 and candidates:
+        # Video: the spatial and temporal heads of Sparse VideoGen, and the smallest neighborhood
+        # plus the first frame (a stripe every query sees: heads that anchor on it).
+        candidates += [Spatial(1), Temporal((1, 1)), Union((candidates[0], Stripes(0, (0,))))]
     return candidates + [Dense()]
 
 

@@ -124,11 +124,13 @@ def test_grid_candidates_scored_in_tile_order():
     layer = AttentionLayer("attn", 0, 2, 2, 32, module=None)
     calibrator = _Calibrator(config, [layer], progress=None)
     calibrator.observe("attn", q, k, v, causal=False, scale=32 ** -0.5, tokens=tokens)
-    from autosparse.grid import Spatial, Temporal
+    from autosparse import Union
+    from autosparse.grid import Spatial, Stripes, Temporal
 
-    *neighborhoods, spatial, temporal, dense = calibrator.candidates  # video: + the spatial and temporal heads
+    *neighborhoods, spatial, temporal, first_frame, dense = calibrator.candidates  # video: 3 head types more
     assert all(isinstance(c, Neighborhood) for c in neighborhoods) and len(neighborhoods) > 1
     assert (spatial, temporal, dense) == (Spatial(1), Temporal((1, 1)), Dense())
+    assert first_frame == Union((neighborhoods[0], Stripes(0, (0,))))
     chosen = calibrator.choose(layer)
     local, uniform = chosen.heads
     assert isinstance(local, Neighborhood) and uniform == Dense()
