@@ -11,6 +11,7 @@ Data flows one way: capture (patch) -> identify (layer) -> look up (profile) -> 
 
 __version__ = "0.1.0"
 
+from autosparse.dynamic import BlockCdf, BlockTopK, VerticalSlash
 from autosparse.grid import GridPattern, Neighborhood, Spatial, Stripes, Temporal
 from autosparse.layout import BlockLayout
 from autosparse.patch import AttentionStats, patch_model, stats, unpatch_model
@@ -22,6 +23,8 @@ from autosparse.tokens import TokenGeometry, default_tile
 
 __all__ = [
     "AttentionStats",
+    "BlockCdf",
+    "BlockTopK",
     "BlockGeometry",
     "BlockLayout",
     "Blocks",
@@ -39,6 +42,7 @@ __all__ = [
     "Temporal",
     "TokenGeometry",
     "Union",
+    "VerticalSlash",
     "Window",
     "__version__",
     "default_tile",

@@ -139,6 +139,11 @@ class Pattern:
         """Whether the pattern is laid out on ``BlockGeometry.tokens`` (grid tokens in tile order)."""
         return False
 
+    @property
+    def is_dynamic(self) -> bool:
+        """Whether the key blocks depend on each call's q and k (``autosparse.dynamic``)."""
+        return False
+
     def to_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"kind": self.kind}
         for field in dataclasses.fields(self):

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from autosparse.kernels import supports
-from autosparse.layout import BlockLayout, grid_order
+from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.profile import Profile
 from autosparse.tokens import TokenGeometry
@@ -117,6 +117,15 @@ class HeadSet:
         return any(p.needs_grid for p in self.patterns)
 
     @functools.cached_property
+    def dynamic_heads(self) -> dict[Pattern, tuple[int, ...]]:
+        """The heads of each dynamic pattern (layout estimated per call from q and k)."""
+        heads: dict[Pattern, list[int]] = {}
+        for h, p in enumerate(self.patterns):
+            if p.is_dynamic:
+                heads.setdefault(p, []).append(h)
+        return {p: tuple(hs) for p, hs in heads.items()}
+
+    @functools.cached_property
     def dense_heads(self) -> tuple[int, ...]:
         """Heads whose pattern is dense, in a set that also has sparse heads (else empty)."""
         dense = tuple(h for h, p in enumerate(self.patterns) if p.is_dense)
@@ -136,6 +145,7 @@ class LayerPlan:
     _layouts: dict[tuple, BlockLayout] = field(default_factory=dict, repr=False)
     _dense_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _orders: dict[tuple, TokenGeometry] = field(default_factory=dict, repr=False)
+    _static_masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def heads_at(self, step: int | None) -> HeadSet:
         heads = self._head_sets.get(step)
@@ -156,6 +166,27 @@ class LayerPlan:
                 layout = layout.with_heads_skipped(skipped)
             _bounded_put(self._layouts, key, layout)
         return layout
+
+    def dynamic_layout(self, heads: HeadSet, geometry: BlockGeometry, query: torch.Tensor, key: torch.Tensor,
+                       scale: float, skipped: tuple[int, ...]) -> BlockLayout:
+        """This call's layout when some heads are dynamic: their blocks estimated from q and k
+        (union over the batch; text tokens dense), the static heads' blocks as cached."""
+        cache_key = (heads, geometry, query.device)
+        static = self._static_masks.get(cache_key)
+        if static is None:  # dynamic heads' rows are overwritten below
+            static = torch.stack([geometry.reachable(query.device) if p.is_dynamic else block_mask(p, geometry, query.device)
+                                  for p in heads.patterns])
+            _bounded_put(self._static_masks, cache_key, static)
+        mask = static.clone()
+        group = query.shape[1] // key.shape[1]
+        text = geometry.text_block_mask(query.device)
+        for pattern, indices in heads.dynamic_heads.items():
+            index = torch.tensor(indices, device=query.device)
+            estimate = pattern.estimate(query.index_select(1, index), key.index_select(1, index // group),
+                                        geometry, scale).any(0)
+            mask[index] = estimate if text is None else estimate | text
+        layout = BlockLayout.from_block_mask(mask, geometry)
+        return layout.with_heads_skipped(skipped) if skipped else layout
 
     def grid_order(self, heads: HeadSet, tokens: TokenGeometry, device: torch.device) -> TokenGeometry:
         """The token order this layer's grid patterns run in (``layout.grid_order``), chosen once."""
@@ -266,7 +297,10 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
     split = heads.dense_heads if kv_valid is None else ()
     q_block, kv_block = plan.profile.block_size
     geometry = BlockGeometry(query.shape[2], key.shape[2], q_block, kv_block, causal, tokens)
-    layout = plan.layout(heads, geometry, query.device, split)
+    if heads.dynamic_heads:
+        layout = plan.dynamic_layout(heads, geometry, query, key, scale, split)
+    else:
+        layout = plan.layout(heads, geometry, query.device, split)
     # In tile order K/V (and key padding) are permuted; the kernel reads each query from, and writes
     # its output to, the token's place in the model's order (q_rows), so q and the output never move.
     order = tokens.permutation(query.device) if tokens is not None else None

@@ -1,0 +1,180 @@
+"""Dynamic patterns: key blocks chosen per call from the call's own queries and keys.
+
+A static window cannot follow attention that depends on the input (retrieval heads, cross-view
+matches). These patterns estimate, cheaply and per call, which key blocks carry the attention mass,
+then run the same block-sparse kernel on that layout:
+
+- ``block_topk`` (``k``) and ``block_cdf`` (``mass``): q and k mean-pooled per block, block scores
+  ``q̄·k̄ * scale``; keep each query block's ``k`` best key blocks, or the fewest whose estimated
+  softmax mass reaches ``mass``.
+- ``vertical_slash`` (``vertical``, ``slash``, causal prefill, as MInference): the last query block
+  attends every key exactly; the ``vertical`` key columns and the ``slash`` diagonals (query - key
+  offsets) with the most of that attention are kept for every query.
+
+Every estimate also keeps each query block's own key blocks (a query always sees itself), the first
+key block (attention sinks) and, through the layout, a diffusion model's text tokens. With a batch,
+the layout is the union of the samples' estimates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from autosparse.patterns import BlockGeometry, Pattern, _check_int, register_pattern
+
+__all__ = ["BlockCdf", "BlockTopK", "DynamicPattern", "VerticalSlash"]
+
+_LAST_ROWS = 64  # vertical_slash: query rows (the last ones) whose attention is computed exactly
+
+
+@dataclass(frozen=True)
+class DynamicPattern(Pattern):
+    """A pattern whose key blocks are estimated from each call's q and k (``estimate``)."""
+
+    @property
+    def is_dynamic(self) -> bool:
+        return True
+
+    def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        raise TypeError(f"{self.kind} chooses its blocks from each call's q and k: use estimate(q, k, geometry)")
+
+    def estimate(self, q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, scale: float) -> torch.Tensor:
+        """Bool ``[B, H, NQ, NK]`` for q ``[B, H, Sq, D]`` and the keys each query head reads,
+        k ``[B, H, Sk, D]``; within ``geometry.reachable()``, own and sink blocks included."""
+        chosen = self._choose(q, k, geometry, scale)
+        return (chosen | always_kept(geometry, q.device)) & geometry.reachable(q.device)
+
+    def _choose(self, q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, scale: float) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement _choose")
+
+
+def always_kept(geometry: BlockGeometry, device: torch.device | str) -> torch.Tensor:
+    """``[NQ, NK]``: each query block's own key blocks (same positions) and the first key block."""
+    q_first, q_last, k_first, k_last = geometry.block_spans(device)
+    own = (k_first <= q_last) & (k_last >= q_first)
+    sink = torch.zeros_like(own)
+    sink[:, 0] = True
+    return own | sink
+
+
+def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over blocks of ``block`` rows along dim 2 (the last block may be partial)."""
+    b, h, s, d = x.shape
+    n = -(-s // block)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - s))
+    sums = padded.view(b, h, n, block, d).sum(3)
+    sizes = torch.full((n,), float(block), device=x.device)
+    sizes[-1] = s - (n - 1) * block
+    return sums / sizes[:, None]
+
+
+def _block_scores(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, scale: float) -> torch.Tensor:
+    """Pooled logits ``[B, H, NQ, NK]``, -inf outside ``reachable``."""
+    scores = _pool(q, geometry.q_block) @ _pool(k, geometry.kv_block).transpose(-1, -2) * scale
+    return scores.masked_fill(~geometry.reachable(q.device), float("-inf"))
+
+
+@register_pattern
+@dataclass(frozen=True)
+class BlockTopK(DynamicPattern):
+    """Each query block keeps its ``k`` key blocks with the highest pooled score."""
+
+    kind: ClassVar[str] = "block_topk"
+    k: int = 16
+
+    def __post_init__(self) -> None:
+        _check_int("block_topk", "k", self.k, 1)
+
+    def _choose(self, q, k, geometry, scale):
+        scores = _block_scores(q, k, geometry, scale)
+        top = scores.topk(min(self.k, scores.shape[-1]), dim=-1).indices
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+
+@register_pattern
+@dataclass(frozen=True)
+class BlockCdf(DynamicPattern):
+    """Each query block keeps the fewest key blocks whose estimated share of its softmax mass
+    (pooled logits, weighted by block length) reaches ``mass``."""
+
+    kind: ClassVar[str] = "block_cdf"
+    mass: float = 0.95
+
+    def __post_init__(self) -> None:
+        if isinstance(self.mass, bool) or not isinstance(self.mass, (int, float)) or not 0.0 < self.mass <= 1.0:
+            raise ValueError(f"block_cdf.mass must be in (0, 1], got {self.mass!r}")
+
+    def _choose(self, q, k, geometry, scale):
+        scores = _block_scores(q, k, geometry, scale)
+        _, _, k_first, k_last = geometry.block_spans(q.device)
+        probs = torch.softmax(scores + torch.log((k_last - k_first + 1).float()), dim=-1)
+        ordered, order = probs.sort(dim=-1, descending=True)
+        before = ordered.cumsum(-1) - ordered  # mass of the better blocks: keep while it is short of the target
+        keep = before < self.mass
+        return torch.zeros_like(keep).scatter_(-1, order, keep)
+
+
+@register_pattern
+@dataclass(frozen=True)
+class VerticalSlash(DynamicPattern):
+    """Causal prefill: the ``vertical`` key columns and ``slash`` diagonals that the last query
+    rows attend most, for every query (MInference's vertical-slash)."""
+
+    kind: ClassVar[str] = "vertical_slash"
+    vertical: int = 1000
+    slash: int = 6096
+
+    def __post_init__(self) -> None:
+        _check_int("vertical_slash", "vertical", self.vertical, 1)
+        _check_int("vertical_slash", "slash", self.slash, 1)
+
+    def _choose(self, q, k, geometry, scale):
+        if not geometry.causal:
+            raise ValueError("vertical_slash is for causal attention (LLM prefill)")
+        rows = min(_LAST_ROWS, geometry.q_len)
+        positions = torch.arange(geometry.kv_len - rows, geometry.kv_len, device=q.device)  # absolute
+        keys = torch.arange(geometry.kv_len, device=q.device)
+        logits = (q[:, :, -rows:].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, R, Sk]
+        offsets = positions[:, None] - keys[None, :]  # [R, Sk]: query - key
+        attention = torch.softmax(logits.masked_fill(offsets < 0, float("-inf")), dim=-1)
+        columns = _top_indicator(attention.sum(2), self.vertical)  # [B, H, Sk]
+        by_offset = torch.zeros_like(columns, dtype=attention.dtype).scatter_add_(
+            -1, offsets.clamp(min=0).expand_as(attention).flatten(2), attention.flatten(2))
+        diagonals = _top_indicator(by_offset, self.slash)  # [B, H, Sk]: offset d kept
+        return _column_blocks(columns, geometry) | _diagonal_blocks(diagonals, geometry)
+
+
+def _top_indicator(scores: torch.Tensor, n: int) -> torch.Tensor:
+    top = scores.topk(min(n, scores.shape[-1]), dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def _column_blocks(columns: torch.Tensor, geometry: BlockGeometry) -> torch.Tensor:
+    """``[B, H, NQ, NK]``: block pairs where some query may see a kept column of the key block
+    (causal: the block's first kept column is not after the query block's last position)."""
+    b, h, s = columns.shape
+    positions = torch.arange(s, device=columns.device).expand_as(columns)
+    first = torch.where(columns, positions, s)  # s: no kept column
+    first = torch.nn.functional.pad(first, (0, geometry.num_kv_blocks * geometry.kv_block - s), value=s)
+    first = first.view(b, h, geometry.num_kv_blocks, geometry.kv_block).amin(-1)[:, :, None, :]  # [B, H, 1, NK]
+    _, q_last, _, _ = geometry.block_spans(columns.device)
+    if geometry.causal:
+        return first <= q_last
+    return (first < s).expand(b, h, geometry.num_q_blocks, geometry.num_kv_blocks)
+
+
+def _diagonal_blocks(diagonals: torch.Tensor, geometry: BlockGeometry) -> torch.Tensor:
+    """``[B, H, NQ, NK]``: block pairs holding a (query, key) pair whose offset is kept. A pair of
+    blocks spans the offsets ``[q_first - k_last, q_last - k_first]``: count kept ones in it from
+    prefix sums."""
+    q_first, q_last, k_first, k_last = geometry.block_spans(diagonals.device)
+    prefix = torch.nn.functional.pad(diagonals.to(torch.int32).cumsum(-1), (1, 0))  # [B, H, Sk + 1]
+    last = diagonals.shape[-1] - 1
+    low = (q_first - k_last).clamp(min=0, max=last + 1)
+    high = (q_last - k_first).clamp(min=-1, max=last)
+    index = lambda x: x.expand(geometry.num_q_blocks, geometry.num_kv_blocks).flatten()  # noqa: E731
+    count = prefix[..., index(high + 1)] - prefix[..., index(low)]
+    return (count > 0).view(*diagonals.shape[:2], geometry.num_q_blocks, geometry.num_kv_blocks) & (high >= low)
