@@ -42,8 +42,11 @@ class DynamicPattern(Pattern):
         raise TypeError(f"{self.kind} chooses its blocks from each call's q and k: use estimate(q, k, geometry)")
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, scale: float) -> torch.Tensor:
-        """Bool ``[B, H, NQ, NK]`` for q ``[B, H, Sq, D]`` and the keys each query head reads,
-        k ``[B, H, Sk, D]``; within ``geometry.reachable()``, own and sink blocks included."""
+        """Bool ``[B, H, NQ, NK]`` for q ``[B, H, Sq, D]`` and k ``[B, Hk, Sk, D]``, where query head
+        h reads key head ``h // (H // Hk)`` (GQA: k is never expanded); within
+        ``geometry.reachable()``, own and sink blocks included."""
+        if q.shape[1] % k.shape[1]:
+            raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} key heads")
         chosen = self._choose(q, k, geometry, scale)
         return (chosen | always_kept(geometry, q.device)) & geometry.reachable(q.device)
 
@@ -61,19 +64,20 @@ def always_kept(geometry: BlockGeometry, device: torch.device | str) -> torch.Te
 
 
 def _pool(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Mean over blocks of ``block`` rows along dim 2 (the last block may be partial)."""
+    """Float32 mean over blocks of ``block`` rows along dim 2 (the last block may be partial),
+    summed in float32 without a float32 copy of ``x``."""
     b, h, s, d = x.shape
-    n = -(-s // block)
-    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, n * block - s))
-    sums = padded.view(b, h, n, block, d).sum(3)
-    sizes = torch.full((n,), float(block), device=x.device)
-    sizes[-1] = s - (n - 1) * block
-    return sums / sizes[:, None]
+    whole = s // block
+    parts = [x[:, :, :whole * block].view(b, h, whole, block, d).sum(3, dtype=torch.float32) / block]
+    if s > whole * block:
+        parts.append(x[:, :, whole * block:].sum(2, keepdim=True, dtype=torch.float32) / (s - whole * block))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def _block_scores(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, scale: float) -> torch.Tensor:
     """Pooled logits ``[B, H, NQ, NK]``, -inf outside ``reachable``."""
-    scores = _pool(q, geometry.q_block) @ _pool(k, geometry.kv_block).transpose(-1, -2) * scale
+    keys = _pool(k, geometry.kv_block).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # pooled: small
+    scores = _pool(q, geometry.q_block) @ keys.transpose(-1, -2) * scale
     return scores.masked_fill(~geometry.reachable(q.device), float("-inf"))
 
 
@@ -137,7 +141,10 @@ class VerticalSlash(DynamicPattern):
         rows = min(_LAST_ROWS, geometry.q_len)
         positions = torch.arange(geometry.kv_len - rows, geometry.kv_len, device=q.device)  # absolute
         keys = torch.arange(geometry.kv_len, device=q.device)
-        logits = (q[:, :, -rows:].float() @ k.float().transpose(-1, -2)) * scale  # [B, H, R, Sk]
+        b, h = q.shape[:2]
+        group = h // k.shape[1]
+        last = q[:, :, -rows:].reshape(b, k.shape[1], group * rows, q.shape[-1])  # a KV head's queries together
+        logits = (last @ k.transpose(-1, -2)).float().view(b, h, rows, -1) * scale  # [B, H, R, Sk]
         offsets = positions[:, None] - keys[None, :]  # [R, Sk]: query - key
         attention = torch.softmax(logits.masked_fill(offsets < 0, float("-inf")), dim=-1)
         columns = _top_indicator(attention.sum(2), self.vertical)  # [B, H, Sk]

@@ -182,8 +182,11 @@ class LayerPlan:
         text = geometry.text_block_mask(query.device)
         for pattern, indices in heads.dynamic_heads.items():
             index = torch.tensor(indices, device=query.device)
-            estimate = pattern.estimate(query.index_select(1, index), key.index_select(1, index // group),
-                                        geometry, scale).any(0)
+            if len(indices) == query.shape[1]:  # every head: q and the unexpanded GQA keys as they are
+                estimate = pattern.estimate(query, key, geometry, scale).any(0)
+            else:
+                estimate = pattern.estimate(query.index_select(1, index), key.index_select(1, index // group),
+                                            geometry, scale).any(0)
             mask[index] = estimate if text is None else estimate | text
         layout = BlockLayout.from_block_mask(mask, geometry)
         return layout.with_heads_skipped(skipped) if skipped else layout

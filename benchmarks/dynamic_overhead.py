@@ -38,9 +38,8 @@ def main() -> None:
         v = torch.randn_like(k)
         geometry = BlockGeometry(length, length, 64, 128, True)
         dense = gpu_ms(lambda: ORIGINAL_SDPA(q, k, v, is_causal=True, enable_gqa=True))
-        kv = k.repeat_interleave(4, 1)  # the runtime passes each head its KV head (index_select)
         for pattern in (VerticalSlash(1000, 6096), BlockTopK(64)):
-            estimate = lambda: pattern.estimate(q, kv, geometry, 128 ** -0.5).any(0)  # noqa: E731
+            estimate = lambda: pattern.estimate(q, k, geometry, 128 ** -0.5).any(0)  # noqa: E731
 
             def layout() -> BlockLayout:
                 built = BlockLayout.from_block_mask(estimate(), geometry)

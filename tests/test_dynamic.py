@@ -155,3 +155,15 @@ def test_patched_model_equals_dense_attention_on_the_estimated_layout(spec):
     autosparse.unpatch_model(model)
     assert calls.sparse == 2 and not calls.fallback
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_grouped_keys_give_the_same_estimate_as_expanded_ones():
+    """GQA: k is passed with its KV heads (never expanded); the estimate equals the one on keys
+    repeated per query head."""
+    geometry = BlockGeometry(500, 500, 32, 64, True)
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 4, 500, 16, generator=gen), torch.randn(2, 2, 500, 16, generator=gen)
+    for pattern in (VerticalSlash(20, 40), BlockTopK(3), BlockCdf(0.7)):
+        grouped = pattern.estimate(q, k, geometry, 0.25)
+        expanded = pattern.estimate(q, k.repeat_interleave(2, 1), geometry, 0.25)
+        assert torch.equal(grouped, expanded), pattern
