@@ -119,6 +119,8 @@ def _inner_compiler(inner: str | Callable[..., Any], mode: str | None) -> Callab
             _say_once(f"mode={mode!r}: CUDA graphs are off (this torch has no cudagraph_unsafe tag)")
             patches["triton.cudagraphs"] = False
         return lambda gm, inputs: compile_fx(gm, inputs, config_patches=patches)
+    if mode is not None:
+        _say_once(f"mode={mode!r} is an inductor mode; the inner compiler {inner!r} does not take it")
     return lookup_backend(inner)
 
 
