@@ -27,7 +27,7 @@ def _profile(args: argparse.Namespace) -> None:
                          "returning (model, calibration inputs, held-out inputs)")
     model.to(args.device)
     config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size), dense_steps=args.dense_steps,
-                          step_ranges=tuple(args.step_ranges))
+                          step_ranges=tuple(args.step_ranges), dynamic=args.dynamic)
     calibration = calibrate(model, inputs, config, checkpoint=args.checkpoint)
     profile = calibration.profile() if args.target is None else fit_to_target(calibration, heldout, args.target)
     profile.save(args.out)
@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "output relative error): the budget is lowered until it holds")
     profile.add_argument("--dense-steps", type=int, default=0,
                          help="diffusion: first denoising steps kept dense (not calibrated)")
+    profile.add_argument("--dynamic", action="store_true",
+                         help="also try block_topk / block_cdf (key blocks estimated per call from q and k)")
     profile.add_argument("--checkpoint", help="save calibration progress to this file after every input; the same "
                                               "command run again resumes from it")
     profile.add_argument("--step-ranges", type=int, nargs="*", default=[], metavar="STEP",

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autosparse.cost import LayerShape, relative_costs
+from autosparse.dynamic import BlockCdf, BlockTopK
 from autosparse.grid import Spatial, Stripes, Temporal
 from autosparse.layout import block_mask
 from autosparse.models import AttentionLayer, attention_layers, library, model_signature
@@ -60,6 +61,9 @@ class SearchConfig:
         seed: seeds the row sampling, so a search is reproducible.
         cost: ``"auto"``: kernel time measured on this GPU relative to dense SDPA (``autosparse.cost``;
             key blocks on a CPU); ``"blocks"``: always key blocks.
+        dynamic: also try the dynamic kinds (``block_topk`` k of ``DYNAMIC_TOPK``, ``block_cdf``
+            mass of ``DYNAMIC_MASS``), scored on each call's own estimate; their cost is the block
+            density they reach (the estimate's own time is not counted).
     """
 
     budget: float = 0.05
@@ -74,6 +78,7 @@ class SearchConfig:
     query_rows: int = 256
     seed: int = 0
     cost: str = "auto"
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget < 1.0:
@@ -94,16 +99,21 @@ class SearchConfig:
         return sum(step >= b for b in self.step_ranges)
 
 
+DYNAMIC_TOPK = (4, 8, 16, 32, 64)
+DYNAMIC_MASS = (0.8, 0.9, 0.95)
+
+
 def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None) -> list[Pattern]:
     """The patterns tried for every head (on ``tokens``' grid, if given); Dense is always last and
     always qualifies."""
     from autosparse.structural import tile_window
 
+    dynamic = [BlockTopK(k) for k in DYNAMIC_TOPK] + [BlockCdf(m) for m in DYNAMIC_MASS] if config.dynamic else []
     candidates: list[Pattern] = []
     if tokens is None:
         for window in config.windows:
             candidates += [Window(window), SinkLocal(config.sinks, window)]
-        return candidates + [Dense()]
+        return candidates + dynamic + [Dense()]
     for density in config.densities:
         try:
             pattern, _ = tile_window(tokens, density, block_size=config.block_size)
@@ -115,18 +125,25 @@ def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None
         # Video: the spatial and temporal heads of Sparse VideoGen, and the smallest neighborhood
         # plus the first frame (a stripe every query sees: heads that anchor on it).
         candidates += [Spatial(1), Temporal((1, 1)), Union((candidates[0], Stripes(0, (0,))))]
-    return candidates + [Dense()]
+    return candidates + dynamic + [Dense()]
 
 
 class _LayerScores:
-    """Per head and candidate: squared error and squared reference norm, summed over calls; per
-    candidate: key blocks (summed) and cost relative to dense (at the first call's shape)."""
+    """Per head and candidate: squared error, key blocks (summed over calls; a dynamic candidate's
+    differ per head and call); per head the squared reference norm; per static candidate the cost
+    relative to dense at the first call's shape (None for dynamic ones: their density is their cost)."""
 
     def __init__(self, num_heads: int, num_candidates: int) -> None:
         self.err_sq = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
         self.ref_sq = torch.zeros(num_heads, dtype=torch.float64)
-        self.blocks = torch.zeros(num_candidates, dtype=torch.float64)
-        self.cost: list[float] | None = None
+        self.blocks = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
+        self.cost: list[float | None] | None = None
+
+    def head_costs(self) -> torch.Tensor:
+        """``[H, C]``: each candidate's cost for each head, relative to dense."""
+        density = self.blocks / self.blocks[:, -1:].clamp_min(1e-30)
+        fixed = torch.tensor([c if c is not None else float("nan") for c in self.cost], dtype=torch.float64)
+        return torch.where(fixed.isnan(), density, fixed.expand_as(density))
 
     def relative_error(self) -> torch.Tensor:
         return (self.err_sq / self.ref_sq.clamp_min(1e-30)[:, None]).sqrt()
@@ -147,7 +164,9 @@ class _Calibrator:
     def _cost(self, shape: LayerShape, device: torch.device) -> list[float]:
         if shape not in self._costs:
             measure_on = device if self.config.cost == "auto" else torch.device("cpu")
-            self._costs[shape] = relative_costs(self.candidates, shape, measure_on)
+            static = [p for p in self.candidates if not p.is_dynamic]
+            measured = iter(relative_costs(static, shape, measure_on))
+            self._costs[shape] = [None if p.is_dynamic else next(measured) for p in self.candidates]
         return self._costs[shape]
 
     def _start(self, tokens: TokenGeometry | None) -> None:
@@ -213,14 +232,21 @@ class _Calibrator:
         q_blocks = (rows // geometry.q_block).to(query.device)
         dense_blocks = float(geometry.reachable().sum())
         for c, pattern in enumerate(self.candidates):
-            mask = block_mask(pattern, geometry, query.device)
-            blocks = float(mask.sum())
-            layer.blocks[c] += blocks
-            if blocks == dense_blocks:
-                continue  # computes every block: exactly dense, no error
-            keep = mask[q_blocks].to(probs)  # [R, NK]
-            approx = torch.einsum("bhrjd,rj->bhrd", block_out, keep)
-            approx = approx / torch.einsum("bhrj,rj->bhr", block_mass, keep).clamp_min(1e-30)[..., None]
+            if pattern.is_dynamic:  # this call's own estimate, per sample and head
+                mask = pattern.estimate(query, key, geometry, scale)  # [B, H, NQ, NK]
+                layer.blocks[:, c] += mask.sum((-1, -2)).double().mean(0).cpu()
+                keep = mask[:, :, q_blocks].to(probs)  # [B, H, R, NK]
+                spec = "bhrj"
+            else:
+                mask = block_mask(pattern, geometry, query.device)
+                blocks = float(mask.sum())
+                layer.blocks[:, c] += blocks
+                if blocks == dense_blocks:
+                    continue  # computes every block: exactly dense, no error
+                keep = mask[q_blocks].to(probs)  # [R, NK]
+                spec = "rj"
+            approx = torch.einsum(f"bhrjd,{spec}->bhrd", block_out, keep)
+            approx = approx / torch.einsum(f"bhrj,{spec}->bhr", block_mass, keep).clamp_min(1e-30)[..., None]
             layer.err_sq[:, c] += (approx - dense).double().square().sum(dim=(0, 2, 3)).cpu()
         if self.progress is not None:
             self.progress.update(1)
@@ -231,22 +257,22 @@ class _Calibrator:
         budget = self.config.budget if budget is None else budget
         scores = self.ranges[step_range][layer.name]
         errors = scores.relative_error()
-        dense_blocks = float(scores.blocks[-1])
-        if dense_blocks == 0 or scores.cost is None:
+        if float(scores.blocks[0, -1]) == 0 or scores.cost is None:
             raise ValueError(f"layer {layer.name} was never called during calibration"
                              + (f" in step range {step_range}" if len(self.ranges) > 1 else ""))
-        order = sorted(range(len(self.candidates)), key=lambda c: (scores.cost[c], float(scores.blocks[c]), c))
+        costs, density = scores.head_costs(), scores.blocks / scores.blocks[:, -1:]
         heads, measured = [], []
         for h in range(layer.num_heads):
+            order = sorted(range(len(self.candidates)), key=lambda c: (float(costs[h, c]), float(density[h, c]), c))
             for c in order:
                 # Not cheaper than dense attention (all blocks, or slower here): dense SDPA then.
-                if float(errors[h, c]) <= budget or scores.cost[c] >= 1.0:
+                if float(errors[h, c]) <= budget or float(costs[h, c]) >= 1.0:
                     break
-            sparse = scores.cost[c] < 1.0 and float(scores.blocks[c]) < dense_blocks
+            sparse = float(costs[h, c]) < 1.0 and float(density[h, c]) < 1.0
             heads.append(self.candidates[c] if sparse else Dense())
             measured.append({"error": round(float(errors[h, c]), 6) if sparse else 0.0,
-                             "density": round(float(scores.blocks[c]) / dense_blocks, 6) if sparse else 1.0,
-                             "cost": round(scores.cost[c], 4) if sparse else 1.0})
+                             "density": round(float(density[h, c]), 6) if sparse else 1.0,
+                             "cost": round(float(costs[h, c]), 4) if sparse else 1.0})
         return LayerProfile(layer.index, layer.num_heads, tuple(heads), tuple(measured))
 
 

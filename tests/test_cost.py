@@ -48,7 +48,7 @@ def test_a_pattern_slower_than_dense_is_not_chosen(monkeypatch):
     local = by_blocks[0]
     assert not local.is_dense
     # The window chosen by blocks becomes slower than dense; everything else keeps its block cost.
-    blocks = calibrator.scores["attn"].blocks / calibrator.scores["attn"].blocks[-1]
+    blocks = calibrator.scores["attn"].blocks[0] / calibrator.scores["attn"].blocks[0, -1]
     slow = calibrator.candidates.index(local)
     _, by_time = chosen(lambda candidates: [1.3 if c == slow else float(blocks[c]) for c in range(len(candidates))])
     assert by_time[0] != local

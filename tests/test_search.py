@@ -61,7 +61,7 @@ def test_picks_cheapest_pattern_within_budget():
         assert measured["density"] == pytest.approx(BlockLayout.from_patterns([pattern], geometry).density(), rel=1e-6)
     # A cheaper candidate than the one chosen must have been over budget.
     errors = calibrator.scores["attn"].relative_error()
-    blocks = calibrator.scores["attn"].blocks
+    blocks = calibrator.scores["attn"].blocks[0]  # head 0: static candidates cost the same in every head
     picked = calibrator.candidates.index(local)
     cheaper = [c for c in range(len(blocks)) if blocks[c] < blocks[picked]]
     assert cheaper and all(errors[0, c] > budget for c in cheaper)
@@ -274,3 +274,35 @@ def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkey
     assert whole.profile().steps == resumed.profile().steps
     with pytest.raises(ValueError, match="checkpoint .*: inputs is 4"):
         calibrate(dit.model, steps[:3], config, progress=False, checkpoint=checkpoint)
+
+
+def test_dynamic_candidates_win_where_attention_follows_content():
+    """Head 0 attends two far-away key blocks chosen by content (no window reaches them cheaply):
+    with dynamic candidates the search takes block_topk for it, and its reported error is the
+    error its own estimated layout has."""
+    from autosparse import BlockTopK
+    from autosparse.dynamic import DynamicPattern
+
+    from test_dynamic import planted_blocks
+
+    geometry = BlockGeometry(1024, 1024, 64, 128, causal=False)
+    picks = {b: [(b + 3) % 8, (b + 5) % 8] for b in range(geometry.num_q_blocks)}
+    q, k = planted_blocks(geometry, picks)
+    v = torch.randn(1, 1, 1024, q.shape[-1], generator=torch.Generator().manual_seed(2))
+    layer = AttentionLayer("attn", 0, 1, 1, q.shape[-1], module=None)
+    config = SearchConfig(budget=0.1, block_size=(64, 128), windows=(128, 256, 512), query_rows=1024,
+                          dynamic=True)
+    calibrator = _Calibrator(config, [layer], progress=None)
+    calibrator.observe("attn", q, k, v, causal=False, scale=0.125)
+    chosen = calibrator.choose(layer).heads[0]
+    assert isinstance(chosen, DynamicPattern), chosen
+    without = _Calibrator(SearchConfig(budget=0.1, block_size=(64, 128), windows=(128, 256, 512),
+                                       query_rows=1024), [layer], progress=None)
+    without.observe("attn", q, k, v, causal=False, scale=0.125)
+    assert without.choose(layer).measured[0]["density"] > calibrator.choose(layer).measured[0]["density"]
+    mask = chosen.estimate(q, k, geometry, 0.125)[0]
+    token = BlockLayout.from_block_mask(mask, geometry).to_dense()[None]
+    dense = dense_attention(q.double(), k.double(), v.double(), scale=0.125)
+    approx = dense_attention(q.double(), k.double(), v.double(), mask=token, scale=0.125)
+    true_error = float((approx - dense).norm() / dense.norm())
+    assert calibrator.choose(layer).measured[0]["error"] == pytest.approx(true_error, rel=1e-3, abs=1e-6)
