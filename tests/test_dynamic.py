@@ -167,3 +167,18 @@ def test_grouped_keys_give_the_same_estimate_as_expanded_ones():
         grouped = pattern.estimate(q, k, geometry, 0.25)
         expanded = pattern.estimate(q, k.repeat_interleave(2, 1), geometry, 0.25)
         assert torch.equal(grouped, expanded), pattern
+
+
+def test_generation_prefills_sparse_and_decodes_dense():
+    """model.generate with a dynamic profile: the prefill is estimated and served sparse, every
+    decode step (query length 1, KV cache) runs dense and is counted, nothing falls back."""
+    model = tiny_llama()
+    profile = autosparse.Profile.uniform(model, {"kind": "block_topk", "k": 2}, block_size=(32, 64))
+    ids = torch.randint(0, 512, (1, 400), generator=torch.Generator().manual_seed(5))
+    autosparse.patch_model(model, profile, strict=True)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    calls = autosparse.stats(model)
+    autosparse.unpatch_model(model)
+    assert out.shape == (1, 405)
+    assert calls.sparse == 2 and calls.dense["decode (query length 1)"] == 2 * 4 and not calls.fallback
