@@ -19,9 +19,7 @@ def _profile(args: argparse.Namespace) -> None:
     from autosparse.search import SearchConfig, calibrate
     from autosparse.validate import fit_to_target
 
-    if (args.model is None) == (args.factory is None):
-        raise ValueError("give a model (directory or alias) or --factory module:function, not both")
-    model, inputs, heldout = _factory(args.factory) if args.factory else _text_calibration(args)
+    model, inputs, heldout = _model_and_inputs(args)
     if args.target is not None and not heldout:
         raise ValueError("--target needs held-out inputs: a longer --text (one more --seq-len window), or a factory "
                          "returning (model, calibration inputs, held-out inputs)")
@@ -33,6 +31,14 @@ def _profile(args: argparse.Namespace) -> None:
     profile.save(args.out)
     print(f"saved {args.out}")
     _print_summary(profile)
+
+
+def _model_and_inputs(args: argparse.Namespace):
+    """(model, calibration inputs, held-out inputs or None) from a model directory/alias and text,
+    or from ``--factory``: exactly one of the two."""
+    if (args.model is None) == (args.factory is None):
+        raise ValueError("give a model (directory or alias) or --factory module:function, not both")
+    return _factory(args.factory) if args.factory else _text_calibration(args)
 
 
 def _text_calibration(args: argparse.Namespace):
@@ -85,16 +91,11 @@ def _show(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from autosparse.bench import bench
 
-    if (args.model is None) == (args.factory is None):
-        raise ValueError("give a model (directory or alias) or --factory module:function, not both")
-    if args.factory:
-        model, inputs, heldout = _factory(args.factory)
-        inputs = heldout or inputs
-    else:
-        model, windows, heldout = _text_calibration(args)
-        inputs = heldout or windows[-1:]
+    model, inputs, heldout = _model_and_inputs(args)
+    if not heldout:  # without held-out inputs: a factory's calibration inputs, an LLM's last window
+        heldout = inputs if args.factory else inputs[-1:]
     model.to(args.device)
-    result = bench(model, Profile.load(args.profile), inputs, reps=args.reps)
+    result = bench(model, Profile.load(args.profile), heldout, reps=args.reps)
     print("| device | inputs | dense ms/forward | patched ms/forward | speedup | output error mean | max |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| {result['device']} | {result['inputs']} | {result['dense_ms']:.1f} | {result['patched_ms']:.1f} | "

@@ -300,14 +300,14 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
     split = heads.dense_heads if kv_valid is None else ()
     q_block, kv_block = plan.profile.block_size
     geometry = BlockGeometry(query.shape[2], key.shape[2], q_block, kv_block, causal, tokens)
-    if heads.dynamic_heads:
-        layout = plan.dynamic_layout(heads, geometry, query, key, scale, split)
-    else:
-        layout = plan.layout(heads, geometry, query.device, split)
     # In tile order K/V (and key padding) are permuted; the kernel reads each query from, and writes
     # its output to, the token's place in the model's order (q_rows), so q and the output never move.
     order = tokens.permutation(query.device) if tokens is not None else None
     k, v = _permute(key, order), _permute(value, order)
+    if heads.dynamic_heads:  # estimated on q/k in the order the kernel lays the blocks out
+        layout = plan.dynamic_layout(heads, geometry, _permute(query, order), k, scale, split)
+    else:
+        layout = plan.layout(heads, geometry, query.device, split)
     if kv_valid is not None:
         kv_valid = kv_valid.expand(query.shape[0], -1)
         kv_valid = kv_valid if order is None else kv_valid.index_select(1, order)

@@ -6,14 +6,15 @@ denoising step) and runs dense, unchanged; an observer on the op scores, for eve
 candidate pattern on sampled query rows: error = ‖O_pattern − O_dense‖ / ‖O_dense‖ per head,
 accumulated over calls. Exact dense rows are cheap, and a pattern's output follows from the dense
 probabilities renormalised over its key blocks, so all candidates cost one matrix product each.
-Cost is the number of key blocks the pattern computes at the calibration shape (the CPU model of
-kernel time; measured timings come later).
+Cost is the kernel's time relative to dense SDPA, measured on the GPU and cached (``autosparse.cost``;
+on a CPU, the key blocks computed).
 
 Candidates: for a 1-D sequence (LLMs), windows and sinks + windows of ``SearchConfig.windows``; for
 a diffusion transformer's token grid, tile-stepped neighborhoods (``structural.tile_window``) at the
 block densities of ``SearchConfig.densities`` (video also: spatial, temporal, and the smallest
-neighborhood plus the first frame), scored in the tile order the kernel runs them in. Dense always
-qualifies.
+neighborhood plus the first frame), scored in the tile order the kernel runs them in. With
+``SearchConfig.dynamic``, 1-D calls also try ``block_topk``/``block_cdf``, scored on each call's own
+estimate. Dense always qualifies.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ class SearchConfig:
         seed: seeds the row sampling, so a search is reproducible.
         cost: ``"auto"``: kernel time measured on this GPU relative to dense SDPA (``autosparse.cost``;
             key blocks on a CPU); ``"blocks"``: always key blocks.
-        dynamic: also try the dynamic kinds (``block_topk`` k of ``DYNAMIC_TOPK``, ``block_cdf``
-            mass of ``DYNAMIC_MASS``), scored on each call's own estimate; their cost is the block
-            density they reach (the estimate's own time is not counted).
+        dynamic: 1-D sequences (LLMs): also try the dynamic kinds (``block_topk`` k of
+            ``DYNAMIC_TOPK``, ``block_cdf`` mass of ``DYNAMIC_MASS``), scored on each call's own
+            estimate; their cost is the block density they reach (the estimate's time not counted).
     """
 
     budget: float = 0.05
@@ -114,6 +115,8 @@ def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None
         for window in config.windows:
             candidates += [Window(window), SinkLocal(config.sinks, window)]
         return candidates + dynamic + [Dense()]
+    # A token grid is scored in tile order, where the runtime estimates a dynamic pattern only if
+    # its layer also has grid patterns: dynamic kinds are not offered there.
     for density in config.densities:
         try:
             pattern, _ = tile_window(tokens, density, block_size=config.block_size)
@@ -125,7 +128,7 @@ def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None
         # Video: the spatial and temporal heads of Sparse VideoGen, and the smallest neighborhood
         # plus the first frame (a stripe every query sees: heads that anchor on it).
         candidates += [Spatial(1), Temporal((1, 1)), Union((candidates[0], Stripes(0, (0,))))]
-    return candidates + dynamic + [Dense()]
+    return candidates + [Dense()]
 
 
 class _LayerScores:
@@ -139,9 +142,12 @@ class _LayerScores:
         self.blocks = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
         self.cost: list[float | None] | None = None
 
-    def head_costs(self) -> torch.Tensor:
+    def density(self) -> torch.Tensor:
+        """``[H, C]``: key blocks over dense attention's (Dense is the last candidate)."""
+        return self.blocks / self.blocks[:, -1:].clamp_min(1e-30)
+
+    def head_costs(self, density: torch.Tensor) -> torch.Tensor:
         """``[H, C]``: each candidate's cost for each head, relative to dense."""
-        density = self.blocks / self.blocks[:, -1:].clamp_min(1e-30)
         fixed = torch.tensor([c if c is not None else float("nan") for c in self.cost], dtype=torch.float64)
         return torch.where(fixed.isnan(), density, fixed.expand_as(density))
 
@@ -159,7 +165,16 @@ class _Calibrator:
         self.ranges: list[dict[str, _LayerScores]] = []
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = progress
-        self._costs: dict[LayerShape, list[float]] = {}  # layers of one shape share their cost table
+        self._costs: dict[LayerShape, list[float | None]] = {}  # layers of one shape share their cost table
+        self._masks: dict[tuple[BlockGeometry, str], list[torch.Tensor | None]] = {}  # static candidates' blocks
+
+    def _static_masks(self, geometry: BlockGeometry, device: torch.device) -> list[torch.Tensor | None]:
+        """Each static candidate's ``[NQ, NK]`` blocks at ``geometry`` (None for dynamic ones), built
+        once: every layer and call of one shape reuses them."""
+        key = (geometry, str(device))
+        if key not in self._masks:
+            self._masks[key] = [None if p.is_dynamic else block_mask(p, geometry, device) for p in self.candidates]
+        return self._masks[key]
 
     def _cost(self, shape: LayerShape, device: torch.device) -> list[float]:
         if shape not in self._costs:
@@ -231,14 +246,13 @@ class _Calibrator:
         layer.ref_sq += dense.double().square().sum(dim=(0, 2, 3)).cpu()
         q_blocks = (rows // geometry.q_block).to(query.device)
         dense_blocks = float(geometry.reachable().sum())
-        for c, pattern in enumerate(self.candidates):
-            if pattern.is_dynamic:  # this call's own estimate, per sample and head
+        for c, (pattern, mask) in enumerate(zip(self.candidates, self._static_masks(geometry, query.device))):
+            if mask is None:  # dynamic: this call's own estimate, per sample and head
                 mask = pattern.estimate(query, key, geometry, scale)  # [B, H, NQ, NK]
                 layer.blocks[:, c] += mask.sum((-1, -2)).double().mean(0).cpu()
                 keep = mask[:, :, q_blocks].to(probs)  # [B, H, R, NK]
                 spec = "bhrj"
             else:
-                mask = block_mask(pattern, geometry, query.device)
                 blocks = float(mask.sum())
                 layer.blocks[:, c] += blocks
                 if blocks == dense_blocks:
@@ -260,7 +274,8 @@ class _Calibrator:
         if float(scores.blocks[0, -1]) == 0 or scores.cost is None:
             raise ValueError(f"layer {layer.name} was never called during calibration"
                              + (f" in step range {step_range}" if len(self.ranges) > 1 else ""))
-        costs, density = scores.head_costs(), scores.blocks / scores.blocks[:, -1:]
+        density = scores.density()
+        costs = scores.head_costs(density)
         heads, measured = [], []
         for h in range(layer.num_heads):
             order = sorted(range(len(self.candidates)), key=lambda c: (float(costs[h, c]), float(density[h, c]), c))
@@ -357,10 +372,10 @@ def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
     state.observer = _observer(calibrator, config)
     identity = {"model": model_signature(model)["fingerprint"], "class": type(model).__name__,
                 "inputs": len(inputs), "config": repr(config)}
-    done = _resume(checkpoint, identity, calibrator, state) if checkpoint else 0
-    bar.update(done * len(layers))
     started = time.perf_counter()
-    try:
+    try:  # from here on the model is patched: unpatch it whatever happens
+        done = _resume(checkpoint, identity, calibrator, state) if checkpoint else 0
+        bar.update(done * len(layers))
         with torch.inference_mode():
             for i in range(done, len(inputs)):
                 run_model(model, inputs[i])

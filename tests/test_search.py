@@ -244,6 +244,7 @@ def test_record_inputs_of_a_pipeline_then_calibrate():
 def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     """Stopped after 2 of 4 denoising steps, started again with the same checkpoint: it skips the
     steps done, keeps counting steps where it left off, and ends exactly where one run ends."""
+    import autosparse
     import autosparse.search as search
     from autosparse.dits import build_dit
 
@@ -274,6 +275,7 @@ def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkey
     assert whole.profile().steps == resumed.profile().steps
     with pytest.raises(ValueError, match="checkpoint .*: inputs is 4"):
         calibrate(dit.model, steps[:3], config, progress=False, checkpoint=checkpoint)
+    assert autosparse.patch.patch_of(dit.model) is None  # a refused checkpoint leaves the model unpatched
 
 
 def test_dynamic_candidates_win_where_attention_follows_content():
