@@ -9,7 +9,9 @@ then run the same block-sparse kernel on that layout:
   softmax mass reaches ``mass``.
 - ``vertical_slash`` (``vertical``, ``slash``, causal prefill, as MInference): the last query block
   attends every key exactly; the ``vertical`` key columns and the ``slash`` diagonals (query - key
-  offsets) with the most of that attention are kept for every query.
+  offsets) with the most of that attention are kept for every query. The diagonals become key
+  blocks; the columns stay columns (``select``): the kernel gathers them token by token, so a
+  thousand scattered keys cost about eight key blocks rather than every block they touch.
 
 Every estimate also keeps each query block's own key blocks (a query always sees itself), the first
 key block (attention sinks) and, through the layout, a diffusion model's text tokens. With a batch,
@@ -42,15 +44,25 @@ class DynamicPattern(Pattern):
         raise TypeError(f"{self.kind} chooses its blocks from each call's q and k: use estimate(q, k, geometry)")
 
     def estimate(self, q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, scale: float) -> torch.Tensor:
-        """Bool ``[B, H, NQ, NK]`` for q ``[B, H, Sq, D]`` and k ``[B, Hk, Sk, D]``, where query head
-        h reads key head ``h // (H // Hk)`` (GQA: k is never expanded); within
-        ``geometry.reachable()``, own and sink blocks included."""
+        """Bool ``[B, H, NQ, NK]``: every key block holding an attended key, for q ``[B, H, Sq, D]``
+        and k ``[B, Hk, Sk, D]``, where query head h reads key head ``h // (H // Hk)`` (GQA: k is
+        never expanded); within ``geometry.reachable()``, own and sink blocks included."""
+        blocks, columns = self.select(q, k, geometry, scale)
+        if columns is None:
+            return blocks
+        return blocks | (_column_blocks(columns, geometry) & geometry.reachable(q.device))
+
+    def select(self, q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry,
+               scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the kernel visits: key blocks, bool ``[B, H, NQ, NK]`` (as ``estimate``), and key
+        columns visited token by token, bool ``[B, H, Sk]`` (None for block-only patterns)."""
         if q.shape[1] % k.shape[1]:
             raise ValueError(f"{q.shape[1]} query heads cannot share {k.shape[1]} key heads")
-        chosen = self._choose(q, k, geometry, scale)
-        return (chosen | always_kept(geometry, q.device)) & geometry.reachable(q.device)
+        blocks, columns = self._choose(q, k, geometry, scale)
+        return (blocks | always_kept(geometry, q.device)) & geometry.reachable(q.device), columns
 
-    def _choose(self, q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, scale: float) -> torch.Tensor:
+    def _choose(self, q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError(f"{type(self).__name__} must implement _choose")
 
 
@@ -95,7 +107,7 @@ class BlockTopK(DynamicPattern):
     def _choose(self, q, k, geometry, scale):
         scores = _block_scores(q, k, geometry, scale)
         top = scores.topk(min(self.k, scores.shape[-1]), dim=-1).indices
-        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True), None
 
 
 @register_pattern
@@ -118,14 +130,15 @@ class BlockCdf(DynamicPattern):
         ordered, order = probs.sort(dim=-1, descending=True)
         before = ordered.cumsum(-1) - ordered  # mass of the better blocks: keep while it is short of the target
         keep = before < self.mass
-        return torch.zeros_like(keep).scatter_(-1, order, keep)
+        return torch.zeros_like(keep).scatter_(-1, order, keep), None
 
 
 @register_pattern
 @dataclass(frozen=True)
 class VerticalSlash(DynamicPattern):
     """Causal prefill: the ``vertical`` key columns and ``slash`` diagonals that the last query
-    rows attend most, for every query (MInference's vertical-slash)."""
+    rows attend most, for every query (MInference's vertical-slash). The diagonals are served as
+    key blocks, the columns as gathered columns."""
 
     kind: ClassVar[str] = "vertical_slash"
     vertical: int = 1000
@@ -139,24 +152,54 @@ class VerticalSlash(DynamicPattern):
         if not geometry.causal:
             raise ValueError("vertical_slash is for causal attention (LLM prefill)")
         rows = min(_LAST_ROWS, geometry.q_len)
-        positions = torch.arange(geometry.kv_len - rows, geometry.kv_len, device=q.device)  # absolute
-        keys = torch.arange(geometry.kv_len, device=q.device)
         b, h = q.shape[:2]
         group = h // k.shape[1]
         last = q[:, :, -rows:].reshape(b, k.shape[1], group * rows, q.shape[-1])  # a KV head's queries together
-        logits = (last @ k.transpose(-1, -2)).float().view(b, h, rows, -1) * scale  # [B, H, R, Sk]
-        offsets = positions[:, None] - keys[None, :]  # [R, Sk]: query - key
-        attention = torch.softmax(logits.masked_fill(offsets < 0, float("-inf")), dim=-1)
+        logits = (last @ k.transpose(-1, -2)).view(b, h, rows, -1).float().mul_(scale)  # [B, H, R, Sk]
+        first = geometry.kv_len - rows  # absolute position of the first of these rows
+        hidden = torch.ones(rows, geometry.kv_len, dtype=torch.bool, device=q.device).triu_(first + 1)  # key > query
+        attention = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
         columns = _top_indicator(attention.sum(2), self.vertical)  # [B, H, Sk]
-        by_offset = torch.zeros_like(columns, dtype=attention.dtype).scatter_add_(
-            -1, offsets.clamp(min=0).expand_as(attention).flatten(2), attention.flatten(2))
-        diagonals = _top_indicator(by_offset, self.slash)  # [B, H, Sk]: offset d kept
-        return _column_blocks(columns, geometry) | _diagonal_blocks(diagonals, geometry)
+        columns[..., :geometry.kv_block] = False  # the first key block is always visited whole
+        diagonals = _top_indicator(_sum_by_offset(attention), self.slash)  # [B, H, Sk]: offset d kept
+        blocks = _diagonal_blocks(diagonals, geometry) | always_kept(geometry, q.device)
+        # A head's columns are visited as the key blocks they add where that costs no more key
+        # tiles than gathering them: columns that cluster, or that the diagonals already cover.
+        column_blocks = _column_blocks(columns, geometry) & geometry.reachable(q.device)
+        added = (column_blocks & ~blocks).sum((-1, -2))  # [B, H]
+        as_blocks = added <= _column_tiles(columns, geometry).sum(-1)
+        blocks |= column_blocks & as_blocks[..., None, None]
+        return blocks, columns & ~as_blocks[..., None]
+
+
+def _sum_by_offset(attention: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Sk]``: for the last R query rows ``attention [B, H, R, Sk]`` (row r at absolute
+    position ``Sk - R + r``), the attention summed along each diagonal, indexed by the offset
+    ``query - key``. Skewed in place of a scatter: with the keys reversed, offset d of row r sits at
+    column ``R - 1 - r + d``, so rows laid ``Sk + R - 1`` apart in a zero-padded buffer line every
+    offset up in one column."""
+    b, h, r, s = attention.shape
+    padded = attention.new_zeros(b, h, r, s + r)
+    padded[..., :s] = attention.flip(-1)
+    skewed = padded.view(b, h, -1).as_strided((b, h, r, s), (h * r * (s + r), r * (s + r), s + r - 1, 1),
+                                              padded.storage_offset() + r - 1)
+    return skewed.sum(2)
 
 
 def _top_indicator(scores: torch.Tensor, n: int) -> torch.Tensor:
     top = scores.topk(min(n, scores.shape[-1]), dim=-1).indices
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+
+def _column_tiles(columns: torch.Tensor, geometry: BlockGeometry) -> torch.Tensor:
+    """``[B, H, NQ]``: key tiles of ``kv_block`` gathered columns each query block visits (causal:
+    the columns not after its last query), as ``BlockLayout`` counts them."""
+    if geometry.causal:
+        _, q_last, _, _ = geometry.block_spans(columns.device)
+        visible = columns.cumsum(-1, dtype=torch.int32)[..., q_last[:, 0]]
+    else:
+        visible = columns.sum(-1, dtype=torch.int32)[..., None].expand(-1, -1, geometry.num_q_blocks)
+    return -(-visible // geometry.kv_block)
 
 
 def _column_blocks(columns: torch.Tensor, geometry: BlockGeometry) -> torch.Tensor:

@@ -7,13 +7,14 @@ is data, with ``density()``, ``to_dense()``, ``to(device)``, ``[head]`` indexing
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from autosparse.kernels.block_sparse_op import row_schedule
+from autosparse.kernels.block_sparse_op import row_schedule, work_counts
 from autosparse.kernels.reference import layout_mask
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.tokens import TokenGeometry, default_tile
@@ -30,18 +31,29 @@ class BlockLayout:
         kv_indices: int32 ``[1, H, NQ, MAXK]``; row ``[0, h, i, :kv_counts[0, h, i]]`` lists the
             key blocks query block ``i`` of head ``h`` attends (ascending), the rest is padding.
         kv_counts: int32 ``[1, H, NQ]``.
-        head_density: float ``[H]``, computed blocks over the blocks dense attention computes.
+        head_density: float ``[H]``, computed key tiles (blocks, and columns in tiles of
+            ``kv_block``) over the blocks dense attention computes.
+        columns: None, or key columns visited token by token on top of the blocks (a dynamic
+            pattern's vertical lines): int32 ``[1, H, C]``, each head's key positions ascending,
+            padded with ``kv_len``; ``column_counts`` int32 ``[1, H, NQ]`` how many of them query
+            block ``i`` visits (causal: those it may see); ``listed`` bool ``[1, H, NQ, NK]``, the
+            blocks as a mask (the kernel skips a column inside a visited block).
     """
 
     geometry: BlockGeometry
     kv_indices: torch.Tensor
     kv_counts: torch.Tensor
     head_density: torch.Tensor
+    columns: torch.Tensor | None = None
+    column_counts: torch.Tensor | None = None
+    listed: torch.Tensor | None = None
     _schedules: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_block_mask(cls, block_mask: torch.Tensor, geometry: BlockGeometry) -> BlockLayout:
-        """From a bool ``[H, NQ, NK]`` block mask (blocks outside ``geometry.reachable()`` dropped)."""
+    def from_block_mask(cls, block_mask: torch.Tensor, geometry: BlockGeometry,
+                        columns: torch.Tensor | None = None) -> BlockLayout:
+        """From a bool ``[H, NQ, NK]`` block mask (blocks outside ``geometry.reachable()`` dropped)
+        and optionally a bool ``[H, kv_len]`` mask of key columns each head visits token by token."""
         expected = (geometry.num_q_blocks, geometry.num_kv_blocks)
         if block_mask.dtype != torch.bool or block_mask.dim() != 3 or tuple(block_mask.shape[1:]) != expected:
             raise ValueError(
@@ -54,8 +66,14 @@ class BlockLayout:
         max_k = max(int(counts.max()), 1)
         # Stable sort puts the attended blocks first, in ascending order.
         order = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True)[..., :max_k]
-        density = counts.sum(-1).double() / reachable.sum().double()
-        return cls(geometry, order.to(torch.int32)[None].contiguous(), counts[None].contiguous(), density.float())
+        if columns is None:
+            density = counts.sum(-1).double() / reachable.sum().double()
+            return cls(geometry, order.to(torch.int32)[None].contiguous(), counts[None].contiguous(), density.float())
+        positions, column_counts = _column_lists(columns, geometry)
+        tiles = work_counts(counts, column_counts, geometry.kv_block)
+        density = tiles.sum(-1).double() / reachable.sum().double()
+        return cls(geometry, order.to(torch.int32)[None].contiguous(), counts[None].contiguous(), density.float(),
+                   positions[None].contiguous(), column_counts[None].contiguous(), block_mask[None].contiguous())
 
     @classmethod
     def from_patterns(
@@ -77,7 +95,8 @@ class BlockLayout:
         """The kernel's program order for this layout (heaviest rows first, GQA groups together),
         built once per ``group`` (query heads per KV head) on the layout's device."""
         if group not in self._schedules:
-            self._schedules[group] = row_schedule(self.kv_counts, group)
+            work = work_counts(self.kv_counts, self.column_counts, self.geometry.kv_block)
+            self._schedules[group] = row_schedule(work, group)
         return self._schedules[group]
 
     def density(self) -> float:
@@ -92,7 +111,8 @@ class BlockLayout:
         order (see ``to_dense_model_order``)."""
         g = self.geometry
         return layout_mask(self.kv_indices, self.kv_counts, q_block=g.q_block, kv_block=g.kv_block,
-                           seq_q=g.q_len, seq_k=g.kv_len, causal=g.causal)[0]
+                           seq_q=g.q_len, seq_k=g.kv_len, causal=g.causal, columns=self.columns,
+                           column_counts=self.column_counts)[0]
 
     def to_dense_model_order(self) -> torch.Tensor:
         """``to_dense()`` with positions in the model's sequence order rather than the kernel's:
@@ -105,27 +125,35 @@ class BlockLayout:
         return dense.index_select(1, inverse).index_select(2, inverse)
 
     def to(self, device: torch.device | str) -> BlockLayout:
-        return BlockLayout(
-            self.geometry, self.kv_indices.to(device), self.kv_counts.to(device), self.head_density
-        )
+        return self._map(lambda t: t.to(device))
 
     def with_heads_skipped(self, heads: Sequence[int]) -> BlockLayout:
-        """The same layout with no key blocks for ``heads`` (the kernel writes zeros there): for
-        heads another kernel serves, e.g. dense heads sent to SDPA."""
-        counts = self.kv_counts.clone()
-        counts[:, list(heads)] = 0
+        """The same layout with no key blocks or columns for ``heads`` (the kernel writes zeros
+        there): for heads another kernel serves, e.g. dense heads sent to SDPA."""
+        def skip(counts: torch.Tensor | None) -> torch.Tensor | None:
+            if counts is None:
+                return None
+            counts = counts.clone()
+            counts[:, list(heads)] = 0
+            return counts
+
         density = self.head_density.clone()
         density[list(heads)] = 0.0
-        return BlockLayout(self.geometry, self.kv_indices, counts, density)
+        return BlockLayout(self.geometry, self.kv_indices, skip(self.kv_counts), density, self.columns,
+                           skip(self.column_counts), self.listed)
 
     def __getitem__(self, head: int | slice) -> BlockLayout:
         heads = slice(head, head + 1) if isinstance(head, int) else head
-        return BlockLayout(
-            self.geometry,
-            self.kv_indices[:, heads].contiguous(),
-            self.kv_counts[:, heads].contiguous(),
-            self.head_density[heads],
-        )
+        layout = self._map(lambda t: t[:, heads].contiguous())
+        return dataclasses.replace(layout, head_density=self.head_density[heads], _schedules={})
+
+    def _map(self, fn) -> BlockLayout:
+        """``fn`` applied to every per-head tensor the kernel reads (head density and geometry kept)."""
+        def apply(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else fn(t)
+
+        return BlockLayout(self.geometry, fn(self.kv_indices), fn(self.kv_counts), self.head_density,
+                           apply(self.columns), apply(self.column_counts), apply(self.listed))
 
     def __repr__(self) -> str:
         g = self.geometry
@@ -134,6 +162,26 @@ class BlockLayout:
             f"blocks=({g.q_block}, {g.kv_block}), causal={g.causal}, "
             f"max_kv_blocks={self.kv_indices.shape[-1]}, density={self.density():.3f}, device={self.device})"
         )
+
+
+def _column_lists(columns: torch.Tensor, geometry: BlockGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool ``[H, kv_len]`` key columns -> (int32 ``[H, C]`` positions ascending, padded with
+    ``kv_len``; int32 ``[H, NQ]`` how many each query block visits: causal, those not after its
+    last query)."""
+    expected = (geometry.kv_len,)
+    if columns.dtype != torch.bool or columns.dim() != 2 or tuple(columns.shape[1:]) != expected:
+        raise ValueError(f"columns must be bool [H, {geometry.kv_len}], got {columns.dtype} {tuple(columns.shape)}")
+    per_head = columns.sum(-1)
+    width = max(int(per_head.max()), 1)
+    order = torch.argsort((~columns).to(torch.int8), dim=-1, stable=True)[:, :width]  # kept positions first
+    positions = torch.where(torch.arange(width, device=columns.device) < per_head[:, None], order, geometry.kv_len)
+    if geometry.causal:
+        _, q_last, _, _ = geometry.block_spans(columns.device)
+        visible = q_last[:, 0].expand(columns.shape[0], -1).contiguous() + 1  # [H, NQ]: keys < this
+        counts = torch.searchsorted(positions.contiguous(), visible)
+    else:
+        counts = per_head[:, None].expand(-1, geometry.num_q_blocks)
+    return positions.to(torch.int32), counts.to(torch.int32)
 
 
 def block_mask(pattern: Pattern, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -169,26 +169,31 @@ class LayerPlan:
 
     def dynamic_layout(self, heads: HeadSet, geometry: BlockGeometry, query: torch.Tensor, key: torch.Tensor,
                        scale: float, skipped: tuple[int, ...]) -> BlockLayout:
-        """This call's layout when some heads are dynamic: their blocks estimated from q and k
-        (union over the batch; text tokens dense), the static heads' blocks as cached."""
+        """This call's layout when some heads are dynamic: their blocks (and key columns, for
+        vertical_slash) estimated from q and k (union over the batch; text tokens dense), the static
+        heads' blocks as cached."""
         cache_key = (heads, geometry, query.device)
         static = self._static_masks.get(cache_key)
         if static is None:  # dynamic heads' rows are overwritten below
             static = torch.stack([geometry.reachable(query.device) if p.is_dynamic else block_mask(p, geometry, query.device)
                                   for p in heads.patterns])
             _bounded_put(self._static_masks, cache_key, static)
-        mask = static.clone()
+        mask, columns = static.clone(), None
         group = query.shape[1] // key.shape[1]
         text = geometry.text_block_mask(query.device)
         for pattern, indices in heads.dynamic_heads.items():
             index = torch.tensor(indices, device=query.device)
             if len(indices) == query.shape[1]:  # every head: q and the unexpanded GQA keys as they are
-                estimate = pattern.estimate(query, key, geometry, scale).any(0)
+                blocks, cols = pattern.select(query, key, geometry, scale)
             else:
-                estimate = pattern.estimate(query.index_select(1, index), key.index_select(1, index // group),
-                                            geometry, scale).any(0)
-            mask[index] = estimate if text is None else estimate | text
-        layout = BlockLayout.from_block_mask(mask, geometry)
+                blocks, cols = pattern.select(query.index_select(1, index), key.index_select(1, index // group),
+                                              geometry, scale)
+            mask[index] = blocks.any(0) if text is None else blocks.any(0) | text
+            if cols is not None:
+                if columns is None:
+                    columns = torch.zeros(query.shape[1], key.shape[2], dtype=torch.bool, device=query.device)
+                columns[index] = cols.any(0)
+        layout = BlockLayout.from_block_mask(mask, geometry, columns)
         return layout.with_heads_skipped(skipped) if skipped else layout
 
     def grid_order(self, heads: HeadSet, tokens: TokenGeometry, device: torch.device) -> TokenGeometry:
@@ -315,6 +320,7 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
     out = torch.ops.autosparse.block_sparse_attention(
         query, k, v, layout.kv_indices, layout.kv_counts, kv_valid, layout.schedule(group),
         q_block, kv_block, causal, scale, None if order is None else tokens.query_rows(query.device),
+        layout.columns, layout.column_counts, layout.listed,
     )
     if split:
         dense_heads, kv_heads = plan.dense_index(heads, query.device, group)

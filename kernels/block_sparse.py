@@ -72,17 +72,29 @@ def _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, o
 
 
 @triton.jit
+def _online_softmax(acc, l_i, m_i, qk, qk_scale):
+    """Fold masked scores ``qk`` (-inf where not attended) into the running (acc, l_i, m_i); returns
+    the probabilities to multiply with V and the rescaled state.
+
+    Scores are kept in the log2 domain (``qk_scale`` = scale * log2(e)). A row that has seen no
+    allowed key keeps m_i = -inf, l_i = 0, acc = 0 (the epilogue writes 0 for it).
+    """
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    return p, acc * alpha[:, None], l_i, m_new
+
+
+@triton.jit
 def _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,  #
                 V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,  #
                 q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,  #
                 BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
                 CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
                 DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """Fold one key block's scores into the running (acc, l_i, m_i): mask, online softmax, P @ V.
-
-    Scores are kept in the log2 domain (``qk_scale`` = scale * log2(e)). A row that has seen no
-    allowed key keeps m_i = -inf, l_i = 0, acc = 0 (the epilogue writes 0 for it).
-    """
+    """Fold one key block's scores into the running (acc, l_i, m_i): mask, online softmax, P @ V."""
     # -- element mask, only on blocks that need one -----------------------------------------------
     needs_mask = ~in_range
     if not EVEN_N:
@@ -100,13 +112,7 @@ def _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,  #
         offs_k = start_n + offs_n
         valid = tl.load(KvValid_row + offs_k, mask=offs_k < Sk, other=0) != 0
         qk = tl.where(valid[None, :], qk, float("-inf"))
-    # -- online softmax update --------------------------------------------------------------------
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-    p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-    alpha = tl.math.exp2(m_i - m_use)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
+    p, acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, qk_scale)
     # -- P @ V ------------------------------------------------------------------------------------
     if USE_TMA:
         v = v_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
@@ -117,7 +123,34 @@ def _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,  #
         else:
             v = tl.load(v_ptrs, mask=(start_n + offs_n)[:, None] < Sk, other=0.0)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
-    return acc, l_i, m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd_columns(acc, l_i, m_i, q, K_head, V_head, KvValid_row, Cols_head, ncols, Listed_row,  #
+                      stride_kn, stride_vn, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,  #
+                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr,  #
+                      DOT_PRECISION: tl.constexpr):
+    """Visit the first ``ncols`` of the head's key columns (ascending key positions), BLOCK_N at a
+    time, gathering their K/V rows: scattered keys (vertical lines) cost their tokens, not their
+    blocks. A column inside a key block the row already visited (``Listed_row[block]``) is skipped,
+    so every key is attended once."""
+    for c0 in range(0, ncols, BLOCK_N):
+        slot = c0 + offs_n
+        cols = tl.load(Cols_head + slot, mask=slot < ncols, other=-1)
+        in_range = (cols >= 0) & (cols < Sk)  # padding and bad entries are skipped
+        take = in_range & (tl.load(Listed_row + cols // BLOCK_N, mask=in_range, other=1) == 0)
+        kT = tl.load(K_head + cols.to(tl.int64)[None, :] * stride_kn + offs_d[:, None], mask=take[None, :], other=0.0)
+        qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
+        keep = take[None, :]
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= (offs_m + causal_shift)[:, None])
+        if HAS_KV_VALID:
+            keep = keep & (tl.load(KvValid_row + cols, mask=take, other=0) != 0)[None, :]
+        p, acc, l_i, m_i = _online_softmax(acc, l_i, m_i, tl.where(keep, qk, float("-inf")), qk_scale)
+        v = tl.load(V_head + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=take[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -150,7 +183,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
 
 
 @triton.jit
-def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows,  #
+def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows, Cols, ColCnt, Listed,  #
               q_desc, k_desc, v_desc, o_desc,  #
               stride_qb, stride_qh, stride_qm,  #
               stride_kb, stride_kh, stride_kn,  #
@@ -160,11 +193,12 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows,  #
               stride_ib, stride_ih, stride_iq, stride_ik,  #
               stride_cb, stride_ch, stride_cq,  #
               stride_valid_b,  #
+              stride_colb, stride_colh, stride_ccb, stride_cch, stride_lib, stride_lih, stride_liq,  #
               sm_scale, GROUP, Sq, Sk, MAXK, NQ,  #
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr,  #
               CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, STORE_LSE: tl.constexpr,  #
               EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,  #
-              HAS_Q_ROWS: tl.constexpr):
+              HAS_Q_ROWS: tl.constexpr, HAS_COLS: tl.constexpr):
     """One program = one query tile (BLOCK_M rows) of one layout row (head h, query block i) of one
     batch entry; the row comes from the schedule: ``Sched[program_id(0) // Q_SPLIT] = h * NQ + i``.
 
@@ -177,6 +211,10 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows,  #
     position the layout, causal rule and K/V order speak of) is row QRows[p] of Q, and its output
     (and lse) goes to row QRows[p] of Out (and Lse). Q and Out are then read and written through
     pointers (q_desc/o_desc are unused), while K/V keep USE_TMA.
+
+    HAS_COLS: after its blocks, the row also visits key columns: the first ``ColCnt[b, h, i]``
+    entries of Cols int32 [Bl, Hq, C] (the head's columns, ascending), except those inside a block
+    the row lists (Listed uint8 [Bl, Hq, NQ, NK], the layout's blocks as a mask).
     """
     tl.static_assert(BLOCK_M >= 16, "BLOCK_M must be >= 16 for tl.dot")
     tl.static_assert(BLOCK_N >= 16, "BLOCK_N (kv_block) must be >= 16 for tl.dot")
@@ -232,6 +270,14 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows,  #
                                     offs_m, offs_n, offs_d,  #
                                     BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION,  #
                                     USE_TMA)
+    if HAS_COLS:
+        off_bl_c = off_b.to(tl.int64) * stride_colb + off_h.to(tl.int64) * stride_colh
+        ncols = tl.load(ColCnt + off_b.to(tl.int64) * stride_ccb + off_h.to(tl.int64) * stride_cch + block_m)
+        Listed_row = Listed + off_b.to(tl.int64) * stride_lib + off_h.to(tl.int64) * stride_lih \
+            + block_m.to(tl.int64) * stride_liq
+        acc, l_i, m_i = _attn_fwd_columns(acc, l_i, m_i, q, K_head, V_head, KvValid_row, Cols + off_bl_c, ncols,
+                                          Listed_row, stride_kn, stride_vn, causal_shift, Sk, qk_scale,
+                                          offs_m, offs_n, offs_d, BLOCK_N, CAUSAL, HAS_KV_VALID, DOT_PRECISION)
 
     # epilogue: rows with no attended key (l_i == 0) give 0 and lse = -inf
     has_any = l_i > 0.0

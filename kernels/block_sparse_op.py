@@ -37,7 +37,8 @@ _MAX_GRID_YZ = 65535  # CUDA limit of grid dim 1 (batch)
 _OP_NAME = "autosparse::block_sparse_attention"
 _OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_counts, Tensor? kv_valid, "
               "Tensor? schedule, "
-              "int q_block, int kv_block, bool causal, float scale, Tensor? q_rows=None) -> Tensor")
+              "int q_block, int kv_block, bool causal, float scale, Tensor? q_rows=None, "
+              "Tensor? columns=None, Tensor? column_counts=None, Tensor? listed=None) -> Tensor")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,7 +163,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, schedule, out,
-                q_rows=None) -> float:
+                q_rows=None, columns=None, column_counts=None, listed=None) -> float:
     """Validate everything (no host syncs); return the resolved softmax scale."""
     for name, t in (("q", q), ("k", k), ("v", v), ("kv_indices", kv_indices), ("kv_counts", kv_counts)):
         if not isinstance(t, Tensor):
@@ -228,6 +229,7 @@ def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale
         if causal:
             raise ValueError("q_rows is not supported with causal=True (the causal rule would compare kernel "
                              "positions of permuted queries); permute q yourself for causal layouts")
+    _check_columns(columns, column_counts, listed, q.device, bl, hq, nq, _cdiv(sk, kv_block))
     if out is not None:
         if not isinstance(out, Tensor):
             raise TypeError(f"out must be a Tensor or None, got {type(out).__name__}")
@@ -241,6 +243,24 @@ def _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0.0 < float(scale) < math.inf):
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     return float(scale)
+
+
+def _check_columns(columns, column_counts, listed, device, bl: int, hq: int, nq: int, nk: int) -> None:
+    given = [t is not None for t in (columns, column_counts, listed)]
+    if not any(given):
+        return
+    if not all(given):
+        raise ValueError("columns, column_counts and listed go together (BlockLayout gives all three)")
+    expected = (("columns", columns, torch.int32, None), ("column_counts", column_counts, torch.int32, (bl, hq, nq)),
+                ("listed", listed, torch.bool, (bl, hq, nq, nk)))
+    for name, t, dtype, shape in expected:
+        if not isinstance(t, Tensor) or t.dtype != dtype or t.device != device or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous {dtype} Tensor on {device}, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} on {getattr(t, 'device', None)}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {list(shape)}, got {list(t.shape)}")
+    if columns.dim() != 3 or tuple(columns.shape[:2]) != (bl, hq):
+        raise ValueError(f"columns must be int32 [Bl={bl}, Hq={hq}, C], got {list(columns.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -306,6 +326,13 @@ def row_schedule(kv_counts: Tensor, group: int = 1) -> Tensor:
     return ((kv_head * group + rest // nq) * nq + rest % nq).to(torch.int32)
 
 
+def work_counts(kv_counts: Tensor, column_counts: Tensor | None, kv_block: int) -> Tensor:
+    """Key tiles each layout row visits: its blocks, plus its columns in tiles of ``kv_block``."""
+    if column_counts is None:
+        return kv_counts
+    return kv_counts + (column_counts + kv_block - 1) // kv_block
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
@@ -350,7 +377,8 @@ def _descriptor(t: Tensor, rows: int):
 
 
 def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
-            config: TileConfig | None, q_rows: Tensor | None = None):
+            config: TileConfig | None, q_rows: Tensor | None = None, columns: Tensor | None = None,
+            column_counts: Tensor | None = None, listed: Tensor | None = None):
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     bl, _, nq, maxk = kv_indices.shape
@@ -367,7 +395,7 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
                          f"got {block_m}")
     q_split = q_block // block_m
     if schedule is None:
-        schedule = row_schedule(kv_counts, hq // hkv)
+        schedule = row_schedule(work_counts(kv_counts, column_counts, kv_block), hq // hkv)
     descs = (None,) * 4
     if use_tma and q_rows is not None:
         descs = (None, _descriptor(k, kv_block), _descriptor(v, kv_block), None)
@@ -377,9 +405,14 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     valid_arg = kv_valid.contiguous().view(torch.uint8) if kv_valid is not None else kv_counts
     lse_arg = lse if lse is not None else out
     q_rows_arg = q_rows if q_rows is not None else kv_counts  # any int32 pointer when unused
+    has_cols = columns is not None
+    cols_args = (columns, column_counts, listed.view(torch.uint8)) if has_cols else (kv_counts,) * 3
+    cols_strides = (columns.stride(0) if bl > 1 else 0, columns.stride(1),
+                    column_counts.stride(0) if bl > 1 else 0, column_counts.stride(1),
+                    listed.stride(0) if bl > 1 else 0, listed.stride(1), listed.stride(2)) if has_cols else (0,) * 7
     kernel = _kernel(q.device)
     grid = (hq * nq * q_split, b)
-    args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg, schedule, q_rows_arg, *descs,
+    args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg, schedule, q_rows_arg, *cols_args, *descs,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -388,11 +421,12 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
             kv_indices.stride(0) if bl > 1 else 0, kv_indices.stride(1), kv_indices.stride(2), kv_indices.stride(3),
             kv_counts.stride(0) if bl > 1 else 0, kv_counts.stride(1), kv_counts.stride(2),
             valid_arg.stride(0) if kv_valid is not None else 0,
+            *cols_strides,
             scale, hq // hkv, sq, sk, maxk, nq)
     meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=kv_block, Q_SPLIT=q_split, CAUSAL=causal,
                 HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(use_tma),
-                HAS_Q_ROWS=q_rows is not None, num_warps=config.num_warps, num_stages=config.num_stages)
+                HAS_Q_ROWS=q_rows is not None, HAS_COLS=has_cols, num_warps=config.num_warps, num_stages=config.num_stages)
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):
             return kernel[grid](*args, **meta)  # the compiled kernel (n_regs, n_spills, metadata)
@@ -406,7 +440,9 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
                            q_block: int, kv_block: int, causal: bool, scale: float | None = None,
                            kv_valid: Tensor | None = None, schedule: Tensor | None = None,
                            out: Tensor | None = None, return_lse: bool = False, config: TileConfig | None = None,
-                           q_rows: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                           q_rows: Tensor | None = None, columns: Tensor | None = None,
+                           column_counts: Tensor | None = None, listed: Tensor | None = None
+                           ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention forward: each query block attends only its listed key blocks.
 
     Parameters
@@ -435,6 +471,13 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
         the kernel reads and writes those rows in place. Not checked to be a permutation (that
         would need a device sync): repeated or out-of-range entries are undefined behaviour.
         Not supported with ``causal=True``.
+    columns, column_counts, listed : optional, together — key columns visited token by token on top
+        of the listed blocks (vertical lines: scattered keys every query of a head attends).
+        ``columns`` int32 [Bl, Hq, C]: per head, key positions in ascending order (padding past the
+        longest count is never read); ``column_counts`` int32 [Bl, Hq, NQ]: query block i visits
+        the first ``column_counts[b, h, i]`` of them (causal: those it may see);
+        ``listed`` bool [Bl, Hq, NQ, NK]: the listed blocks as a mask (a column inside a listed
+        block is attended once, with its block). ``BlockLayout`` builds all three.
 
     Returns
     -------
@@ -447,13 +490,15 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, 
     """
     return _block_sparse_attention(q, k, v, kv_indices, kv_counts, q_block=q_block, kv_block=kv_block,
                                    causal=causal, scale=scale, kv_valid=kv_valid, schedule=schedule, out=out,
-                                   return_lse=return_lse, config=config, check_grad=True, q_rows=q_rows)
+                                   return_lse=return_lse, config=config, check_grad=True, q_rows=q_rows,
+                                   columns=columns, column_counts=column_counts, listed=listed)
 
 
 def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block, causal, scale, kv_valid,
-                            schedule, out, return_lse, config, check_grad, q_rows=None):
+                            schedule, out, return_lse, config, check_grad, q_rows=None, columns=None,
+                            column_counts=None, listed=None):
     scale = _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, kv_valid, schedule, out,
-                        q_rows)
+                        q_rows, columns, column_counts, listed)
     if check_grad and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise NotImplementedError("block_sparse_attention has no backward: q/k/v require grad "
                                   "(call it under torch.no_grad() or fall back to dense attention)")
@@ -461,7 +506,7 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
         return reference.block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, q_block=q_block,
                                                       kv_block=kv_block, causal=causal, scale=scale,
                                                       kv_valid=kv_valid, out=out, return_lse=return_lse,
-                                                      q_rows=q_rows)
+                                                      q_rows=q_rows, columns=columns, column_counts=column_counts)
     b, hq, sq, d = q.shape
     sk = k.shape[2]
     if out is None:
@@ -474,7 +519,7 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
                 lse.fill_(float("-inf"))
         else:
             _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
-                    config, q_rows)
+                    config, q_rows, columns, column_counts, listed)
     return (out, lse) if return_lse else out
 
 
@@ -483,13 +528,16 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
 # ----------------------------------------------------------------------------------------------------
 def _op_impl(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, kv_valid: Optional[Tensor],
              schedule: Optional[Tensor], q_block: int, kv_block: int, causal: bool, scale: float,
-             q_rows: Optional[Tensor] = None) -> Tensor:
+             q_rows: Optional[Tensor] = None, columns: Optional[Tensor] = None,
+             column_counts: Optional[Tensor] = None, listed: Optional[Tensor] = None) -> Tensor:
     return _block_sparse_attention(q, k, v, kv_indices, kv_counts, q_block=q_block, kv_block=kv_block,
                                    causal=causal, scale=scale, kv_valid=kv_valid, schedule=schedule, out=None,
-                                   return_lse=False, config=None, check_grad=False, q_rows=q_rows)
+                                   return_lse=False, config=None, check_grad=False, q_rows=q_rows,
+                                   columns=columns, column_counts=column_counts, listed=listed)
 
 
-def _op_fake(q, k, v, kv_indices, kv_counts, kv_valid, schedule, q_block, kv_block, causal, scale, q_rows=None):
+def _op_fake(q, k, v, kv_indices, kv_counts, kv_valid, schedule, q_block, kv_block, causal, scale, q_rows=None,
+             columns=None, column_counts=None, listed=None):
     # q_rows only moves rows inside out: the shape and strides do not depend on it
     b, hq, sq, d = q.shape
     return q.new_empty((b, sq, hq, d)).transpose(1, 2)

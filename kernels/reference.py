@@ -8,7 +8,8 @@
 
 Token semantics (shared by all three and the Triton kernel): query q attends key k iff k's block is
 listed for q's block, AND (if causal) k <= q + (Sk - Sq) (bottom-right aligned), AND (if kv_valid)
-kv_valid[b, k]. A query row with no attended key outputs 0 and has lse = -inf. Entries of
+kv_valid[b, k]. With ``columns``, q also attends the first ``column_counts[b, h, i]`` of its head's
+key columns (same causal and padding rules; a column inside a listed block counts once). A query row with no attended key outputs 0 and has lse = -inf. Entries of
 ``kv_indices`` past ``kv_counts`` are padding and are never read; counts are clamped to
 [0, MAXK]; listed indices outside [0, NK) are ignored.
 """
@@ -37,7 +38,8 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def layout_mask(kv_indices: Tensor, kv_counts: Tensor, *, q_block: int, kv_block: int, seq_q: int,
-                seq_k: int, causal: bool = False, kv_valid: Tensor | None = None) -> Tensor:
+                seq_k: int, causal: bool = False, kv_valid: Tensor | None = None, columns: Tensor | None = None,
+                column_counts: Tensor | None = None) -> Tensor:
     """Dense token mask of a block layout.
 
     Parameters
@@ -48,6 +50,8 @@ def layout_mask(kv_indices: Tensor, kv_counts: Tensor, *, q_block: int, kv_block
     seq_q, seq_k : sequence lengths Sq, Sk.
     causal : also apply the bottom-right aligned causal rule k <= q + (Sk - Sq).
     kv_valid : optional bool [B, Sk] key-padding mask.
+    columns, column_counts : optional int [Bl, H, C] and [Bl, H, NQ]: query block i also attends the
+        first ``column_counts[.., i]`` key positions of its head's ``columns``.
 
     Returns
     -------
@@ -65,8 +69,14 @@ def layout_mask(kv_indices: Tensor, kv_counts: Tensor, *, q_block: int, kv_block
     blocks = torch.zeros(bl, h, nq, nk + 1, dtype=torch.bool, device=idx.device)
     blocks.scatter_(3, idx, True)
     blocks = blocks[..., :nk]
-    mask = blocks.repeat_interleave(q_block, dim=2)[:, :, :seq_q]
-    mask = mask.repeat_interleave(kv_block, dim=3)[..., :seq_k]
+    mask = blocks.repeat_interleave(kv_block, dim=3)[..., :seq_k]
+    if columns is not None:
+        slots = torch.arange(columns.shape[-1], device=idx.device)
+        taken = slots < column_counts.long().clamp(min=0)[..., None]  # [Bl, H, NQ, C]
+        cols = columns.long()[:, :, None, :]
+        cols = torch.where(taken & (cols >= 0) & (cols < seq_k), cols, seq_k)  # seq_k: dropped
+        mask = torch.nn.functional.pad(mask, (0, 1)).scatter_(3, cols, True)[..., :seq_k]
+    mask = mask.repeat_interleave(q_block, dim=2)[:, :, :seq_q]
     if causal:
         qpos = torch.arange(seq_q, device=mask.device)[:, None]
         kpos = torch.arange(seq_k, device=mask.device)[None, :]
@@ -119,7 +129,8 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None,
 def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *,
                                  q_block: int, kv_block: int, causal: bool, scale: float | None = None,
                                  kv_valid: Tensor | None = None, out: Tensor | None = None,
-                                 return_lse: bool = False, q_rows: Tensor | None = None
+                                 return_lse: bool = False, q_rows: Tensor | None = None,
+                                 columns: Tensor | None = None, column_counts: Tensor | None = None
                                  ) -> Tensor | tuple[Tensor, Tensor]:
     """Block-sparse attention in plain PyTorch: gathers only the listed key blocks.
 
@@ -145,6 +156,8 @@ def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Te
         order while k, v and kv_valid are in kernel order. The rows are gathered and scattered chunk
         by chunk (no permuted copy of q or out). ``kernels.block_sparse_attention`` rejects it with
         ``causal=True``; here causal would compare kernel positions.
+    columns, column_counts : optional int Tensors [Bl, Hq, C] and [Bl, Hq, NQ]: key columns visited
+        on top of the blocks (see ``kernels.block_sparse_attention``); gathered once per head.
 
     Returns
     -------
@@ -196,6 +209,7 @@ def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Te
     n_listed_host = n_listed.cpu()
     n_full_host = n_full.cpu()
     valid_all = kv_valid.to(device=dev, dtype=torch.bool) if kv_valid is not None else None
+    col_counts = column_counts.to(device=dev, dtype=torch.long).clamp(min=0) if columns is not None else None
     rows_all = q_rows.to(device=dev, dtype=torch.long) if q_rows is not None else None
 
     elt = torch.finfo(cdtype).bits // 8
@@ -209,6 +223,12 @@ def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Te
                 kblocks = _as_blocks(k[bi, hk], nk, kv_block, cdtype)
                 vblocks = _as_blocks(v[bi, hk], nk, kv_block, cdtype)
             qh = q[bi, h]  # [Sq, D] view
+            head_cols = None
+            if columns is not None and int(col_counts[li, h].max()) > 0:  # this head's column keys, gathered once
+                cols = columns[li, h, :int(col_counts[li, h].max())].to(device=dev, dtype=torch.long)
+                cols = torch.where((cols >= 0) & (cols < sk), cols, sk)  # bad entries: a dummy key never taken
+                rows = cols.clamp_max(sk - 1)
+                head_cols = (cols, k[bi, hk].index_select(0, rows).to(cdtype), v[bi, hk].index_select(0, rows).to(cdtype))
             # query blocks sorted by their number of listed blocks: a chunk pads little
             row_order = torch.argsort(n_listed_host[li, h], stable=True)
             counts = n_listed_host[li, h][row_order].tolist()
@@ -234,7 +254,8 @@ def block_sparse_attention_torch(q: Tensor, k: Tensor, v: Tensor, kv_indices: Te
                 res, res_lse = _chunk(qh, kblocks, vblocks, qpos, qrows, idx_all[li, h, sel, :cmax],
                                       n_listed[li, h, sel], min(fulls[r0:r1]),
                                       valid_all[bi] if valid_all is not None else None,
-                                      cmax, q_block, kv_block, sq, sk, shift, causal, scale, cdtype, elt, ar_kv)
+                                      cmax, q_block, kv_block, sq, sk, shift, causal, scale, cdtype, elt, ar_kv,
+                                      head_cols, col_counts[li, h, sel] if head_cols is not None else None)
                 keep_rows = qpos < sq
                 if bool(keep_rows.all()):
                     out[bi, h].index_copy_(0, qrows, res.reshape(-1, d).to(out.dtype))
@@ -261,12 +282,14 @@ def _as_blocks(x: Tensor, nk: int, kv_block: int, cdtype: torch.dtype) -> Tensor
 
 
 def _chunk(qh, kblocks, vblocks, qpos, qrows, idx, cnt, n_full, valid, cmax, q_block, kv_block, sq, sk, shift,
-           causal, scale, cdtype, elt, ar_kv):
+           causal, scale, cdtype, elt, ar_kv, head_cols=None, col_cnt=None):
     """Attention of n query blocks (kernel positions qpos [n * q_block], read from rows qrows of qh) of
     one head over their key blocks.
 
     idx [n, cmax]: per row the full blocks first, then the ones needing an element mask; cnt [n] listed
     entries per row; slots < n_full are full blocks in every row (no mask built for them).
+    head_cols: None, or the head's column keys (positions [C], K rows, V rows), of which row r takes
+    the first col_cnt[r] outside its listed blocks.
     Returns out [n, q_block, D] and lse [n, q_block] in cdtype.
     """
     d = qh.shape[-1]
@@ -298,16 +321,33 @@ def _chunk(qh, kblocks, vblocks, qpos, qrows, idx, cnt, n_full, valid, cmax, q_b
             if causal:
                 keep = keep & (kpos[:, None, :] <= qpos[:, :, None] + shift)
             s.masked_fill_(~keep, float("-inf"))
-        # -- (online) softmax ---------------------------------------------------------------------
-        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-        m_use = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
-        s.sub_(m_use).exp_()
-        alpha = torch.exp(m - m_use)
-        l = l * alpha + s.sum(dim=-1, keepdim=True)
-        acc = torch.baddbmm(acc * alpha, s, vg)
-        m = m_new
+        m, l, acc = _online_softmax(s, vg, m, l, acc)
+    if head_cols is not None:  # -- the columns, outside the row's listed blocks --------------------------
+        cols, kcol, vcol = head_cols
+        nk = kblocks.shape[0]
+        listed = torch.zeros(n, nk + 1, dtype=torch.bool, device=dev)  # [n, NK + 1]: the last one for bad columns
+        listed.scatter_(1, torch.where(torch.arange(cmax, device=dev)[None, :] < cnt[:, None], idx, nk), True)
+        listed[:, nk] = True
+        keep = (torch.arange(len(cols), device=dev)[None, :] < col_cnt[:, None]) & ~listed[:, torch.where(cols < sk, cols // kv_block, nk)]
+        if valid is not None:
+            keep &= valid[cols.clamp_max(sk - 1)][None, :]
+        keep = keep[:, None, :]
+        if causal:
+            keep = keep & (cols[None, None, :] <= qpos[:, :, None] + shift)
+        s = torch.matmul(qg, kcol.T).masked_fill_(~keep, float("-inf"))  # [n, qb, C]
+        m, l, acc = _online_softmax(s, vcol.expand(n, -1, -1), m, l, acc)
     has_any = l > 0
     l_safe = torch.where(has_any, l, torch.ones_like(l))
     out = acc / l_safe
     lse = torch.where(has_any, m + torch.log(l_safe), torch.full_like(l, float("-inf")))
     return out, lse.squeeze(-1)
+
+
+def _online_softmax(s: Tensor, values: Tensor, m: Tensor, l: Tensor, acc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Fold masked scores ``s`` [n, qb, keys] (-inf where not attended; overwritten) and their
+    ``values`` [n, keys, D] into the running max, sum and accumulator."""
+    m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+    m_use = torch.where(torch.isfinite(m_new), m_new, torch.zeros_like(m_new))
+    s.sub_(m_use).exp_()
+    alpha = torch.exp(m - m_use)
+    return m_new, l * alpha + s.sum(dim=-1, keepdim=True), torch.baddbmm(acc * alpha, s, values)

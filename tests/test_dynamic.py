@@ -80,6 +80,32 @@ def test_vertical_slash_finds_planted_columns_and_diagonals():
     token[i[5:], i[5:] - 5] = True
     expected = token.tril().unflatten(0, (10, 64)).unflatten(2, (10, 64)).any(-1).any(1)
     assert (mask | ~expected).all()  # every block holding a planted pair is kept
+    # What the kernel visits: the diagonal as blocks, the keys as columns while that is cheaper than
+    # their blocks. Here key 37 lies in the always visited first block; key 300 alone costs a key
+    # tile either way, so it is visited as its block.
+    blocks, columns = VerticalSlash(vertical=2, slash=3).select(q, k, geometry, dim ** -0.5)
+    assert not columns.any() and torch.equal(blocks, mask[None, None])
+
+
+def test_vertical_slash_gathers_scattered_columns():
+    """Columns spread over many key blocks are visited token by token: the layout attends every
+    planted pair, far fewer tokens than the blocks they touch, at a lower cost."""
+    length, dim, planted = 1024, 32, torch.arange(70, 1024, 29)  # 33 keys in 15 of 16 blocks
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(1, 1, length, dim, generator=gen) * 0.05, torch.randn(1, 1, length, dim, generator=gen) * 0.05
+    q[..., 0], k[..., planted, 0] = 1.0, 30.0
+    geometry = BlockGeometry(length, length, 64, 64, True)
+    pattern = VerticalSlash(vertical=len(planted), slash=1)
+    blocks, columns = pattern.select(q, k, geometry, dim ** -0.5)
+    assert torch.equal(columns[0, 0].nonzero().flatten(), planted)
+    gathered = BlockLayout.from_block_mask(blocks[0], geometry, columns[0])
+    as_blocks = BlockLayout.from_block_mask(pattern.estimate(q, k, geometry, dim ** -0.5)[0], geometry)
+    token = torch.zeros(length, length, dtype=torch.bool)
+    token[:, planted] = True
+    visited = gathered.to_dense()[0]
+    assert (visited | ~token.tril()).all()
+    assert visited.sum() < 0.5 * as_blocks.to_dense()[0].sum()
+    assert gathered.density() < as_blocks.density()
 
 
 @pytest.mark.parametrize("q_len, kv_len, q_block, kv_block", [(700, 700, 64, 128), (300, 1000, 32, 64)])
@@ -130,14 +156,17 @@ def test_patched_model_equals_dense_attention_on_the_estimated_layout(spec):
         geometry = geometry_for(query.shape[2])
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-        masks = []
+        masks, columns = [], torch.zeros(len(heads), key.shape[2], dtype=torch.bool)
         for h, pattern in enumerate(heads):
             if pattern.is_dynamic:
-                block = pattern.estimate(query[:, h:h + 1], key[:, h:h + 1], geometry, scaling).any(0)[0]
+                block, cols = pattern.select(query[:, h:h + 1], key[:, h:h + 1], geometry, scaling)
+                block = block.any(0)[0]
+                if cols is not None:
+                    columns[h] = cols.any(0)[0]
             else:
                 block = pattern.block_mask(geometry)
             masks.append(block)
-        token = BlockLayout.from_block_mask(torch.stack(masks), geometry).to_dense()[None]
+        token = BlockLayout.from_block_mask(torch.stack(masks), geometry, columns).to_dense()[None]
         out = dense_attention(query.double(), key.double(), value.double(), mask=token, scale=scaling)
         return out.to(query.dtype).transpose(1, 2), None
 

@@ -61,6 +61,7 @@ class Case:
     transposed: bool = False  # q/k/v/out are [B, S, H, D] buffers seen through .transpose(1, 2)
     count_overflow: bool = False  # some kv_counts exceed MAXK (must be clamped, never read past the row)
     dtype: torch.dtype = torch.float32
+    columns: int = 0  # key columns per head visited token by token on top of the blocks (0: none)
 
 
 # Curated, not a Cartesian product: each case adds something the others do not cover.
@@ -123,9 +124,40 @@ def make_inputs(case: Case, salt: str = ""):
     return q, k, v, kv_indices, counts, kv_valid
 
 
-def oracle(case: Case, q, k, v, kv_indices, kv_counts, kv_valid):
+# Key columns (vertical lines) on top of block layouts: causal (each row takes the columns it may
+# see) and not (random prefixes per row, some rows none), GQA, ragged, padding, bad entries.
+COLUMN_CASES = [
+    Case("cols_causal_gqa", 1, 4, 2, 160, 160, 64, 16, 32, True, 0.3, columns=40),
+    Case("cols_ragged_kv_valid_fp16", 2, 2, 1, 100, 150, 32, 32, 16, False, 0.25, batch_layout=True,
+         kv_valid=True, empty_rows=True, columns=21, dtype=torch.float16),
+    Case("cols_causal_sq_lt_sk_d128", 1, 2, 2, 48, 200, 128, 16, 64, True, 0.4, columns=9),
+]
+
+
+def column_inputs(case: Case, kv_indices, kv_counts) -> dict:
+    """``columns``/``column_counts``/``listed`` for a case (empty without columns): per head sorted
+    distinct key positions, some of them inside listed blocks (attended once), then bad entries past
+    every count; ``listed`` is the layout's block mask."""
+    if not case.columns:
+        return {}
+    g = _gen(case, "columns")
+    bl, h, nq, maxk = kv_indices.shape
+    nk = math.ceil(case.Sk / case.kv_block)
+    chosen = torch.rand(bl, h, case.Sk, generator=g).argsort(-1)[..., :case.columns].sort(-1).values
+    columns = torch.cat([chosen, torch.tensor([-2, case.Sk + 3]).expand(bl, h, 2)], -1).to(torch.int32).contiguous()
+    if case.causal:  # query block i takes the columns its last query may see
+        last = torch.clamp((torch.arange(nq) + 1) * case.q_block, max=case.Sq) - 1 + (case.Sk - case.Sq)
+        counts = (chosen[:, :, None, :] <= last[None, None, :, None]).sum(-1)
+    else:
+        counts = torch.randint(0, case.columns + 1, (bl, h, nq), generator=g)
+    listed = layout_mask(kv_indices, kv_counts, q_block=1, kv_block=1, seq_q=nq, seq_k=nk)  # blocks as tokens
+    return {"columns": columns, "column_counts": counts.to(torch.int32).contiguous(), "listed": listed.contiguous()}
+
+
+def oracle(case: Case, q, k, v, kv_indices, kv_counts, kv_valid, columns=None, column_counts=None, listed=None):
     mask = layout_mask(kv_indices, kv_counts, q_block=case.q_block, kv_block=case.kv_block, seq_q=case.Sq,
-                       seq_k=case.Sk, causal=case.causal, kv_valid=kv_valid)
+                       seq_k=case.Sk, causal=case.causal, kv_valid=kv_valid, columns=columns,
+                       column_counts=column_counts)
     return dense_attention(q.double(), k.double(), v.double(), mask, return_lse=True)
 
 
@@ -159,6 +191,9 @@ def _interpret_jobs():
         jobs[f"flex/{name}"] = (next(c for c in CASES if c.name == name), "flex", False)
     for name in TMA_CASES:
         jobs[f"tma/{name}"] = (next(c for c in CASES if c.name == name), "tma", True)
+    for case in COLUMN_CASES:
+        jobs[f"oracle/{case.name}"] = (case, "", False)
+        jobs[f"tma/{case.name}"] = (case, "tma", True)
     return jobs
 
 
@@ -235,6 +270,7 @@ def _interpret_worker(path: str) -> None:
         q, k, v, idx, cnt, valid = make_inputs(case, salt)
         out = poisoned_out(case, q)
         extra = _variant_kwargs(case, cnt) if variant else {}
+        extra.update(column_inputs(case, idx, cnt))
         res, lse = block_sparse_attention(q, k, v, idx, cnt, q_block=case.q_block, kv_block=case.kv_block,
                                           causal=case.causal, kv_valid=valid, out=out, return_lse=True, **extra)
         results[name] = {"out": out, "lse": lse, "wrote_into_out": res is out}
@@ -275,48 +311,51 @@ def no_interpret(monkeypatch):
 # --------------------------------------------------------------------------------------------------
 # Triton kernel (interpreter) and the PyTorch block-sparse path against the float64 dense oracle
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES + COLUMN_CASES, ids=lambda c: c.name)
 def test_triton_kernel_matches_dense_oracle(case, interpreted):
     q, k, v, idx, cnt, valid = make_inputs(case)
-    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid)
+    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid, **column_inputs(case, idx, cnt))
     res = interpreted[f"oracle/{case.name}"]
     assert res["wrote_into_out"]
     assert res["out"].stride() == poisoned_out(case, q).stride()
     check(case, res["out"], res["lse"], ref, ref_lse)
 
 
-@pytest.mark.parametrize("name", TMA_CASES)
+@pytest.mark.parametrize("name", TMA_CASES + [c.name for c in COLUMN_CASES])
 def test_triton_kernel_tma_split_tiles_any_schedule(name, interpreted):
-    case = next(c for c in CASES if c.name == name)
+    case = next(c for c in CASES + COLUMN_CASES if c.name == name)
     q, k, v, idx, cnt, valid = make_inputs(case, "tma")
-    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid)
+    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid, **column_inputs(case, idx, cnt))
     check(case, interpreted[f"tma/{name}"]["out"], interpreted[f"tma/{name}"]["lse"], ref, ref_lse)
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("case", CASES + COLUMN_CASES, ids=lambda c: c.name)
 def test_torch_path_matches_dense_oracle(case, no_interpret):
     q, k, v, idx, cnt, valid = make_inputs(case, salt="torch")
-    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid)
+    columns = column_inputs(case, idx, cnt)
+    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid, **columns)
     out = poisoned_out(case, q)
     res, lse = block_sparse_attention(q, k, v, idx, cnt, q_block=case.q_block, kv_block=case.kv_block,
-                                      causal=case.causal, kv_valid=valid, out=out, return_lse=True)
+                                      causal=case.causal, kv_valid=valid, out=out, return_lse=True, **columns)
     assert res is out
     check(case, out, lse, ref, ref_lse)
 
 
-@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6]], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[6], COLUMN_CASES[1]], ids=lambda c: c.name)
 def test_torch_path_float64_and_online_chunks(case, monkeypatch):
     """float64 end to end (tight tolerance), with a tiny memory budget that forces one query block per
     chunk and the online softmax over several key-slot passes."""
     case = dataclasses.replace(case, dtype=torch.float64)
     q, k, v, idx, cnt, valid = make_inputs(case, salt="f64")
-    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid)
+    columns = column_inputs(case, idx, cnt)
+    columns.pop("listed", None)  # the PyTorch path reads the listed blocks from the layout itself
+    ref, ref_lse = oracle(case, q, k, v, idx, cnt, valid, **columns)
     out, lse = block_sparse_attention_torch(q, k, v, idx, cnt, q_block=case.q_block, kv_block=case.kv_block,
-                                            causal=case.causal, kv_valid=valid, return_lse=True)
+                                            causal=case.causal, kv_valid=valid, return_lse=True, **columns)
     monkeypatch.setattr(reference_mod, "MAX_CHUNK_BYTES", 4 * case.q_block * case.kv_block * 8)
     out_small, lse_small = block_sparse_attention_torch(q, k, v, idx, cnt, q_block=case.q_block,
                                                         kv_block=case.kv_block, causal=case.causal,
-                                                        kv_valid=valid, return_lse=True)
+                                                        kv_valid=valid, return_lse=True, **columns)
     lse = lse.double()  # lse is float32 by contract
     for o, l in ((out, lse), (out_small, lse_small.double())):
         torch.testing.assert_close(o, ref, atol=1e-10, rtol=1e-10)
