@@ -93,6 +93,11 @@ def _block_scores(q: torch.Tensor, k: torch.Tensor, geometry: BlockGeometry, sca
     return scores.masked_fill(~geometry.reachable(q.device), float("-inf"))
 
 
+def _check_mass(owner: str, mass) -> None:
+    if isinstance(mass, bool) or not isinstance(mass, (int, float)) or not 0.0 < mass <= 1.0:
+        raise ValueError(f"{owner}.mass must be in (0, 1], got {mass!r}")
+
+
 @register_pattern
 @dataclass(frozen=True)
 class BlockTopK(DynamicPattern):
@@ -120,8 +125,7 @@ class BlockCdf(DynamicPattern):
     mass: float = 0.95
 
     def __post_init__(self) -> None:
-        if isinstance(self.mass, bool) or not isinstance(self.mass, (int, float)) or not 0.0 < self.mass <= 1.0:
-            raise ValueError(f"block_cdf.mass must be in (0, 1], got {self.mass!r}")
+        _check_mass("block_cdf", self.mass)
 
     def _choose(self, q, k, geometry, scale):
         scores = _block_scores(q, k, geometry, scale)
@@ -138,15 +142,29 @@ class BlockCdf(DynamicPattern):
 class VerticalSlash(DynamicPattern):
     """Causal prefill: the ``vertical`` key columns and ``slash`` diagonals that the last query
     rows attend most, for every query (MInference's vertical-slash). The diagonals are served as
-    key blocks, the columns as gathered columns."""
+    key blocks, the columns as gathered columns.
+
+    ``mass`` (None: the fixed counts) keeps fewer: of the top ``vertical`` columns (``slash`` diagonals) only the best
+    ones that together hold ``mass`` of those rows' attention. A fixed count spends its remainder
+    on noise where attention is concentrated: past the few diagonals that carry the mass, the next
+    thousands are picked by chance, scatter, and touch every key block."""
 
     kind: ClassVar[str] = "vertical_slash"
     vertical: int = 1000
     slash: int = 6096
+    mass: float | None = None
 
     def __post_init__(self) -> None:
         _check_int("vertical_slash", "vertical", self.vertical, 1)
         _check_int("vertical_slash", "slash", self.slash, 1)
+        if self.mass is not None:
+            _check_mass("vertical_slash", self.mass)
+
+    def to_spec(self) -> dict:
+        spec = super().to_spec()
+        if self.mass is None:  # MInference's fixed counts: the spec as they write it
+            del spec["mass"]
+        return spec
 
     def _choose(self, q, k, geometry, scale):
         if not geometry.causal:
@@ -159,9 +177,10 @@ class VerticalSlash(DynamicPattern):
         first = geometry.kv_len - rows  # absolute position of the first of these rows
         hidden = torch.ones(rows, geometry.kv_len, dtype=torch.bool, device=q.device).triu_(first + 1)  # key > query
         attention = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
-        columns = _top_indicator(attention.sum(2), self.vertical)  # [B, H, Sk]
+        mass = 1.0 if self.mass is None else self.mass
+        columns = _top_indicator(attention.sum(2), self.vertical, mass)  # [B, H, Sk]
         columns[..., :geometry.kv_block] = False  # the first key block is always visited whole
-        diagonals = _top_indicator(_sum_by_offset(attention), self.slash)  # [B, H, Sk]: offset d kept
+        diagonals = _top_indicator(_sum_by_offset(attention), self.slash, mass)  # [B, H, Sk]: offset d kept
         blocks = _diagonal_blocks(diagonals, geometry) | always_kept(geometry, q.device)
         # A head's columns are visited as the key blocks they add where that costs no more key
         # tiles than gathering them: columns that cluster, or that the diagonals already cover.
@@ -186,9 +205,15 @@ def _sum_by_offset(attention: torch.Tensor) -> torch.Tensor:
     return skewed.sum(2)
 
 
-def _top_indicator(scores: torch.Tensor, n: int) -> torch.Tensor:
-    top = scores.topk(min(n, scores.shape[-1]), dim=-1).indices
-    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+def _top_indicator(scores: torch.Tensor, n: int, mass: float = 1.0) -> torch.Tensor:
+    """Bool like ``scores`` (non-negative, last dim): its ``n`` largest entries; with ``mass`` < 1
+    only the largest of those that together reach ``mass`` of the total."""
+    values, top = scores.topk(min(n, scores.shape[-1]), dim=-1)
+    keep = torch.ones_like(top, dtype=torch.bool)
+    if mass < 1.0:
+        before = values.cumsum(-1) - values  # held by the better ones
+        keep = before < mass * scores.sum(-1, keepdim=True)
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, keep)
 
 
 def _column_tiles(columns: torch.Tensor, geometry: BlockGeometry) -> torch.Tensor:

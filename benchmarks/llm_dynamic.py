@@ -18,9 +18,10 @@ Llama-3.1-8B shapes (32 query / 8 KV heads, head_dim 128, hidden 4096, MLP 14336
 Structured inputs. Random q/k attend uniformly, and a pattern estimated on them keeps random
 diagonals and columns (vertical_slash is then block-dense). Real long-context heads attend mostly
 locally, with a few keys (sinks, delimiters) everyone reads (MInference's vertical-slash). The
-attention inputs here have that shape: q and k carry rotary position features whose dot product
-decays with the distance ``i - j`` (local diagonals), 1 key in 300 carries a feature every query
-reads (vertical columns), plus unit noise. For the prefill, the model's weights are random but
+attention inputs here have that shape: q and k carry rotary position features (wavelengths 512 to
+16384) whose dot product decays with the distance ``i - j`` (local diagonals: most of the mass within
+a few hundred tokens), 1 key in 300 carries a feature every query reads (+8 logits: vertical
+columns), plus unit noise. For the prefill, the model's weights are random but
 tied so the same holds inside the model: every token embedding is one shared vector plus noise,
 and each query head's projection equals its KV head's key projection plus noise, so
 ``q_i . k_j`` is a sum of cosines of RoPE frequencies times ``i - j`` (largest at 0).
@@ -51,7 +52,7 @@ from autosparse.runtime import ORIGINAL_SDPA, plan_of  # noqa: E402
 from autosparse.timing import gpu_ms, median_ms  # noqa: E402
 
 SPECS = ({"kind": "vertical_slash", "vertical": 1000, "slash": 6096},
-         {"kind": "vertical_slash", "vertical": 500, "slash": 2048},
+         {"kind": "vertical_slash", "vertical": 1000, "slash": 6096, "mass": 0.95},
          {"kind": "block_topk", "k": 32})
 
 
@@ -83,9 +84,9 @@ def structured_qk(heads: int, kv_heads: int, length: int, dim: int, device: str,
     """q [1, heads, S, D], k and v [1, kv_heads, S, D]: local diagonals + 1-in-300 vertical keys + noise."""
     gen = torch.Generator(device=device).manual_seed(seed)
     pos = torch.arange(length, device=device, dtype=torch.float32)[:, None]
-    half = dim // 4  # the first dim/2 dims: rotary features at log-spaced wavelengths 16 .. 65536
-    freqs = 2 * math.pi / torch.logspace(math.log10(16), math.log10(65536), half, device=device)
-    rotary = torch.cat([torch.cos(pos * freqs), torch.sin(pos * freqs)], -1) * 2.0  # [S, dim/2]: logit 11 at i = j
+    half = dim // 4  # the first dim/2 dims: rotary features at log-spaced wavelengths 512 .. 16384
+    freqs = 2 * math.pi / torch.logspace(math.log10(512), math.log10(16384), half, device=device)
+    rotary = torch.cat([torch.cos(pos * freqs), torch.sin(pos * freqs)], -1) * 2.5  # [S, dim/2]: logit 18 at i = j
 
     def draw(h: int) -> torch.Tensor:
         x = torch.randn(1, h, length, dim, device=device, generator=gen)
@@ -94,7 +95,7 @@ def structured_qk(heads: int, kv_heads: int, length: int, dim: int, device: str,
 
     q, k = draw(heads), draw(kv_heads)
     heavy = torch.randperm(length, device=device, generator=gen)[: max(1, length // 300)]
-    boost = 6.0  # the logit every query adds for a heavy key
+    boost = 8.0  # the logit every query adds for a heavy key
     q[..., dim // 2] += 2.0
     k[..., heavy, dim // 2] += boost * math.sqrt(dim) / 2.0
     v = torch.randn(1, kv_heads, length, dim, device=device, generator=gen)

@@ -87,6 +87,32 @@ def test_vertical_slash_finds_planted_columns_and_diagonals():
     assert not columns.any() and torch.equal(blocks, mask[None, None])
 
 
+def test_vertical_slash_mass_keeps_only_the_lines_that_carry_the_attention():
+    """Every query attends the key 5 back and nothing else much: with ``mass`` the estimate keeps
+    that diagonal and drops the other 49 a fixed count picks by chance."""
+    length, dim = 1024, 64
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    freqs = 2 * math.pi / torch.logspace(math.log10(8), math.log10(4000), dim // 2, dtype=torch.float64)
+    feats = torch.cat([torch.cos(pos * freqs), torch.sin(pos * freqs)], dim=-1) * 2.0
+    gen = torch.Generator().manual_seed(6)
+    q = feats[None, None].float() + torch.randn(1, 1, length, dim, generator=gen)
+    k = torch.roll(feats, shifts=5, dims=0)[None, None].float() + torch.randn(1, 1, length, dim, generator=gen)
+    geometry = BlockGeometry(length, length, 64, 64, True)
+    fixed = VerticalSlash(vertical=50, slash=50)
+    thrifty = VerticalSlash(vertical=50, slash=50, mass=0.5)
+    assert thrifty.to_spec() == {"kind": "vertical_slash", "vertical": 50, "slash": 50, "mass": 0.5}
+    assert "mass" not in fixed.to_spec() and pattern_from_spec(thrifty.to_spec()) == thrifty
+    with pytest.raises(ValueError, match="vertical_slash.mass"):
+        VerticalSlash(mass=0.0)
+    loose = fixed.estimate(q, k, geometry, dim ** -0.5)[0, 0]
+    tight = thrifty.estimate(q, k, geometry, dim ** -0.5)[0, 0]
+    i = torch.arange(5, length)
+    token = torch.zeros(length, length, dtype=torch.bool)
+    token[i, i - 5] = True
+    assert (BlockLayout.from_block_mask(tight[None], geometry).to_dense()[0] | ~token).all()
+    assert not (tight & ~loose).any() and tight.sum() < loose.sum()
+
+
 def test_vertical_slash_gathers_scattered_columns():
     """Columns spread over many key blocks are visited token by token: the layout attends every
     planted pair, far fewer tokens than the blocks they touch, at a lower cost."""
