@@ -40,6 +40,11 @@ class DynamicPattern(Pattern):
     def is_dynamic(self) -> bool:
         return True
 
+    @property
+    def max_columns(self) -> int:
+        """The most key columns ``select`` returns per sample and head (0: blocks only)."""
+        return 0
+
     def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
         raise TypeError(f"{self.kind} chooses its blocks from each call's q and k: use estimate(q, k, geometry)")
 
@@ -159,6 +164,10 @@ class VerticalSlash(DynamicPattern):
         _check_int("vertical_slash", "slash", self.slash, 1)
         if self.mass is not None:
             _check_mass("vertical_slash", self.mass)
+
+    @property
+    def max_columns(self) -> int:
+        return self.vertical
 
     def to_spec(self) -> dict:
         spec = super().to_spec()

@@ -50,10 +50,15 @@ class BlockLayout:
     _schedules: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_block_mask(cls, block_mask: torch.Tensor, geometry: BlockGeometry,
-                        columns: torch.Tensor | None = None) -> BlockLayout:
+    def from_block_mask(cls, block_mask: torch.Tensor, geometry: BlockGeometry, columns: torch.Tensor | None = None,
+                        *, max_columns: int | None = None, sync: bool = True) -> BlockLayout:
         """From a bool ``[H, NQ, NK]`` block mask (blocks outside ``geometry.reachable()`` dropped)
-        and optionally a bool ``[H, kv_len]`` mask of key columns each head visits token by token."""
+        and optionally a bool ``[H, kv_len]`` mask of key columns each head visits token by token
+        (at most ``max_columns`` per head; None: all).
+
+        ``sync=True`` sizes the lists to the longest row (one device sync): for layouts built once
+        and cached. A layout built per call (dynamic patterns) passes ``sync=False``: the lists are
+        then ``NK`` (and ``max_columns``) long and nothing waits for the GPU."""
         expected = (geometry.num_q_blocks, geometry.num_kv_blocks)
         if block_mask.dtype != torch.bool or block_mask.dim() != 3 or tuple(block_mask.shape[1:]) != expected:
             raise ValueError(
@@ -63,16 +68,15 @@ class BlockLayout:
         reachable = geometry.reachable(block_mask.device)
         block_mask = block_mask & reachable
         counts = block_mask.sum(-1, dtype=torch.int32)
-        max_k = max(int(counts.max()), 1)
-        # Stable sort puts the attended blocks first, in ascending order.
-        order = torch.argsort((~block_mask).to(torch.int8), dim=-1, stable=True)[..., :max_k]
+        max_k = max(int(counts.max()), 1) if sync else geometry.num_kv_blocks
+        order = _ascending_positions(block_mask, max_k, fill=0)
         if columns is None:
             density = counts.sum(-1).double() / reachable.sum().double()
-            return cls(geometry, order.to(torch.int32)[None].contiguous(), counts[None].contiguous(), density.float())
-        positions, column_counts = _column_lists(columns, geometry)
+            return cls(geometry, order[None].contiguous(), counts[None].contiguous(), density.float())
+        positions, column_counts = _column_lists(columns, geometry, max_columns, sync)
         tiles = work_counts(counts, column_counts, geometry.kv_block)
         density = tiles.sum(-1).double() / reachable.sum().double()
-        return cls(geometry, order.to(torch.int32)[None].contiguous(), counts[None].contiguous(), density.float(),
+        return cls(geometry, order[None].contiguous(), counts[None].contiguous(), density.float(),
                    positions[None].contiguous(), column_counts[None].contiguous(), block_mask[None].contiguous())
 
     @classmethod
@@ -164,20 +168,34 @@ class BlockLayout:
         )
 
 
-def _column_lists(columns: torch.Tensor, geometry: BlockGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+def _ascending_positions(mask: torch.Tensor, width: int, fill: int) -> torch.Tensor:
+    """Int32 ``[..., width]``: each row's True positions of bool ``mask [..., N]`` in ascending
+    order (the first ``width``), then ``fill``. A scatter to each entry's rank (a running count):
+    linear in the mask, unlike sorting it."""
+    n = mask.shape[-1]
+    rank = mask.cumsum(-1, dtype=torch.int32) - 1
+    rank = torch.where(mask & (rank < width), rank, width)  # everything else into a dropped slot
+    out = torch.full((*mask.shape[:-1], width + 1), fill, dtype=torch.int32, device=mask.device)
+    out.scatter_(-1, rank.long(), torch.arange(n, dtype=torch.int32, device=mask.device).expand(mask.shape))
+    return out[..., :width]
+
+
+def _column_lists(columns: torch.Tensor, geometry: BlockGeometry, max_columns: int | None,
+                  sync: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Bool ``[H, kv_len]`` key columns -> (int32 ``[H, C]`` positions ascending, padded with
     ``kv_len``; int32 ``[H, NQ]`` how many each query block visits: causal, those not after its
-    last query)."""
+    last query). ``C``: ``max_columns`` (or all when None), the longest head's count with ``sync``."""
     expected = (geometry.kv_len,)
     if columns.dtype != torch.bool or columns.dim() != 2 or tuple(columns.shape[1:]) != expected:
         raise ValueError(f"columns must be bool [H, {geometry.kv_len}], got {columns.dtype} {tuple(columns.shape)}")
-    per_head = columns.sum(-1)
-    width = max(int(per_head.max()), 1)
-    order = torch.argsort((~columns).to(torch.int8), dim=-1, stable=True)[:, :width]  # kept positions first
-    positions = torch.where(torch.arange(width, device=columns.device) < per_head[:, None], order, geometry.kv_len)
+    width = geometry.kv_len if max_columns is None else min(max_columns, geometry.kv_len)
+    if sync:
+        width = max(min(int(columns.sum(-1).max()), width), 1)
+    positions = _ascending_positions(columns, width, fill=geometry.kv_len)
+    per_head = (positions < geometry.kv_len).sum(-1)
     if geometry.causal:
         _, q_last, _, _ = geometry.block_spans(columns.device)
-        visible = q_last[:, 0].expand(columns.shape[0], -1).contiguous() + 1  # [H, NQ]: keys < this
+        visible = (q_last[:, 0] + 1).to(positions.dtype).expand(columns.shape[0], -1).contiguous()  # [H, NQ]: keys < this
         counts = torch.searchsorted(positions.contiguous(), visible)
     else:
         counts = per_head[:, None].expand(-1, geometry.num_q_blocks)

@@ -144,6 +144,7 @@ class LayerPlan:
     _head_sets: dict[Any, HeadSet] = field(default_factory=dict, repr=False)
     _layouts: dict[tuple, BlockLayout] = field(default_factory=dict, repr=False)
     _dense_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
+    _head_index: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _orders: dict[tuple, TokenGeometry] = field(default_factory=dict, repr=False)
     _static_masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -182,7 +183,7 @@ class LayerPlan:
         group = query.shape[1] // key.shape[1]
         text = geometry.text_block_mask(query.device)
         for pattern, indices in heads.dynamic_heads.items():
-            index = torch.tensor(indices, device=query.device)
+            index = self._index(indices, query.device)
             if len(indices) == query.shape[1]:  # every head: q and the unexpanded GQA keys as they are
                 blocks, cols = pattern.select(query, key, geometry, scale)
             else:
@@ -193,8 +194,18 @@ class LayerPlan:
                 if columns is None:
                     columns = torch.zeros(query.shape[1], key.shape[2], dtype=torch.bool, device=query.device)
                 columns[index] = cols.any(0)
-        layout = BlockLayout.from_block_mask(mask, geometry, columns)
+        # Sized without looking at the estimate (no device sync): the host runs ahead of the GPU.
+        most = max(p.max_columns for p in heads.dynamic_heads) * query.shape[0]
+        layout = BlockLayout.from_block_mask(mask, geometry, columns, max_columns=most, sync=False)
         return layout.with_heads_skipped(skipped) if skipped else layout
+
+    def _index(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """``heads`` as a device index tensor, made once (a host-to-device copy waits for the GPU)."""
+        key = (heads, device)
+        index = self._head_index.get(key)
+        if index is None:
+            index = self._head_index[key] = torch.tensor(heads, device=device)
+        return index
 
     def grid_order(self, heads: HeadSet, tokens: TokenGeometry, device: torch.device) -> TokenGeometry:
         """The token order this layer's grid patterns run in (``layout.grid_order``), chosen once."""

@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -128,7 +129,7 @@ def attention_rows(model, lengths: list[int], device: str, dtype: torch.dtype) -
             geometry = BlockGeometry(length, length, *plan.profile.block_size, True)
             heads_now = plan.heads_at(None)
             layout = plan.dynamic_layout(heads_now, geometry, q, k, scale, ())
-            out = torch.ops.autosparse.attention(q, k, v, layer, None, True, scale)
+            out, syncs = count_syncs(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale))
             whole = time(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale), device)
             estimate = time(lambda: plan.dynamic_layout(heads_now, geometry, q, k, scale, ()).schedule(heads // kv_heads),
                             device)
@@ -139,10 +140,25 @@ def attention_rows(model, lengths: list[int], device: str, dtype: torch.dtype) -
             columns = 0 if layout.columns is None else float(layout.column_counts[..., -1].float().mean())
             rows.append(dict(length=length, pattern=spec, dense_ms=dense, autosparse_ms=whole, estimate_layout_ms=estimate,
                              kernel_ms=kernel, density=layout.density(), columns_last_row=columns,
-                             rel_err=rel(out, dense_out)))
+                             rel_err=rel(out, dense_out), host_syncs=syncs))
             print(json.dumps(rows[-1]), flush=True)
         del q, k, v, dense_out
     return rows
+
+
+def count_syncs(fn):
+    """``fn()`` and the number of times it made the host wait for the GPU (CUDA sync debug mode)."""
+    if not torch.cuda.is_available():
+        return fn(), None
+    fn()  # first call: caches (static masks, index tensors) are filled here
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return result, sum("synchroniz" in str(w.message) for w in caught)
 
 
 def check_correctness(model, device: str, dtype: torch.dtype, length: int) -> str:
@@ -237,13 +253,13 @@ def main() -> None:
     result["prefill"] = prefill_rows(args.prefill_layers, args.prefill_lengths or args.lengths, args.small, device,
                                      args.compile)
     print("\n| S | pattern | dense SDPA ms | autosparse ms (all) | speedup | estimate + layout ms | share of dense "
-          "| kernel ms | density | rel err |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| kernel ms | density | rel err | host syncs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["attention"]:
         print(f"| {r['length']} | {short(r['pattern'])} | {r['dense_ms']:.2f} | {r['autosparse_ms']:.2f} | "
               f"{r['dense_ms'] / r['autosparse_ms']:.2f}x | {r['estimate_layout_ms']:.2f} | "
               f"{r['estimate_layout_ms'] / r['dense_ms']:.1%} | {r['kernel_ms']:.2f} | {r['density']:.3f} | "
-              f"{r['rel_err']:.3f} |")
+              f"{r['rel_err']:.3f} | {r['host_syncs']} |")
     print("\n| S | layers | pattern | route | dense ms | autosparse ms | speedup | last-logits rel err | calls |")
     print("|---|---|---|---|---:|---:|---:|---:|---|")
     for r in result["prefill"]:
