@@ -149,9 +149,10 @@ class VerticalSlash(DynamicPattern):
     rows attend most, for every query (MInference's vertical-slash). The diagonals are served as
     key blocks, the columns as gathered columns.
 
-    ``mass`` (None: the fixed counts) keeps fewer: of the top ``vertical`` columns (``slash`` diagonals) only the best
-    ones that together hold ``mass`` of those rows' attention. A fixed count spends its remainder
-    on noise where attention is concentrated: past the few diagonals that carry the mass, the next
+    ``mass`` (None: the fixed counts) keeps fewer: of the top ``slash`` diagonals only the best
+    that together hold ``mass`` of those rows' attention, of the top ``vertical`` columns only the
+    best that hold ``mass`` of what the kept diagonals miss. A fixed count spends its remainder on
+    noise where attention is concentrated: past the few diagonals that carry the mass, the next
     thousands are picked by chance, scatter, and touch every key block."""
 
     kind: ClassVar[str] = "vertical_slash"
@@ -181,15 +182,15 @@ class VerticalSlash(DynamicPattern):
         rows = min(_LAST_ROWS, geometry.q_len)
         b, h = q.shape[:2]
         group = h // k.shape[1]
-        last = q[:, :, -rows:].reshape(b, k.shape[1], group * rows, q.shape[-1])  # a KV head's queries together
-        logits = (last @ k.transpose(-1, -2)).view(b, h, rows, -1).float().mul_(scale)  # [B, H, R, Sk]
+        last = (q[:, :, -rows:] * scale).reshape(b, k.shape[1], group * rows, q.shape[-1])  # a KV head's queries together
+        logits = (last @ k.transpose(-1, -2)).view(b, h, rows, -1)  # [B, H, R, Sk], q's dtype
         first = geometry.kv_len - rows  # absolute position of the first of these rows
-        hidden = torch.ones(rows, geometry.kv_len, dtype=torch.bool, device=q.device).triu_(first + 1)  # key > query
-        attention = torch.softmax(logits.masked_fill_(hidden, float("-inf")), dim=-1)
-        mass = 1.0 if self.mass is None else self.mass
-        columns = _top_indicator(attention.sum(2), self.vertical, mass)  # [B, H, Sk]
+        future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)  # only the last R keys can be
+        logits[..., first:].masked_fill_(future, float("-inf"))
+        # Kept in q's dtype (computed in float32): it is read a few times, and only ranked.
+        attention = torch.softmax(logits, dim=-1)
+        diagonals, columns = self._lines(attention, first)  # [B, H, Sk]: offsets d, key columns kept
         columns[..., :geometry.kv_block] = False  # the first key block is always visited whole
-        diagonals = _top_indicator(_sum_by_offset(attention), self.slash, mass)  # [B, H, Sk]: offset d kept
         blocks = _diagonal_blocks(diagonals, geometry) | always_kept(geometry, q.device)
         # A head's columns are visited as the key blocks they add where that costs no more key
         # tiles than gathering them: columns that cluster, or that the diagonals already cover.
@@ -200,28 +201,48 @@ class VerticalSlash(DynamicPattern):
         return blocks, columns & ~as_blocks[..., None]
 
 
+    def _lines(self, attention: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bool ``[B, H, Sk]`` diagonals (by offset) and key columns to keep, from the attention of
+        the last rows (row r at absolute position ``first + r``). Fixed counts: the top ``slash``
+        diagonals and ``vertical`` columns, each ranked on all of the attention (MInference). With
+        ``mass``: the top diagonals holding ``mass`` of it, then the top columns holding ``mass`` of
+        what those diagonals miss (ranked on all of it, the columns would be the recent keys the
+        diagonals already hold, not the keys every row reads)."""
+        by_offset = _sum_by_offset(attention)
+        if self.mass is None:
+            return _top_indicator(by_offset, self.slash), _top_indicator(attention.sum(2, dtype=torch.float32),
+                                                                          self.vertical)
+        total = by_offset.sum(-1, keepdim=True)  # [B, H, 1]: the rows' mass (1 a row)
+        diagonals = _top_indicator(by_offset, self.slash, self.mass * total)
+        rows, keys = attention.shape[-2:]
+        offsets = (first + torch.arange(rows, device=attention.device)[:, None]
+                   - torch.arange(keys, device=attention.device)).clamp_(0, keys - 1)  # [R, Sk]
+        on_kept = diagonals[:, :, offsets]  # [B, H, R, Sk]: the pair lies on a kept diagonal
+        missed = attention.masked_fill(on_kept, 0.0).sum(2, dtype=torch.float32)
+        return diagonals, _top_indicator(missed, self.vertical, self.mass * missed.sum(-1, keepdim=True))
+
+
 def _sum_by_offset(attention: torch.Tensor) -> torch.Tensor:
-    """``[B, H, Sk]``: for the last R query rows ``attention [B, H, R, Sk]`` (row r at absolute
-    position ``Sk - R + r``), the attention summed along each diagonal, indexed by the offset
-    ``query - key``. Skewed in place of a scatter: with the keys reversed, offset d of row r sits at
-    column ``R - 1 - r + d``, so rows laid ``Sk + R - 1`` apart in a zero-padded buffer line every
-    offset up in one column."""
+    """Float32 ``[B, H, Sk]``: for the last R query rows ``attention [B, H, R, Sk]`` (row i at
+    absolute position ``Sk - R + i``), the attention summed along each diagonal, indexed by the
+    offset ``query - key``. Skewed in place of a scatter: in a buffer with R zeros before each row,
+    offset ``d = Sk - 1 - e`` of row i sits at column ``e + i + 1``, so rows read ``Sk + R + 1``
+    apart line every offset up in one column ``e``."""
     b, h, r, s = attention.shape
     padded = attention.new_zeros(b, h, r, s + r)
-    padded[..., :s] = attention.flip(-1)
-    skewed = padded.view(b, h, -1).as_strided((b, h, r, s), (h * r * (s + r), r * (s + r), s + r - 1, 1),
-                                              padded.storage_offset() + r - 1)
-    return skewed.sum(2)
+    padded[..., r:] = attention
+    skewed = padded.view(b, h, -1).as_strided((b, h, r, s), (h * r * (s + r), r * (s + r), s + r + 1, 1),
+                                              padded.storage_offset() + 1)
+    return skewed.sum(2, dtype=torch.float32).flip(-1)
 
 
-def _top_indicator(scores: torch.Tensor, n: int, mass: float = 1.0) -> torch.Tensor:
-    """Bool like ``scores`` (non-negative, last dim): its ``n`` largest entries; with ``mass`` < 1
-    only the largest of those that together reach ``mass`` of the total."""
+def _top_indicator(scores: torch.Tensor, n: int, target: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool like ``scores`` (non-negative, last dim): its ``n`` largest entries; with ``target``
+    (``[..., 1]``) only the largest of those that together reach it."""
     values, top = scores.topk(min(n, scores.shape[-1]), dim=-1)
     keep = torch.ones_like(top, dtype=torch.bool)
-    if mass < 1.0:
-        before = values.cumsum(-1) - values  # held by the better ones
-        keep = before < mass * scores.sum(-1, keepdim=True)
+    if target is not None:
+        keep = values.cumsum(-1) - values < target  # the better ones hold less than the target yet
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, keep)
 
 

@@ -131,19 +131,34 @@ def attention_rows(model, lengths: list[int], device: str, dtype: torch.dtype) -
             layout = plan.dynamic_layout(heads_now, geometry, q, k, scale, ())
             out, syncs = count_syncs(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale))
             whole = time(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale), device)
-            estimate = time(lambda: plan.dynamic_layout(heads_now, geometry, q, k, scale, ()).schedule(heads // kv_heads),
-                            device)
+            build = lambda: plan.dynamic_layout(heads_now, geometry, q, k, scale, ()).schedule(heads // kv_heads)  # noqa: E731
+            estimate, estimate_gpu = time(build, device), kernel_time(build, device)
             kernel = time(lambda: torch.ops.autosparse.block_sparse_attention(
                 q, k, v, layout.kv_indices, layout.kv_counts, None, layout.schedule(heads // kv_heads), *plan.profile.block_size, True,
                 scale, None, layout.columns, layout.column_counts, layout.listed), device)
             autosparse.unpatch_model(model)
             columns = 0 if layout.columns is None else float(layout.column_counts[..., -1].float().mean())
             rows.append(dict(length=length, pattern=spec, dense_ms=dense, autosparse_ms=whole, estimate_layout_ms=estimate,
+                             estimate_layout_gpu_ms=estimate_gpu,
                              kernel_ms=kernel, density=layout.density(), columns_last_row=columns,
                              rel_err=rel(out, dense_out), host_syncs=syncs))
             print(json.dumps(rows[-1]), flush=True)
         del q, k, v, dense_out
     return rows
+
+
+def kernel_time(fn, device: str, reps: int = 5) -> float | None:
+    """GPU kernel time of one ``fn()`` in ms (profiler, summed over its kernels): what it costs
+    inside a forward, where the host runs ahead of the GPU and its launch time is hidden."""
+    if device != "cuda":
+        return None
+    fn()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.self_device_time_total for e in events) / reps / 1e3
 
 
 def count_syncs(fn):
@@ -196,17 +211,36 @@ def prefill_rows(layers: int, lengths: list[int], small: bool, device: str, comp
         dense = median_ms(forward, 3, device, warmup=1)
         for spec in SPECS[:2]:
             autosparse.patch_model(model, Profile.uniform(model, spec))
+            densities = record_densities(model)
             logits = forward()
+            density = float(torch.stack(densities).mean())
             patched = median_ms(forward, 3, device, warmup=1)
             calls = autosparse.stats(model)
             autosparse.unpatch_model(model)
             rows.append(dict(length=length, layers=layers, pattern=spec, route="patch_model", dense_ms=dense,
-                             autosparse_ms=patched, logits_rel_err=rel(logits, dense_logits), calls=str(calls)))
+                             autosparse_ms=patched, density=density, logits_rel_err=rel(logits, dense_logits),
+                             calls=str(calls)))
             print(json.dumps(rows[-1]), flush=True)
         if compile_first and length == lengths[0]:
             rows.append(compiled_row(model, ids, SPECS[0], device))
             print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def record_densities(model) -> list[torch.Tensor]:
+    """Every dynamic layout's per-head density the patched ``model`` builds from now on (device
+    tensors: recording adds no sync)."""
+    densities = []
+    for layer in attention_layers(model):
+        plan = plan_of(getattr(layer.module, LAYER_ATTR))
+
+        def recording(*args, _build=plan.dynamic_layout, **kwargs):
+            layout = _build(*args, **kwargs)
+            densities.append(layout.head_density)
+            return layout
+
+        plan.dynamic_layout = recording
+    return densities
 
 
 def compiled_row(model, ids, spec: dict, device: str) -> dict:
@@ -252,20 +286,22 @@ def main() -> None:
     torch.cuda.empty_cache() if device == "cuda" else None
     result["prefill"] = prefill_rows(args.prefill_layers, args.prefill_lengths or args.lengths, args.small, device,
                                      args.compile)
-    print("\n| S | pattern | dense SDPA ms | autosparse ms (all) | speedup | estimate + layout ms | share of dense "
-          "| kernel ms | density | rel err | host syncs |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| S | pattern | dense SDPA ms | autosparse ms (all) | speedup | estimate + layout ms (host-bound) "
+          "| estimate + layout GPU ms | GPU share of dense | kernel ms | density | rel err | host syncs |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in result["attention"]:
         print(f"| {r['length']} | {short(r['pattern'])} | {r['dense_ms']:.2f} | {r['autosparse_ms']:.2f} | "
               f"{r['dense_ms'] / r['autosparse_ms']:.2f}x | {r['estimate_layout_ms']:.2f} | "
-              f"{r['estimate_layout_ms'] / r['dense_ms']:.1%} | {r['kernel_ms']:.2f} | {r['density']:.3f} | "
+              f"{r['estimate_layout_gpu_ms'] or float('nan'):.2f} | "
+              f"{(r['estimate_layout_gpu_ms'] or float('nan')) / r['dense_ms']:.1%} | {r['kernel_ms']:.2f} | "
+              f"{r['density']:.3f} | "
               f"{r['rel_err']:.3f} | {r['host_syncs']} |")
-    print("\n| S | layers | pattern | route | dense ms | autosparse ms | speedup | last-logits rel err | calls |")
-    print("|---|---|---|---|---:|---:|---:|---:|---|")
+    print("\n| S | layers | pattern | route | dense ms | autosparse ms | speedup | density | last-logits rel err | calls |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     for r in result["prefill"]:
         print(f"| {r['length']} | {r['layers']} | {short(r['pattern'])} | {r['route']} | {r['dense_ms']:.1f} | "
               f"{r['autosparse_ms']:.1f} | {r['dense_ms'] / r['autosparse_ms']:.2f}x | "
-              f"{r.get('logits_rel_err', float('nan')):.3f} | {r['calls']} |")
+              f"{r.get('density', float('nan')):.3f} | {r.get('logits_rel_err', float('nan')):.3f} | {r['calls']} |")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "llm_dynamic.json").write_text(json.dumps(result, indent=1))

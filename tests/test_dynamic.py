@@ -10,7 +10,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import autosparse
 from autosparse import BlockCdf, BlockGeometry, BlockLayout, BlockTopK, VerticalSlash
-from autosparse.dynamic import _column_blocks, _diagonal_blocks, always_kept
+from autosparse.dynamic import _column_blocks, _diagonal_blocks, _sum_by_offset, always_kept
 from autosparse.kernels.reference import dense_attention
 from autosparse.patterns import pattern_from_spec
 
@@ -158,6 +158,18 @@ def test_column_and_diagonal_blocks_are_exact(q_len, kv_len, q_block, kv_block):
         reachable = geometry.reachable()
         assert torch.equal(_column_blocks(columns, geometry)[0, h] & reachable, blocks(token_columns))
         assert torch.equal(_diagonal_blocks(diagonals, geometry)[0, h] & reachable, blocks(token_diagonals))
+
+
+def test_diagonal_sums_equal_a_scatter_by_offset():
+    """The skewed sum of the last rows' attention along diagonals equals scattering every entry to
+    its offset (query - key)."""
+    rows, keys = 7, 40
+    attention = torch.rand(2, 3, rows, keys, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    offsets = torch.arange(keys - rows, keys)[:, None] - torch.arange(keys)[None, :]
+    attention = attention.masked_fill(offsets < 0, 0.0)  # keys after their query: no attention
+    expected = torch.zeros(2, 3, keys, dtype=torch.float64).scatter_add_(
+        -1, offsets.clamp(min=0).expand_as(attention).flatten(2), attention.flatten(2))
+    torch.testing.assert_close(_sum_by_offset(attention).double(), expected, rtol=1e-6, atol=1e-6)
 
 
 _REFERENCE = "autosparse_test_dynamic_reference"
