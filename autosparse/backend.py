@@ -3,7 +3,8 @@
 Registered through the ``torch_dynamo_backends`` entry point, so it works in a fresh process without
 importing autosparse. For each graph Dynamo captures it:
 
-1. finds the model: the outermost transformers or diffusers model that owns the graph's parameters
+1. finds the model: the outermost served model (transformers, diffusers, or a module of a known
+   structure such as VGGT) that owns the graph's parameters
    (a Dynamo graph carries parameters, never the model; the live models are found once per graph
    among the garbage collector's objects);
 2. attaches the profile (the option, else the shipped profile that fits the model, else none: the
@@ -18,10 +19,11 @@ importing autosparse. For each graph Dynamo captures it:
    are counted per call in ``autosparse.stats(model)``;
 4. hands the graph to the inner compiler (``"inductor"`` unless ``options["inner"]`` says otherwise).
 
-A diffusers call's context (token geometry, denoising step) is read by the family adapter from the
-transformer's call arguments: when the graph traced the transformer's forward, from the graph's own
-inputs before it runs; otherwise (the blocks are compiled, the transformer runs eagerly) by a
-forward pre-hook on the transformer, which the backend installs, seeded for the call in progress.
+For a model of the hook route (diffusers, or a module of a known structure), a call's context
+(token geometry, denoising step) is read by the family adapter from the model's call arguments:
+when the graph traced the model's forward, from the graph's own inputs before it runs; otherwise
+(the blocks are compiled, the model runs eagerly) by a forward pre-hook on the model, which the
+backend installs, seeded for the call in progress.
 """
 
 from __future__ import annotations
@@ -95,8 +97,8 @@ def autosparse_backend(gm: fx.GraphModule, example_inputs: list[Any], *, options
     inner = _inner_compiler(opts.inner, opts.mode or mode)
     model = owning_model(gm, example_inputs, opts.profile)
     if model is None:
-        _say_once("no transformers or diffusers model owns this compiled graph's parameters; compiled without "
-                  "autosparse")
+        _say_once("no transformers, diffusers or known-structure model (VGGT) owns this compiled graph's "
+                  "parameters; compiled without autosparse")
         return inner(gm, example_inputs)
     patch = _attached(model, opts)
     if patch is None:
@@ -128,7 +130,7 @@ def _inner_compiler(inner: str | Callable[..., Any], mode: str | None) -> Callab
 
 
 def owning_model(gm: fx.GraphModule, example_inputs: list[Any], profile: Any = None) -> nn.Module | None:
-    """The outermost transformers/diffusers model owning the graph's parameters (inputs under
+    """The outermost served model (``models.library``) owning the graph's parameters (inputs under
     Dynamo's default ``inline_inbuilt_nn_modules``, else attributes of ``gm``); with a ``Profile``,
     one of its class when several models do."""
     params = {id(t) for t in example_inputs if isinstance(t, nn.Parameter)} | {id(p) for p in gm.parameters()}
@@ -197,7 +199,7 @@ class _Routed:
     """What the returned function does around the compiled graph on every call."""
 
     arguments: dict[str, int]  # the model call's arguments among the graph inputs (call context)
-    read_context: bool  # this graph traced the diffusers model's forward: read its call context first
+    read_context: bool  # this graph traced a hook-route model's forward: read its call context first
     dense: Counter[str]  # SDPA calls left dense by design, by reason (counted per call)
     fallback: Counter[str]  # SDPA calls the op cannot take, by reason (counted per call)
 
@@ -235,7 +237,7 @@ def _route(gm: fx.GraphModule, example_inputs: list[Any], model: nn.Module, patc
     if not calls and patch.library == "transformers":
         _say_once(f"no SDPA call in a compiled graph of {type(model).__name__} (attn_implementation="
                   f"{model.config._attn_implementation!r}); autosparse serves 'sdpa'")
-    if patch.library == "diffusers":
+    if patch.library != "transformers":  # hook route: the family reads the call's context
         _read_context(gm, example_inputs, model, patch, routed)
     _index(model)
     rewrite_sdpa(gm, anchors)
@@ -271,7 +273,7 @@ def _unservable(call: Any) -> str | None:
     return None
 
 
-# -- call context (diffusers) ------------------------------------------------------------------------
+# -- call context (hook route: diffusers, known-structure modules) ------------------------------------
 
 _ARGUMENT_SOURCE = re.compile(r"L\['kwargs'\]\['(\w+)'\]|L\['args'\]\[(\d+)\]|L\['(\w+)'\]")
 

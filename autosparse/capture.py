@@ -1,15 +1,15 @@
 """Capture: route a model's attention calls to ``torch.ops.autosparse.attention`` with their layer.
 
 transformers models call a function registered in ``AttentionInterface`` with the attention module
-as first argument; the module carries its layer id. diffusers models call
-``F.scaled_dot_product_attention`` from inside their attention modules, with no layer identity and no
-registry a third party can extend. There, a forward pre-hook on each served attention module
-publishes the module's layer id, the replacement of ``F.scaled_dot_product_attention`` (installed
-while any diffusers model is patched) sends calls made under a published id to the op and every
-other call to torch's own function, and a pre-hook on the transformer reads the call's token
-geometry (from the family adapter) and denoising step. The hooks and the replacement are plain
-Python that Dynamo traces, and the layer id is a tensor graph input, so the same capture holds
-under ``torch.compile`` and ``compile_repeated_blocks``.
+as first argument; the module carries its layer id. diffusers models, and plain modules a family
+recognises by structure (VGGT), call ``F.scaled_dot_product_attention`` from inside their attention
+modules, with no layer identity and no registry a third party can extend. There (the hook route), a
+forward pre-hook on each served attention module publishes the module's layer id, the replacement
+of ``F.scaled_dot_product_attention`` (installed while any model is patched through hooks) sends
+calls made under a published id to the op and every other call to torch's own function, and a
+pre-hook on the model reads the call's token geometry (from the family adapter) and denoising step.
+The hooks and the replacement are plain Python that Dynamo traces, and the layer id is a tensor
+graph input, so the same capture holds under ``torch.compile`` and ``compile_repeated_blocks``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from autosparse.runtime import ORIGINAL_SDPA, PatchState
 
 log = logging.getLogger("autosparse")
 
-__all__ = ["LAYER_ATTR", "attach_transformers", "detach_transformers", "attach_diffusers", "detach_diffusers"]
+__all__ = ["LAYER_ATTR", "attach_transformers", "detach_transformers", "attach_hooks", "detach_hooks"]
 
 IMPLEMENTATION = "autosparse"
 LAYER_ATTR = "_autosparse_layer"  # on each served attention module: its 0-d CPU int64 layer id
@@ -103,7 +103,7 @@ def _transformers_reason(module: nn.Module, query: torch.Tensor, key: torch.Tens
     return None
 
 
-# -- diffusers ------------------------------------------------------------------------------------------
+# -- hook route: diffusers models and structural families (VGGT) -------------------------------------
 
 
 class _Current:
@@ -115,15 +115,15 @@ class _Current:
 
 
 _current = _Current()
-_diffusers_models = 0  # patched diffusers models: the F.sdpa replacement is installed while > 0
+_hooked_models = 0  # models patched through hooks: the F.sdpa replacement is installed while > 0
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                  attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: float | None = None,
                                  enable_gqa: bool = False) -> torch.Tensor:
-    """Stands in for ``F.scaled_dot_product_attention`` while diffusers models are patched: calls
-    inside a served attention module go to the op, all others to torch's function unchanged."""
+    """Stands in for ``F.scaled_dot_product_attention`` while models are patched through hooks:
+    calls inside a served attention module go to the op, all others to torch's function unchanged."""
     layer = _current.layer
     _current.called = True
     if layer is not None and dropout_p == 0.0 and not _needs_grad(query, key, value):
@@ -146,24 +146,24 @@ def _exit_attention(module: nn.Module, args: tuple, output: Any) -> None:
     return None
 
 
-def attach_diffusers(model: nn.Module, state: PatchState, modules: list[nn.Module]) -> list[Any]:
+def attach_hooks(model: nn.Module, state: PatchState, modules: list[nn.Module]) -> list[Any]:
     """Hook ``model`` and its served attention ``modules``; returns the hook handles."""
-    global _diffusers_models
+    global _hooked_models
     handles = [model.register_forward_pre_hook(call_reader(model, state), with_kwargs=True)]
     for module in modules:
         handles.append(module.register_forward_pre_hook(_enter_attention))
         handles.append(module.register_forward_hook(_exit_attention))
-    _diffusers_models += 1
+    _hooked_models += 1
     F.scaled_dot_product_attention = scaled_dot_product_attention
     return handles
 
 
-def detach_diffusers(handles: list[Any]) -> None:
-    global _diffusers_models
+def detach_hooks(handles: list[Any]) -> None:
+    global _hooked_models
     for handle in handles:
         handle.remove()
-    _diffusers_models -= 1
-    if _diffusers_models == 0:
+    _hooked_models -= 1
+    if _hooked_models == 0:
         F.scaled_dot_product_attention = ORIGINAL_SDPA
 
 
@@ -181,7 +181,8 @@ def _geometry(family, model: nn.Module, arguments: dict[str, Any]):
 
 
 def call_reader(model: nn.Module, state: PatchState):
-    """The transformer's pre-hook: token geometry and denoising step of this call, into ``state``.
+    """The model's pre-hook: token geometry and denoising step of this call, into ``state`` (a
+    model without a ``timestep`` argument, such as VGGT, has no step: None).
 
     The step counts distinct timesteps: it restarts at 0 when the timestep rises (a new
     generation; denoising runs from high to low timesteps) and stays when it repeats (classifier-free

@@ -225,10 +225,12 @@ def grid_order(patterns: Sequence[Pattern], tokens: TokenGeometry, q_block: int,
                device: torch.device | str = "cpu") -> TokenGeometry:
     """The token order to lay ``patterns`` out in: tile order (``default_tile``) unless raster order
     needs about as few blocks. Tiles make blocks compact boxes, which usually saves blocks, but a
-    small window on some grids touches fewer raster strips than tiles. Costs two layout builds (and
-    a device sync): callers cache the answer per shape."""
+    small window on some grids touches fewer raster strips than tiles. Dynamic heads (their blocks
+    are not known before a call) do not vote. Costs two layout builds (and a device sync): callers
+    cache the answer per shape."""
     tiled = tokens.with_tile(default_tile(len(tokens.grid), kv_block))
     raster = tokens.with_tile(None)
+    patterns = [p for p in patterns if not p.is_dynamic]
 
     def density(order: TokenGeometry) -> float:
         return BlockLayout.from_patterns(patterns, BlockGeometry(order.length, order.length, q_block, kv_block,

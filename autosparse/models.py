@@ -1,9 +1,11 @@
 """Find the attention layers of a model and describe the model for profile matching.
 
-Two libraries are served. transformers attention modules call a function looked up through
+Three kinds of model are served. transformers attention modules call a function looked up through
 ``AttentionInterface`` with the module as first argument (so the call knows its layer). diffusers
 attention modules (``AttentionModuleMixin``) call ``F.scaled_dot_product_attention`` themselves; which
-of them are served, and the token geometry of their calls, comes from the model's ``Family``.
+of them are served, and the token geometry of their calls, comes from the model's ``Family``. A plain
+``nn.Module`` that a family recognises by its structure (``"module"``, e.g. VGGT) is served the same
+way as diffusers models: its attention modules call ``F.scaled_dot_product_attention`` too.
 """
 
 from __future__ import annotations
@@ -41,14 +43,21 @@ class AttentionLayer:
 
 
 def library(model: nn.Module) -> str:
-    """``"transformers"`` or ``"diffusers"``: which capture route serves ``model``; TypeError otherwise."""
+    """Which capture route serves ``model``: ``"transformers"`` (its attention interface),
+    ``"diffusers"`` or ``"module"`` (a plain ``nn.Module`` a family recognises by its structure, e.g.
+    VGGT); the last two through hooks. TypeError otherwise."""
+    from autosparse.families import structural_family
+
     if hasattr(model, "set_attn_implementation") and hasattr(model, "config"):
         return "transformers"
     if _is_diffusers_model(model):
         return "diffusers"
+    if structural_family(model) is not None:
+        return "module"
     raise TypeError(
-        f"autosparse patches transformers models (PreTrainedModel) and diffusers models (ModelMixin, e.g. "
-        f"WanTransformer3DModel or pipeline.transformer); got {type(model).__name__}"
+        f"autosparse patches transformers models (PreTrainedModel), diffusers models (ModelMixin, e.g. "
+        f"WanTransformer3DModel or pipeline.transformer) and modules of a known structure (\"module\": VGGT, "
+        f"or its aggregator); got {type(model).__name__}"
     )
 
 
@@ -64,29 +73,57 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     """The model's served attention modules, in registration order.
 
     transformers: modules carrying ``layer_idx``, ``config`` and ``is_causal`` (every self-attention).
-    diffusers: attention modules (``AttentionModuleMixin`` or the older ``Attention``) whose name the model's family serves (self and joint
-    attention; every attention module for a model without a family adapter).
+    diffusers: attention modules (``AttentionModuleMixin`` or the older ``Attention``) whose name the
+    model's family serves (self and joint attention; every attention module for a model without a
+    family adapter). module: modules with ``num_heads`` and ``head_dim`` (or a ``qkv`` projection)
+    whose name the model's family serves (VGGT: global attention only).
     """
-    layers = _diffusers_layers(model) if library(model) == "diffusers" else _transformers_layers(model)
+    kind = library(model)
+    layers = _transformers_layers(model) if kind == "transformers" else _family_layers(model, kind)
     if not layers:
         raise TypeError(f"no attention modules found in {type(model).__name__}")
     return layers
 
 
-def _diffusers_layers(model: nn.Module) -> list[AttentionLayer]:
-    from diffusers.models.attention import AttentionModuleMixin
-    from diffusers.models.attention_processor import Attention
-
+def _family_layers(model: nn.Module, kind: str) -> list[AttentionLayer]:
+    """Hook route: the attention modules whose name the model's family serves."""
     from autosparse.families import family_of
 
     family = family_of(model)
+    heads_of = _diffusers_heads() if kind == "diffusers" else _module_heads
     layers = []
     for name, module in model.named_modules():
-        if isinstance(module, (AttentionModuleMixin, Attention)) and family.serves(name):
-            heads = module.heads
-            layers.append(AttentionLayer(name, len(layers), heads, getattr(module, "kv_heads", None) or heads,
-                                         module.inner_dim // heads, module))
+        heads = heads_of(module) if family.serves(name) else None
+        if heads is not None:
+            layers.append(AttentionLayer(name, len(layers), *heads, module))
     return layers
+
+
+def _diffusers_heads():
+    """``module -> (heads, kv_heads, head_dim)`` of a diffusers attention module, None for others."""
+    from diffusers.models.attention import AttentionModuleMixin
+    from diffusers.models.attention_processor import Attention
+
+    def heads_of(module: nn.Module) -> tuple[int, int, int] | None:
+        if not isinstance(module, (AttentionModuleMixin, Attention)):
+            return None
+        heads = module.heads
+        return heads, getattr(module, "kv_heads", None) or heads, module.inner_dim // heads
+
+    return heads_of
+
+
+def _module_heads(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(heads, heads, head_dim)`` of a plain attention module (``num_heads`` with ``head_dim`` or a
+    fused ``qkv`` projection, as timm/DINOv2/VGGT write them), None for others."""
+    heads = getattr(module, "num_heads", None)
+    head_dim = getattr(module, "head_dim", None)
+    qkv = getattr(module, "qkv", None)
+    if head_dim is None and isinstance(qkv, nn.Linear) and isinstance(heads, int):
+        head_dim = qkv.out_features // (3 * heads)
+    if not isinstance(heads, int) or not isinstance(head_dim, int):
+        return None
+    return heads, heads, head_dim
 
 
 def _transformers_layers(model: nn.Module) -> list[AttentionLayer]:
@@ -103,14 +140,17 @@ def _transformers_layers(model: nn.Module) -> list[AttentionLayer]:
 
 
 def model_signature(model: nn.Module) -> dict[str, Any]:
-    """``{"class", "config", "fingerprint"}``: what a profile records to refuse the wrong model."""
-    if library(model) == "diffusers":
+    """``{"class", "config", "fingerprint"}``: what a profile records to refuse the wrong model
+    (``config``: the config fields that shape attention, or for a ``"module"`` model the family's
+    fields read from its attributes)."""
+    if library(model) == "transformers":
+        config = model.config.to_dict()
+        found = {key: config.get(key) for key in _SIGNATURE_FIELDS}
+    else:
         from autosparse.families import family_of
 
-        config, names = dict(model.config), family_of(model).signature
-    else:
-        config, names = model.config.to_dict(), _SIGNATURE_FIELDS
-    fields = {key: _json(config.get(key)) for key in names if config.get(key) is not None}
+        found = family_of(model).signature_fields(model)
+    fields = {key: _json(value) for key, value in found.items() if value is not None}
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
     return {"class": type(model).__name__, "config": fields, "fingerprint": digest}
 

@@ -1,7 +1,8 @@
 """patch_model / unpatch_model / stats: route a model's attention through autosparse.
 
 In the spirit of torchao's ``quantize_(model, config)``: one verb, in place, undoable. A model from
-transformers or diffusers gets a ``LayerPlan`` per served attention module (its profile entry and
+transformers or diffusers, or a module of a known structure (VGGT), gets a ``LayerPlan`` per served
+attention module (its profile entry and
 caches, registered under a layer id); ``capture`` routes each call to
 ``torch.ops.autosparse.attention``, which serves it sparse or runs it dense and counts the reason in
 ``stats(model)``; nothing the kernel cannot honour is ever approximated.
@@ -37,16 +38,17 @@ class _Patch:
     route: str = "eager"
     original_implementation: str | None = None  # transformers, eager route
     handles: list[Any] = field(default_factory=list)  # hooks
-    context: str | None = None  # compile route, diffusers: "graph" or "hook" (where the call context is read)
+    context: str | None = None  # compile route, hook-route models: "graph" or "hook" (where the call context is read)
 
 
 def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool = False) -> nn.Module:
     """Run ``model``'s attention with the per-head patterns of ``profile``; patches in place.
 
     Parameters:
-        model: a transformers model (``PreTrainedModel``) or a diffusers transformer (``ModelMixin``:
+        model: a transformers model (``PreTrainedModel``), a diffusers transformer (``ModelMixin``:
             Wan, HunyuanVideo, CogVideoX and FLUX with their token geometry; others with 1-D
-            patterns only).
+            patterns only), or a module of a known structure (VGGT or its aggregator: global
+            attention served, with per-frame special tokens dense; frame attention untouched).
         profile: a ``Profile`` or the path of its JSON file; it must fit the model (class, config,
             layer names, head counts), else ValueError naming the field.
         strict: raise instead of falling back to dense when a call cannot be served sparse.
@@ -59,7 +61,7 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
     if patch.library == "transformers":
         patch.original_implementation = capture.attach_transformers(model)
     else:
-        patch.handles = capture.attach_diffusers(model, patch.state, patch.modules)
+        patch.handles = capture.attach_hooks(model, patch.state, patch.modules)
     return model
 
 
@@ -95,7 +97,7 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if patch.route == "eager" and patch.library == "transformers":
         capture.detach_transformers(model, patch.original_implementation)
     elif patch.route == "eager":
-        capture.detach_diffusers(patch.handles)
+        capture.detach_hooks(patch.handles)
     else:  # compile backend: its graphs refuse to run from now on (they name the reason)
         for handle in patch.handles:
             handle.remove()

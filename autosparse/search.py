@@ -392,7 +392,7 @@ def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
         "inputs": len(inputs),
         **({"tokens": int(sum(x.shape[-1] for x in inputs))} if library(model) == "transformers" else
            {"grid": list(tokens.grid) if tokens else None,
-            "text_tokens": tokens.prefix + tokens.suffix if tokens else 0,
+            "text_tokens": tokens.text_tokens if tokens else 0,
             "dense_steps": config.dense_steps}),
         "query_rows": config.query_rows,
         "seed": config.seed,

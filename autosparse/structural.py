@@ -79,7 +79,7 @@ def structural_profile(model: nn.Module, tokens: TokenGeometry, *, density: floa
                  "(see examples/dit_factory.py)."),
         "target": target,
         "grid": list(tokens.grid),
-        "text_tokens": tokens.prefix + tokens.suffix,
+        "text_tokens": tokens.text_tokens,
         "pattern": pattern.to_spec(),
         "block_density": round(got, 4),
         "dense_steps": dense_steps,

@@ -1,26 +1,30 @@
-"""Token geometry: where the grid tokens of a video/image diffusion transformer sit in its sequence.
+"""Token geometry: where the grid tokens of a video/image transformer sit in its sequence.
 
 A DiT attends over ``prefix`` text tokens, then the ``T*H*W`` (or ``H*W``) latent tokens in raster
-order (last dim fastest), then ``suffix`` text tokens. In raster order a key block of 128 tokens is a
-thin strip of one row, so a 3-D neighbourhood touches many blocks and computes most of them only in
-part. Permuting the grid tokens tile by tile (a tile of ``kv_block`` tokens is a compact box) makes
-blocks boxes: the same neighbourhood then touches fewer blocks and fills them. The attention op
-permutes q/k/v into this order before the kernel and the output back after it.
+order (last dim fastest), then ``suffix`` text tokens. A multi-view model such as VGGT puts
+``frame_prefix`` special tokens (camera, registers) at the start of every frame (every index of the
+leading grid dim) instead. In raster order a key block of 128 tokens is a thin strip of one row, so
+a 3-D neighbourhood touches many blocks and computes most of them only in part. Permuting the grid
+tokens tile by tile (a tile of ``kv_block`` tokens is a compact box) makes blocks boxes: the same
+neighbourhood then touches fewer blocks and fills them. The attention op permutes q/k/v into this
+order before the kernel and the output back after it.
 
-Kernel order. Without a tile the kernel sees the model's order (no permutation). With a tile the
-order is ours, so it is: the grid tokens in tile order at kernel positions ``[0, G)``, then the
-prefix text tokens, then the suffix text tokens. Text attends everything and is attended by
-everything, so where it sits changes only block alignment; put first, a prefix that is not a
-multiple of the block size (CogVideoX: 226 text tokens, 64x128 blocks) would shift every tile across
-two blocks and lose tile order's gain. ``grid_start``, ``kernel_prefix`` and ``kernel_suffix`` say
-where grid and text sit in kernel order.
+Kernel order. Without a tile and without per-frame specials the kernel sees the model's order (no
+permutation). Otherwise the order is ours, so it is: the grid tokens (in tile order, or in raster
+order without a tile) at kernel positions ``[0, G)``, then the prefix text tokens, then the frame
+specials (frame by frame), then the suffix text tokens. Text and specials attend everything and are
+attended by everything, so where they sit changes only block alignment; put first, a prefix that is
+not a multiple of the block size (CogVideoX: 226 text tokens, 64x128 blocks) would shift every tile
+across two blocks and lose tile order's gain, and specials left between frames would split blocks
+at every frame. ``grid_start``, ``kernel_prefix`` and ``kernel_suffix`` say where grid and text sit
+in kernel order.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple
 
 import torch
@@ -40,32 +44,40 @@ def _int_tuple(owner: str, value: Any, minimum: int = 1) -> tuple[int, ...]:
 
 @dataclass(frozen=True)
 class TokenGeometry:
-    """The token layout of one attention call: text prefix, grid tokens, text suffix.
+    """The token layout of one attention call: text prefix, grid tokens (with per-frame special
+    tokens), text suffix.
 
     Attributes:
         grid: ``(T, H, W)`` or ``(H, W)``: the grid tokens, in the model's sequence in raster order.
         prefix: text/global tokens before the grid tokens in the sequence.
         suffix: text/global tokens after them.
-        tile: ``None``: the kernel sees the model's order. Else the kernel sees the grid tokens tile
-            by tile: tiles in raster order over the tile grid (``ceil(L_d / tile_d)`` tiles per dim,
+        tile: ``None``: the kernel sees the grid tokens in raster order. Else it sees them tile by
+            tile: tiles in raster order over the tile grid (``ceil(L_d / tile_d)`` tiles per dim,
             the last one per dim partial where ``tile_d`` does not divide ``L_d``; no padding tokens
             are ever added), tokens inside a tile in raster order.
+        frame_prefix: special tokens at the start of every frame (every index of ``grid[0]``), as
+            VGGT's camera and register tokens: the model's sequence is ``prefix`` text, then per
+            frame ``frame_prefix`` specials and the frame's ``prod(grid[1:])`` grid tokens, then
+            ``suffix`` text. Specials are global tokens, like text.
 
-    Kernel order (what ``permutation()`` gives and block layouts are laid out in): without a tile,
-    the model's order (``prefix`` text, grid in raster order, ``suffix`` text). With a tile, the grid
-    tokens in tile order first, at kernel positions ``[0, grid_tokens)`` (from a block boundary), then the
-    ``prefix`` text tokens, then the ``suffix`` text tokens: in kernel order all text is a suffix
-    (``kernel_prefix == 0``, ``kernel_suffix == prefix + suffix``, ``grid_start == 0``).
+    Kernel order (what ``permutation()`` gives and block layouts are laid out in): without a tile
+    and without frame specials, the model's order (``prefix`` text, grid in raster order, ``suffix``
+    text). Otherwise (``permuted``) the grid tokens first, in tile order (raster order without a
+    tile), at kernel positions ``[0, grid_tokens)`` (from a block boundary), then the ``prefix``
+    text tokens, then the frame specials frame by frame, then the ``suffix`` text tokens: in kernel
+    order all text is a suffix (``kernel_prefix == 0``, ``kernel_suffix == text_tokens``,
+    ``grid_start == 0``).
     """
 
     grid: tuple[int, ...]
     prefix: int = 0
     suffix: int = 0
     tile: tuple[int, ...] | None = None
+    frame_prefix: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "grid", _int_tuple("TokenGeometry.grid", self.grid))
-        for name in ("prefix", "suffix"):
+        for name in ("prefix", "suffix", "frame_prefix"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TokenGeometry.{name} must be an int >= 0, got {value!r}")
@@ -80,38 +92,53 @@ class TokenGeometry:
         return math.prod(self.grid)
 
     @property
+    def frame_specials(self) -> int:
+        """Special tokens of all frames: ``grid[0] * frame_prefix``."""
+        return self.grid[0] * self.frame_prefix
+
+    @property
+    def text_tokens(self) -> int:
+        """Tokens outside the grid (text and frame specials): dense in every head."""
+        return self.prefix + self.frame_specials + self.suffix
+
+    @property
     def length(self) -> int:
-        """The whole sequence: text prefix, grid tokens, text suffix."""
-        return self.prefix + self.grid_tokens + self.suffix
+        """The whole sequence: text prefix, grid tokens and frame specials, text suffix."""
+        return self.grid_tokens + self.text_tokens
 
     @property
     def has_text(self) -> bool:
-        return self.prefix > 0 or self.suffix > 0
+        return self.text_tokens > 0
+
+    @property
+    def permuted(self) -> bool:
+        """Whether the kernel order differs from the model's (a tile, or frame specials to gather)."""
+        return self.tile is not None or self.frame_prefix > 0
 
     @property
     def grid_start(self) -> int:
-        """Kernel position of the first grid token: ``prefix`` without a tile, 0 with one. The grid
-        tokens occupy kernel positions ``[grid_start, grid_start + grid_tokens)``."""
-        return self.prefix if self.tile is None else 0
+        """Kernel position of the first grid token: ``prefix`` in the model's order, 0 when
+        ``permuted``. The grid tokens occupy kernel positions ``[grid_start, grid_start + grid_tokens)``."""
+        return 0 if self.permuted else self.prefix
 
     @property
     def kernel_prefix(self) -> int:
-        """Text tokens before the grid in kernel order: ``prefix`` without a tile, 0 with one."""
-        return self.prefix if self.tile is None else 0
+        """Text tokens before the grid in kernel order: ``prefix`` in the model's order, 0 when ``permuted``."""
+        return 0 if self.permuted else self.prefix
 
     @property
     def kernel_suffix(self) -> int:
-        """Text tokens after the grid in kernel order: ``suffix`` without a tile, ``prefix + suffix``
-        with one (the prefix text, then the suffix text)."""
-        return self.suffix if self.tile is None else self.prefix + self.suffix
+        """Text tokens after the grid in kernel order: ``suffix`` in the model's order, ``text_tokens``
+        when ``permuted`` (the prefix text, then the frame specials, then the suffix text)."""
+        return self.text_tokens if self.permuted else self.suffix
 
     def with_tile(self, tile: tuple[int, ...] | None) -> TokenGeometry:
-        return TokenGeometry(self.grid, self.prefix, self.suffix, tile)
+        return replace(self, tile=tile)
 
     def order(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Long ``[grid_tokens]``: ``order[p]`` is the raster index of the grid token the kernel sees
-        at grid position ``p``, i.e. kernel position ``grid_start + p`` (the identity without a
-        tile). Cached: do not modify."""
+        """Long ``[grid_tokens]``: ``order[p]`` is the raster index (over the grid tokens alone,
+        frame specials not counted) of the grid token the kernel sees at grid position ``p``, i.e.
+        kernel position ``grid_start + p`` (the identity without a tile). Cached: do not modify."""
         return _orders(self, str(torch.device(device))).order
 
     def coords(self, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -120,19 +147,20 @@ class TokenGeometry:
         return _orders(self, str(torch.device(device))).coords
 
     def permutation(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """Long ``[length]`` for the whole sequence, ``None`` without a tile:
+        """Long ``[length]`` for the whole sequence, ``None`` unless ``permuted``:
         ``x_kernel = x.index_select(seq_dim, permutation)``; ``permutation[i]`` is the model position
-        of the token at kernel position ``i``: the grid tokens in tile order, then the prefix text,
-        then the suffix text (see the class docstring). Cached: do not modify."""
+        of the token at kernel position ``i``: the grid tokens in tile (or raster) order, then the
+        prefix text, the frame specials and the suffix text (see the class docstring). Cached: do
+        not modify."""
         return _orders(self, str(torch.device(device))).permutation
 
     def inverse_permutation(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """Long ``[length]``, ``None`` without a tile: ``out = out_kernel.index_select(seq_dim, inverse)``;
+        """Long ``[length]``, ``None`` unless ``permuted``: ``out = out_kernel.index_select(seq_dim, inverse)``;
         ``inverse[j]`` is the kernel position of the token at model position ``j``. Cached: do not modify."""
         return _orders(self, str(torch.device(device))).inverse
 
     def query_rows(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        """Int32 ``permutation``, ``None`` without a tile: the kernel's ``q_rows`` (it reads each
+        """Int32 ``permutation``, ``None`` unless ``permuted``: the kernel's ``q_rows`` (it reads each
         query from, and writes its output to, the token's model position). Cached: do not modify."""
         return _orders(self, str(torch.device(device))).query_rows
 
@@ -151,11 +179,17 @@ def _orders(tokens: TokenGeometry, device: str) -> _Orders:
     order = _tile_order(tokens.grid, tokens.tile).to(device)
     strides = [math.prod(tokens.grid[d + 1 :]) for d in range(len(tokens.grid))]
     coords = torch.stack([(order // s) % n for s, n in zip(strides, tokens.grid)], dim=1)
-    if tokens.tile is None:
+    if not tokens.permuted:
         return _Orders(order, coords, None, None, None)
-    # Kernel order: grid tokens in tile order, then the prefix text, then the suffix text.
-    grid_end = tokens.prefix + tokens.grid_tokens
-    permutation = torch.cat([order + tokens.prefix, torch.arange(tokens.prefix, device=device),
+    # Kernel order: grid tokens in tile order, then the prefix text, the frame specials, the suffix text.
+    # In the model's order frame f is its frame_prefix specials, then its grid tokens.
+    per_frame = tokens.grid_tokens // tokens.grid[0]
+    stride = tokens.frame_prefix + per_frame
+    frame_start = tokens.prefix + torch.arange(tokens.grid[0], device=device) * stride
+    grid = frame_start[order // per_frame] + tokens.frame_prefix + order % per_frame
+    specials = (frame_start[:, None] + torch.arange(tokens.frame_prefix, device=device)).flatten()
+    grid_end = tokens.prefix + tokens.grid_tokens + tokens.frame_specials
+    permutation = torch.cat([grid, torch.arange(tokens.prefix, device=device), specials,
                              torch.arange(grid_end, tokens.length, device=device)])
     inverse = torch.empty_like(permutation)
     inverse[permutation] = torch.arange(tokens.length, device=device)

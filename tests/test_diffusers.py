@@ -194,7 +194,8 @@ def test_grid_pattern_without_geometry_falls_back_and_counts():
 
 
 def test_refuses_a_plain_module():
-    with pytest.raises(TypeError, match="autosparse patches transformers models .* and diffusers models"):
+    with pytest.raises(TypeError, match="autosparse patches transformers models .* diffusers models .* and modules "
+                                        "of a known structure"):
         autosparse.Profile.uniform(torch.nn.Linear(2, 2), {"kind": "dense"})
 
 

@@ -46,14 +46,30 @@ def brute_tile_order(grid: tuple[int, ...], tile: tuple[int, ...]) -> list[int]:
     return [raster_index(c, grid) for c in ordered]
 
 
+def model_positions(tokens: TokenGeometry) -> tuple[list[int], list[int]]:
+    """Model positions of the grid tokens (by raster index) and of the frame specials (frame by
+    frame), walking the sequence as the model lays it out: the prefix text, then per frame (index of
+    the leading grid dim) its specials and its grid tokens, then the suffix text."""
+    grid, specials, position = [], [], tokens.prefix
+    per_frame = math.prod(tokens.grid[1:])
+    for _ in range(tokens.grid[0]):
+        specials += range(position, position + tokens.frame_prefix)
+        grid += range(position + tokens.frame_prefix, position + tokens.frame_prefix + per_frame)
+        position += tokens.frame_prefix + per_frame
+    assert position + tokens.suffix == tokens.length
+    return grid, specials
+
+
 def brute_permutation(tokens: TokenGeometry) -> list[int] | None:
-    """Model position of the token at each kernel position, ``None`` without a tile: the grid tokens
-    in tile order first, then the prefix text, then the suffix text."""
-    if tokens.tile is None:
+    """Model position of the token at each kernel position, ``None`` without a tile or frame
+    specials: the grid tokens in tile (else raster) order first, then the prefix text, then the
+    frame specials, then the suffix text."""
+    if tokens.tile is None and tokens.frame_prefix == 0:
         return None
-    grid_end = tokens.prefix + tokens.grid_tokens
-    return ([tokens.prefix + r for r in brute_tile_order(tokens.grid, tokens.tile)]
-            + list(range(tokens.prefix)) + list(range(grid_end, tokens.length)))
+    grid, specials = model_positions(tokens)
+    order = brute_tile_order(tokens.grid, tokens.tile) if tokens.tile else range(tokens.grid_tokens)
+    return ([grid[r] for r in order] + list(range(tokens.prefix)) + specials
+            + list(range(tokens.length - tokens.suffix, tokens.length)))
 
 
 TOKENS = [
@@ -87,6 +103,50 @@ def test_tile_order_is_the_documented_permutation(tokens):
     assert tokens.order() is order  # cached per (geometry, device)
 
 
+FRAME_TOKENS = [
+    TokenGeometry((3, 4, 5), frame_prefix=5),  # VGGT's global attention: 5 specials per frame, no text
+    TokenGeometry((3, 4, 5), prefix=2, suffix=3, tile=(2, 2, 4), frame_prefix=5),
+    TokenGeometry((4, 7), prefix=1, tile=(2, 4), frame_prefix=2),  # 2-D: a frame is a row
+]
+
+
+@pytest.mark.parametrize("tokens", FRAME_TOKENS, ids=str)
+def test_frame_specials_are_gathered_after_the_grid(tokens):
+    """Specials at the start of every frame: always permuted (with or without a tile), every token
+    read from its own model position: the grid tokens (tile or raster order), then the prefix text,
+    the specials frame by frame, the suffix text."""
+    frames, per_frame = tokens.grid[0], math.prod(tokens.grid[1:])
+    assert tokens.length == tokens.prefix + frames * (tokens.frame_prefix + per_frame) + tokens.suffix
+    assert tokens.frame_specials == frames * tokens.frame_prefix and tokens.has_text and tokens.permuted
+    # what sits at each model position, written out sequentially
+    labels = [("prefix", i) for i in range(tokens.prefix)]
+    coords = list(itertools.product(*(range(n) for n in tokens.grid)))
+    for f in range(frames):
+        labels += [("special", f, j) for j in range(tokens.frame_prefix)]
+        labels += [("grid", c) for c in coords[f * per_frame:(f + 1) * per_frame]]
+    labels += [("suffix", i) for i in range(tokens.suffix)]
+    perm, inverse = tokens.permutation(), tokens.inverse_permutation()
+    assert perm.tolist() == brute_permutation(tokens)
+    assert perm[inverse].tolist() == list(range(tokens.length)) == inverse[perm].tolist()
+    assert torch.equal(tokens.query_rows(), perm.to(torch.int32))
+    kernel = [labels[p] for p in perm.tolist()]
+    g = tokens.grid_tokens
+    assert kernel[:g] == [("grid", tuple(c)) for c in tokens.coords().tolist()]
+    order = brute_tile_order(tokens.grid, tokens.tile) if tokens.tile else list(range(g))
+    assert tokens.order().tolist() == order
+    assert kernel[g:] == ([("prefix", i) for i in range(tokens.prefix)]
+                          + [("special", f, j) for f in range(frames) for j in range(tokens.frame_prefix)]
+                          + [("suffix", i) for i in range(tokens.suffix)])
+    assert (tokens.grid_start, tokens.kernel_prefix, tokens.kernel_suffix) == (0, 0, tokens.length - g)
+    assert tokens.with_tile(None).permutation() is not None and tokens.with_tile(None).frame_prefix == tokens.frame_prefix
+    # specials and text are dense in every head, in the model's order too
+    layout = BlockLayout.from_patterns([Window(3), Stripes(0, (0,))], geometry(tokens, 8, 8))
+    dense = layout.to_dense_model_order()
+    is_grid = torch.tensor([label[0] == "grid" for label in labels])
+    assert dense[:, ~is_grid].all() and dense[:, :, ~is_grid].all()
+    assert not dense[:, is_grid][:, :, is_grid].all(-1).all(-1).any()  # the grid part of every head is sparse
+
+
 def test_raster_order_and_lengths():
     tokens = TokenGeometry([3, 5, 7], prefix=5, suffix=3)
     assert tokens.grid == (3, 5, 7) and tokens.grid_tokens == 105 and tokens.length == 113
@@ -106,6 +166,7 @@ def test_raster_order_and_lengths():
         ({"grid": ()}, "TokenGeometry.grid must be a non-empty list"),
         ({"grid": (4, 4), "prefix": -1}, "TokenGeometry.prefix must be an int >= 0, got -1"),
         ({"grid": (4, 4), "suffix": 1.5}, "TokenGeometry.suffix must be an int >= 0"),
+        ({"grid": (4, 4), "frame_prefix": -5}, "TokenGeometry.frame_prefix must be an int >= 0, got -5"),
         ({"grid": (4, 4), "tile": (2,)}, "TokenGeometry.tile (2,) must have one entry per grid dim"),
         ({"grid": (4, 4), "tile": (2, 0)}, "TokenGeometry.tile[1] must be an int >= 1, got 0"),
     ],
@@ -180,8 +241,8 @@ def model_order_mask(pattern, tokens: TokenGeometry) -> torch.Tensor:
     grid_mask = torch.tensor([[all(kc in allowed[d][qc] for d, (qc, kc) in enumerate(zip(q, k))) for k in coords]
                               for q in coords])
     mask = torch.ones(tokens.length, tokens.length, dtype=torch.bool)
-    grid = slice(tokens.prefix, tokens.prefix + tokens.grid_tokens)
-    mask[grid, grid] = grid_mask
+    grid = torch.tensor(model_positions(tokens)[0])
+    mask[grid[:, None], grid[None, :]] = grid_mask
     return mask
 
 
@@ -205,10 +266,13 @@ GEOMETRIES_3D = [
     geometry(TokenGeometry((3, 5, 7), prefix=5, suffix=3, tile=(2, 2, 4)), 16, 32),
     geometry(TokenGeometry((3, 5, 7)), 16, 16),  # raster order, no text
     geometry(TokenGeometry((4, 6, 5), suffix=9, tile=(2, 4, 4)), 32, 16),
+    geometry(TokenGeometry((3, 5, 7), frame_prefix=5), 16, 32),  # VGGT-like: specials per frame, raster
+    geometry(TokenGeometry((3, 5, 7), prefix=2, tile=(2, 2, 4), frame_prefix=3), 16, 16),
 ]
 GEOMETRIES_2D = [
     geometry(TokenGeometry((9, 13), prefix=7, tile=(4, 8)), 16, 32),
     geometry(TokenGeometry((9, 13), suffix=4, tile=(3, 5)), 8, 16),
+    geometry(TokenGeometry((9, 13), suffix=2, tile=(4, 8), frame_prefix=1), 16, 16),
 ]
 PATTERNS_3D = [
     Neighborhood((3, 3, 3)),
@@ -237,7 +301,8 @@ CASES = ([(p, g) for p in PATTERNS_3D for g in GEOMETRIES_3D] + [(p, g) for p in
 
 def case_id(case) -> str:
     pattern, g = case
-    return f"{pattern.short_str()}-{g.tokens.grid}-p{g.tokens.prefix}s{g.tokens.suffix}-t{g.tokens.tile}"
+    frames = f"-f{g.tokens.frame_prefix}" if g.tokens.frame_prefix else ""
+    return f"{pattern.short_str()}-{g.tokens.grid}-p{g.tokens.prefix}s{g.tokens.suffix}-t{g.tokens.tile}{frames}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case_id(c) for c in CASES])
@@ -246,7 +311,8 @@ def test_layout_matches_token_definition(case):
     layout = BlockLayout.from_patterns([pattern], g)
     expected = expected_kernel_mask(pattern, g)
     assert torch.equal(layout.to_dense()[0], expected)
-    inverse = g.tokens.inverse_permutation()
+    perm = brute_permutation(g.tokens)  # back to the model's order by the brute-force map
+    inverse = None if perm is None else torch.argsort(torch.tensor(perm))
     model = expected if inverse is None else expected[inverse][:, inverse]
     assert torch.equal(layout.to_dense_model_order()[0], model)
 
