@@ -52,6 +52,7 @@ from autosparse.models import attention_layers  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA, plan_of  # noqa: E402
 from autosparse.timing import gpu_ms, median_ms  # noqa: E402
 
+PROFILE = False  # --profile-estimate: list the estimate's kernels
 SPECS = ({"kind": "vertical_slash", "vertical": 1000, "slash": 6096},
          {"kind": "vertical_slash", "vertical": 1000, "slash": 6096, "mass": 0.95},
          {"kind": "block_topk", "k": 32})
@@ -132,7 +133,9 @@ def attention_rows(model, lengths: list[int], device: str, dtype: torch.dtype) -
             out, syncs = count_syncs(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale))
             whole = time(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale), device)
             build = lambda: plan.dynamic_layout(heads_now, geometry, q, k, scale, ()).schedule(heads // kv_heads)  # noqa: E731
-            estimate, estimate_gpu = time(build, device), kernel_time(build, device)
+            if PROFILE:
+                print(f"  estimate + layout kernels, S={length}, {short(spec)}:")
+            estimate, estimate_gpu = time(build, device), kernel_time(build, device, table=PROFILE)
             kernel = time(lambda: torch.ops.autosparse.block_sparse_attention(
                 q, k, v, layout.kv_indices, layout.kv_counts, None, layout.schedule(heads // kv_heads), *plan.profile.block_size, True,
                 scale, None, layout.columns, layout.column_counts, layout.listed), device)
@@ -147,9 +150,10 @@ def attention_rows(model, lengths: list[int], device: str, dtype: torch.dtype) -
     return rows
 
 
-def kernel_time(fn, device: str, reps: int = 5) -> float | None:
+def kernel_time(fn, device: str, reps: int = 5, table: bool = False) -> float | None:
     """GPU kernel time of one ``fn()`` in ms (profiler, summed over its kernels): what it costs
-    inside a forward, where the host runs ahead of the GPU and its launch time is hidden."""
+    inside a forward, where the host runs ahead of the GPU and its launch time is hidden. With
+    ``table``, prints the kernels that take the most."""
     if device != "cuda":
         return None
     fn()
@@ -158,6 +162,9 @@ def kernel_time(fn, device: str, reps: int = 5) -> float | None:
             fn()
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    if table:
+        for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+            print(f"    {e.self_device_time_total / reps / 1e3:7.3f} ms  x{e.count // reps:<3d} {e.key[:110]}")
     return sum(e.self_device_time_total for e in events) / reps / 1e3
 
 
@@ -273,8 +280,11 @@ def main() -> None:
     parser.add_argument("--prefill-lengths", type=int, nargs="+", default=None, help="default: --lengths")
     parser.add_argument("--compile", action="store_true", help="also backend='autosparse' vs inductor (first length)")
     parser.add_argument("--small", action="store_true", help="a 4-head toy model (CPU smoke run)")
+    parser.add_argument("--profile-estimate", action="store_true", help="list the estimate's costliest kernels")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    global PROFILE
+    PROFILE = args.profile_estimate
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}", flush=True)
