@@ -38,7 +38,7 @@ __all__ = ["AttentionStats", "CallContext", "LayerPlan", "PatchState", "count_un
 
 log = logging.getLogger("autosparse")
 
-# F.scaled_dot_product_attention as torch defines it: the diffusers capture replaces the module
+# F.scaled_dot_product_attention as torch defines it: the hook capture (diffusers, VGGT) replaces the module
 # attribute, and every dense call here must reach the real one.
 ORIGINAL_SDPA = F.scaled_dot_product_attention
 # Ops that decide on the host per call (step, layout): a CUDA graph must not capture them.
@@ -140,7 +140,7 @@ class LayerPlan:
     num_heads: int
     profile: Profile
     state: PatchState
-    causal: bool | None = None  # from the module (transformers); None: from the call (diffusers)
+    causal: bool | None = None  # from the module (transformers); None: from the call (hook route)
     _head_sets: dict[Any, HeadSet] = field(default_factory=dict, repr=False)
     _layouts: dict[tuple, BlockLayout] = field(default_factory=dict, repr=False)
     _dense_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)

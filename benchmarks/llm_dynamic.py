@@ -295,7 +295,7 @@ def main() -> None:
     del one_layer
     torch.cuda.empty_cache() if device == "cuda" else None
     result["prefill"] = prefill_rows(args.prefill_layers, args.prefill_lengths or args.lengths, args.small, device,
-                                     args.compile)
+                                     args.compile) if args.prefill_layers > 0 else []
     print("\n| S | pattern | dense SDPA ms | autosparse ms (all) | speedup | estimate + layout ms (host-bound) "
           "| estimate + layout GPU ms | GPU share of dense | kernel ms | density | rel err | host syncs |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
