@@ -1,8 +1,11 @@
 """Shared fixtures: small random-weight transformers models (plumbing only: random weights have
 near-uniform attention, so sparsity quality is judged on the real SmolLM2 weights elsewhere)."""
 
+import contextlib
+
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -25,3 +28,31 @@ def tiny_llama(layers: int = 2, heads: int = 4, kv_heads: int = 2, head_dim: int
 @pytest.fixture
 def llama():
     return tiny_llama()
+
+
+@contextlib.contextmanager
+def sdpa_per_layer(layers: dict, attend):
+    """Within the block, ``F.scaled_dot_product_attention`` is ``attend(layer, original, *args,
+    **kwargs)``: ``layer`` is the value ``layers`` maps the calling module to (hooks on its forward),
+    None for a call outside them; ``original`` is torch's function. The reference models of the hook
+    route (diffusers, VGGT) are built on it."""
+    current, original = [], F.scaled_dot_product_attention
+
+    def enter(module, args):
+        current.append(layers[module])
+
+    def leave(module, args, output):
+        current.pop()
+
+    def sdpa(*args, **kwargs):
+        return attend(current[-1] if current else None, original, *args, **kwargs)
+
+    handles = [hook for module in layers for hook in (module.register_forward_pre_hook(enter),
+                                                      module.register_forward_hook(leave))]
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+        for handle in handles:
+            handle.remove()

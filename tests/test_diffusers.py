@@ -19,6 +19,7 @@ from autosparse.layout import BlockLayout, grid_order
 from autosparse.models import attention_layers
 from autosparse.patterns import BlockGeometry, pattern_from_spec
 from autosparse.tokens import default_tile
+from conftest import sdpa_per_layer
 
 BLOCKS = (16, 32)
 # Token shapes wide enough that tile order beats raster order (so the whole permutation path runs),
@@ -47,13 +48,11 @@ def _reference(dit, profile, inputs):
     family = family_of(model)
     tokens = family.geometry(model, inputs)
     layers = {layer.module: layer for layer in attention_layers(model)}
-    current = []
-    original = F.scaled_dot_product_attention
 
-    def masked(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if not current:
+    def masked(layer, original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        if layer is None:
             return original(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
-        layer = current[-1]
         patterns = profile.patterns(layer.name, layer.num_heads)
         tiled = grid_order(patterns, tokens, *BLOCKS) if any(p.needs_grid for p in patterns) else tokens
         geometry = BlockGeometry(query.shape[2], key.shape[2], *BLOCKS, False, tiled)
@@ -67,22 +66,8 @@ def _reference(dit, profile, inputs):
         out = dense_attention(query.double(), key.double(), value.double(), mask=mask, scale=scale)
         return out.to(query.dtype)
 
-    def enter(module, args):
-        current.append(layers[module])
-
-    def leave(module, args, output):
-        current.pop()
-
-    handles = [hook for module in layers for hook in (module.register_forward_pre_hook(enter),
-                                                      module.register_forward_hook(leave))]
-    F.scaled_dot_product_attention = masked
-    try:
-        with torch.no_grad():
-            return model(**inputs).sample
-    finally:
-        F.scaled_dot_product_attention = original
-        for handle in handles:
-            handle.remove()
+    with sdpa_per_layer(layers, masked), torch.no_grad():
+        return model(**inputs).sample
 
 
 @pytest.mark.parametrize("family", list(SHAPES))

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import autosparse
@@ -26,6 +25,7 @@ from autosparse.models import attention_layers, library, model_signature
 from autosparse.patterns import BlockGeometry, Dense, pattern_from_spec
 from autosparse.runtime import LayerPlan
 from autosparse.tokens import TokenGeometry
+from conftest import sdpa_per_layer
 from test_backend import ATTENTION, Inner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ importable
@@ -90,35 +90,21 @@ def reference(model: nn.Module, profile: autosparse.Profile, x: torch.Tensor):
     mask; returns the outputs, the layouts (call order) and the number of other SDPA calls."""
     tokens = family_of(model).geometry(model, {"images": x})
     layers = {layer.module: layer for layer in attention_layers(model)}
-    current, layouts, others = [], [], [0]
-    original = F.scaled_dot_product_attention
+    layouts, others = [], [0]
 
-    def masked(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        if not current:
+    def masked(layer, original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        if layer is None:
             others[0] += 1
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale)
-        layer = current[-1]
         layout = reference_layout(profile.patterns(layer.name, layer.num_heads), tokens, query, key)
         layouts.append(layout)
         mask = layout.to_dense_model_order()[None]
         return dense_attention(query.double(), key.double(), value.double(), mask=mask).to(query.dtype)
 
-    def enter(module, args):
-        current.append(layers[module])
-
-    def leave(module, args, output):
-        current.pop()
-
-    handles = [hook for module in layers for hook in (module.register_forward_pre_hook(enter),
-                                                      module.register_forward_hook(leave))]
-    F.scaled_dot_product_attention = masked
-    try:
+    with sdpa_per_layer(layers, masked):
         return outputs(model, x), layouts, others[0]
-    finally:
-        F.scaled_dot_product_attention = original
-        for handle in handles:
-            handle.remove()
 
 
 @pytest.fixture
