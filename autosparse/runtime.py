@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from autosparse.kernels import supports
+from autosparse.kernels import row_schedule, supports
 from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.profile import Profile
@@ -145,6 +145,7 @@ class LayerPlan:
     _layouts: dict[tuple, BlockLayout] = field(default_factory=dict, repr=False)
     _dense_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _head_index: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+    _row_orders: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _orders: dict[tuple, TokenGeometry] = field(default_factory=dict, repr=False)
     _static_masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -197,7 +198,24 @@ class LayerPlan:
         # Sized without looking at the estimate (no device sync): the host runs ahead of the GPU.
         most = max(p.max_columns for p in heads.dynamic_heads) * query.shape[0]
         layout = BlockLayout.from_block_mask(mask, geometry, columns, max_columns=most, sync=False)
-        return layout.with_heads_skipped(skipped) if skipped else layout
+        layout = layout.with_heads_skipped(skipped) if skipped else layout
+        if geometry.causal:
+            layout._schedules[group] = self._row_order(geometry, query.shape[1], group, query.device)
+        return layout
+
+    def _row_order(self, geometry: BlockGeometry, heads: int, group: int, device: torch.device) -> torch.Tensor:
+        """The program order of this layer's causal per-call layouts: ``row_schedule`` of the blocks
+        every row may reach (later query blocks first: they have more to do), made once per shape.
+        Ordering by each call's own counts costs a few sorts per call (0.15 ms of block_topk's 0.84
+        at 32K on the H200); without a causal triangle the reachable blocks say nothing about the
+        work, and the per-call order is 3-5 % faster on VGGT's global attention."""
+        key = (geometry, heads, group, device)
+        order = self._row_orders.get(key)
+        if order is None:
+            reachable = geometry.reachable(device).sum(-1, dtype=torch.int32)
+            order = row_schedule(reachable.expand(1, heads, -1), group)
+            _bounded_put(self._row_orders, key, order)
+        return order
 
     def _index(self, heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """``heads`` as a device index tensor, made once (a host-to-device copy waits for the GPU)."""
