@@ -185,7 +185,7 @@ class VerticalSlash(DynamicPattern):
         last = (q[:, :, -rows:] * scale).reshape(b, k.shape[1], group * rows, q.shape[-1])  # a KV head's queries together
         logits = (last @ k.transpose(-1, -2)).view(b, h, rows, -1)  # [B, H, R, Sk], q's dtype
         first = geometry.kv_len - rows  # absolute position of the first of these rows
-        future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)  # only the last R keys can be
+        future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)  # key after query: only among the last R
         logits[..., first:].masked_fill_(future, float("-inf"))
         # Kept in q's dtype (computed in float32): it is read a few times, and only ranked.
         attention = torch.softmax(logits, dim=-1)

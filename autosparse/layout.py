@@ -192,13 +192,12 @@ def _column_lists(columns: torch.Tensor, geometry: BlockGeometry, max_columns: i
     if sync:
         width = max(min(int(columns.sum(-1).max()), width), 1)
     positions = _ascending_positions(columns, width, fill=geometry.kv_len)
-    per_head = (positions < geometry.kv_len).sum(-1)
     if geometry.causal:
         _, q_last, _, _ = geometry.block_spans(columns.device)
         visible = (q_last[:, 0] + 1).to(positions.dtype).expand(columns.shape[0], -1).contiguous()  # [H, NQ]: keys < this
         counts = torch.searchsorted(positions.contiguous(), visible)
     else:
-        counts = per_head[:, None].expand(-1, geometry.num_q_blocks)
+        counts = (positions < geometry.kv_len).sum(-1)[:, None].expand(-1, geometry.num_q_blocks)
     return positions.to(torch.int32), counts.to(torch.int32)
 
 
