@@ -11,6 +11,7 @@ Patterns over a video/image token grid (``BlockGeometry.tokens``) are in ``autos
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -80,20 +81,14 @@ class BlockGeometry:
 
     def block_spans(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
         """First/last absolute query position of each query block ``[NQ, 1]`` and first/last key
-        position of each key block ``[1, NK]``: the inputs every block rule is written in."""
-        offset = self.kv_len - self.q_len if self.causal else 0
-        q_first = torch.arange(self.num_q_blocks, device=device) * self.q_block
-        q_last = torch.clamp(q_first + self.q_block, max=self.q_len) - 1
-        k_first = torch.arange(self.num_kv_blocks, device=device) * self.kv_block
-        k_last = torch.clamp(k_first + self.kv_block, max=self.kv_len) - 1
-        return (q_first[:, None] + offset, q_last[:, None] + offset, k_first[None, :], k_last[None, :])
+        position of each key block ``[1, NK]``: the inputs every block rule is written in. Cached
+        per device (a dynamic pattern asks on every call): do not modify."""
+        return _block_spans(self, str(torch.device(device)))
 
     def reachable(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """``[NQ, NK]`` bool: the blocks dense attention computes (all, or the causal triangle)."""
-        _, q_last, k_first, _ = self.block_spans(device)
-        if self.causal:
-            return k_first <= q_last
-        return torch.ones(self.num_q_blocks, self.num_kv_blocks, dtype=torch.bool, device=device)
+        """``[NQ, NK]`` bool: the blocks dense attention computes (all, or the causal triangle).
+        Cached per device: do not modify."""
+        return _reachable(self, str(torch.device(device)))
 
     def text_block_mask(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """``[NQ, NK]`` bool: the blocks holding a (query, key) pair with the query or the key a text
@@ -103,6 +98,24 @@ class BlockGeometry:
         if self.tokens is None or not self.tokens.has_text:
             return None
         return _global_mask(self, self.tokens.kernel_prefix, self.tokens.kernel_suffix, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _block_spans(geometry: BlockGeometry, device: str) -> tuple[torch.Tensor, ...]:
+    offset = geometry.kv_len - geometry.q_len if geometry.causal else 0
+    q_first = torch.arange(geometry.num_q_blocks, device=device) * geometry.q_block
+    q_last = torch.clamp(q_first + geometry.q_block, max=geometry.q_len) - 1
+    k_first = torch.arange(geometry.num_kv_blocks, device=device) * geometry.kv_block
+    k_last = torch.clamp(k_first + geometry.kv_block, max=geometry.kv_len) - 1
+    return (q_first[:, None] + offset, q_last[:, None] + offset, k_first[None, :], k_last[None, :])
+
+
+@functools.lru_cache(maxsize=64)
+def _reachable(geometry: BlockGeometry, device: str) -> torch.Tensor:
+    _, q_last, k_first, _ = geometry.block_spans(device)
+    if geometry.causal:
+        return k_first <= q_last
+    return torch.ones(geometry.num_q_blocks, geometry.num_kv_blocks, dtype=torch.bool, device=device)
 
 
 _PATTERNS: dict[str, type[Pattern]] = {}
@@ -179,7 +192,7 @@ class Dense(Pattern):
         return True
 
     def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
-        return geometry.reachable(device)
+        return geometry.reachable(device).clone()
 
 
 @register_pattern
