@@ -20,6 +20,7 @@ the layout is the union of the samples' estimates.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -72,7 +73,13 @@ class DynamicPattern(Pattern):
 
 
 def always_kept(geometry: BlockGeometry, device: torch.device | str) -> torch.Tensor:
-    """``[NQ, NK]``: each query block's own key blocks (same positions) and the first key block."""
+    """``[NQ, NK]``: each query block's own key blocks (same positions) and the first key block.
+    Cached per device (asked on every call): do not modify."""
+    return _always_kept(geometry, str(torch.device(device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _always_kept(geometry: BlockGeometry, device: str) -> torch.Tensor:
     q_first, q_last, k_first, k_last = geometry.block_spans(device)
     own = (k_first <= q_last) & (k_last >= q_first)
     sink = torch.zeros_like(own)

@@ -97,7 +97,7 @@ class BlockGeometry:
         with a tile, all text follows the grid)."""
         if self.tokens is None or not self.tokens.has_text:
             return None
-        return _global_mask(self, self.tokens.kernel_prefix, self.tokens.kernel_suffix, device)
+        return _text_mask(self, str(torch.device(device)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -108,6 +108,11 @@ def _block_spans(geometry: BlockGeometry, device: str) -> tuple[torch.Tensor, ..
     k_first = torch.arange(geometry.num_kv_blocks, device=device) * geometry.kv_block
     k_last = torch.clamp(k_first + geometry.kv_block, max=geometry.kv_len) - 1
     return (q_first[:, None] + offset, q_last[:, None] + offset, k_first[None, :], k_last[None, :])
+
+
+@functools.lru_cache(maxsize=64)
+def _text_mask(geometry: BlockGeometry, device: str) -> torch.Tensor:
+    return _global_mask(geometry, geometry.tokens.kernel_prefix, geometry.tokens.kernel_suffix, device)
 
 
 @functools.lru_cache(maxsize=64)

@@ -143,7 +143,6 @@ class LayerPlan:
     causal: bool | None = None  # from the module (transformers); None: from the call (hook route)
     _head_sets: dict[Any, HeadSet] = field(default_factory=dict, repr=False)
     _layouts: dict[tuple, BlockLayout] = field(default_factory=dict, repr=False)
-    _dense_index: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
     _head_index: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _row_orders: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _orders: dict[tuple, TokenGeometry] = field(default_factory=dict, repr=False)
@@ -236,12 +235,8 @@ class LayerPlan:
 
     def dense_index(self, heads: HeadSet, device: torch.device, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Device index tensors of the dense heads and of their KV heads, made once per device."""
-        key = (heads, device, group)
-        index = self._dense_index.get(key)
-        if index is None:
-            dense = torch.tensor(heads.dense_heads, device=device)
-            index = self._dense_index[key] = (dense, dense // group)
-        return index
+        dense = heads.dense_heads
+        return self._index(dense, device), self._index(tuple(h // group for h in dense), device)
 
 
 def _bounded_put(cache: dict, key: Any, value: Any) -> None:

@@ -37,7 +37,6 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -124,19 +123,19 @@ def attention_rows(model, lengths: list[int], device: str, dtype: torch.dtype) -
     for length in lengths:
         q, k, v = structured_qk(heads, kv_heads, length, dim, device, dtype)
         dense_out = ORIGINAL_SDPA(q, k, v, is_causal=True, enable_gqa=True)
-        dense = time(lambda: ORIGINAL_SDPA(q, k, v, is_causal=True, enable_gqa=True), device)
+        dense = call_ms(lambda: ORIGINAL_SDPA(q, k, v, is_causal=True, enable_gqa=True), device)
         for spec in SPECS:
             layer, plan = patched_layer(model, spec)
             geometry = BlockGeometry(length, length, *plan.profile.block_size, True)
             heads_now = plan.heads_at(None)
             layout = plan.dynamic_layout(heads_now, geometry, q, k, scale, ())
             out, syncs = count_syncs(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale))
-            whole = time(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale), device)
+            whole = call_ms(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale), device)
             build = lambda: plan.dynamic_layout(heads_now, geometry, q, k, scale, ()).schedule(heads // kv_heads)  # noqa: E731
             if PROFILE:
                 print(f"  estimate + layout kernels, S={length}, {short(spec)}:")
-            estimate, estimate_gpu = time(build, device), kernel_time(build, device, table=PROFILE)
-            kernel = time(lambda: torch.ops.autosparse.block_sparse_attention(
+            estimate, estimate_gpu = call_ms(build, device), kernel_time(build, device, table=PROFILE)
+            kernel = call_ms(lambda: torch.ops.autosparse.block_sparse_attention(
                 q, k, v, layout.kv_indices, layout.kv_counts, None, layout.schedule(heads // kv_heads), *plan.profile.block_size, True,
                 scale, None, layout.columns, layout.column_counts, layout.listed), device)
             autosparse.unpatch_model(model)
@@ -269,7 +268,8 @@ def compiled_row(model, ids, spec: dict, device: str) -> dict:
                 dense_ms=times["inductor"], autosparse_ms=times["autosparse"], calls=calls)
 
 
-def time(fn, device: str) -> float:
+def call_ms(fn, device: str) -> float:
+    """ms per call: GPU time with calls queued back to back on CUDA, wall time on the CPU."""
     return gpu_ms(fn) if device == "cuda" else median_ms(fn, 1, device, warmup=0)
 
 
