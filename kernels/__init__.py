@@ -7,20 +7,40 @@ the same function as an opaque custom op. ``reference`` holds the dense oracle a
 ``tuning`` times tile configs on this GPU and caches the fastest (``autosparse tune``).
 """
 
-from . import tuning
-from .block_sparse_op import (TileConfig, block_sparse_attention, block_sparse_attention_op, default_config,
-                              row_schedule, supports)
-from .reference import block_sparse_attention_torch, dense_attention, layout_mask
+if __name__ == "kernels":
+    # This folder is ``autosparse.kernels``. It is imported as a top-level ``kernels`` only when the
+    # repository root is on sys.path (``python -m pytest``, ``python`` started there), where it would
+    # shadow the installed package of that name (Hugging Face's ``kernels``, which transformers
+    # imports): hand the name to the installed package, or fail as if this folder were not here.
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-__all__ = [
-    "block_sparse_attention",
-    "block_sparse_attention_op",
-    "supports",
-    "TileConfig",
-    "default_config",
-    "row_schedule",
-    "tuning",
-    "block_sparse_attention_torch",
-    "dense_attention",
-    "layout_mask",
-]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _spec = importlib.machinery.PathFinder.find_spec(
+        __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
+    if _spec is None:
+        raise ModuleNotFoundError(f"No module named {__name__!r} (the folder here is autosparse.kernels)",
+                                  name=__name__)
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _module  # the import statement returns what sys.modules holds at its end
+    _spec.loader.exec_module(_module)
+else:
+    from . import tuning
+    from .block_sparse_op import (TileConfig, block_sparse_attention, block_sparse_attention_op, default_config,
+                                  row_schedule, supports)
+    from .reference import block_sparse_attention_torch, dense_attention, layout_mask
+
+    __all__ = [
+        "block_sparse_attention",
+        "block_sparse_attention_op",
+        "supports",
+        "TileConfig",
+        "default_config",
+        "row_schedule",
+        "tuning",
+        "block_sparse_attention_torch",
+        "dense_attention",
+        "layout_mask",
+    ]
