@@ -73,12 +73,15 @@ class BackendOptions:
         inner: the compiler the rewritten graph goes to: a registered backend name or a callable.
         mode: inductor's mode (``"reduce-overhead"``, ``"max-autotune"``, ...): ``torch.compile``
             takes ``mode=`` or ``options=``, not both.
+        guard: a ``GuardConfig`` or its fields as a dict: the run-time accuracy guard of
+            ``patch_model(..., guard=...)``.
     """
 
     profile: Profile | str | Path | None = None
     strict: bool = False
     inner: str | Callable[..., Any] = "inductor"
     mode: str | None = None
+    guard: Any = None
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> BackendOptions:
@@ -188,7 +191,7 @@ def _attached(model: nn.Module, opts: BackendOptions) -> _Patch | None:
         profile = Profile.load(path)
         if not profile.search.get("calibrated", True):
             _say_once(f"profile {path.stem}: {profile.search.get('note', 'uncalibrated')}")
-    return attach(model, profile, strict=opts.strict, route="compile")
+    return attach(model, profile, strict=opts.strict, guard=opts.guard, route="compile")
 
 
 # -- 3. the rewrite --------------------------------------------------------------------------------
@@ -263,14 +266,17 @@ def _parameter_nodes(gm: fx.GraphModule, example_inputs: list[Any]) -> dict[int,
 
 
 def _unservable(call: Any) -> str | None:
-    """Why the op cannot take this call (it has no dropout and no backward), known at compile time:
-    Dynamo guards on grad mode and on requires_grad."""
+    """Why the op cannot take this call as SDPA defines it (dropout, autograd, shapes: the op takes
+    4-D ``[B, H, S, D]`` of one batch size), known at compile time: Dynamo guards on grad mode,
+    requires_grad and shapes."""
     if not (isinstance(call.dropout_p, float) and call.dropout_p == 0.0):
         return "dropout"
+    if not isinstance(call.enable_gqa, bool) or not (call.scale is None or isinstance(call.scale, float)):
+        return "enable_gqa or scale computed in the graph"
     tensors = [n.meta.get("example_value") for n in (call.query, call.key, call.value)]
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        return capture.GRAD_REASON
-    return None
+    if any(t is None for t in tensors):
+        return "q/k/v without example values"
+    return capture.sdpa_reason(*tensors, call.dropout_p, call.scale, call.enable_gqa)
 
 
 # -- call context (hook route: diffusers, known-structure modules) ------------------------------------
@@ -286,7 +292,7 @@ def _read_context(gm: fx.GraphModule, example_inputs: list[Any], model: nn.Modul
         traced = torch._guards.TracingContext.get_traced_code() or []
         patch.context = "graph" if inspect.unwrap(type(model).forward).__code__ in traced else "hook"
         if patch.context == "hook":
-            reader = capture.call_reader(model, patch.state)
+            reader = capture.CallReader(model, patch.state)
             patch.handles.append(model.register_forward_pre_hook(reader, with_kwargs=True))
             _seed(model, reader)
     if patch.context != "graph":
@@ -377,7 +383,7 @@ class _Runner:
             routed = self._routed
             if routed.read_context:
                 if self._reader is None:
-                    self._reader = capture.call_reader(model, patch.state)
+                    self._reader = capture.CallReader(model, patch.state)
                 self._reader(model, (), {name: inputs[i] for name, i in routed.arguments.items()})
             patch.state.stats.dense.update(routed.dense)
             patch.state.stats.fallback.update(routed.fallback)

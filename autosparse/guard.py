@@ -119,6 +119,12 @@ class Guard:
         self._calls: dict[Any, int] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
+    def __getstate__(self) -> dict[str, Any]:  # a copied or saved model starts its own counts and rows
+        return {"config": self.config}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["config"])
+
     def due(self, layer: Any, device: torch.device | str | None = None) -> bool:
         """Count a served call of ``layer``; whether this one is checked. Never while a CUDA graph is
         being captured (the verdict needs a host sync)."""

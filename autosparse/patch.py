@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from autosparse import capture, runtime
+from autosparse.guard import Guard, GuardConfig
 from autosparse.models import attention_layers, library
 from autosparse.profile import Profile
 from autosparse.runtime import AttentionStats, LayerPlan, PatchState
@@ -29,19 +30,38 @@ _STATE_ATTR = "_autosparse_state"
 @dataclass
 class _Patch:
     """What ``unpatch_model`` undoes. ``route``: ``"eager"`` (patch_model: capture hooks or the
-    transformers attention function) or ``"compile"`` (the compile backend rewrote the graphs)."""
+    transformers attention function) or ``"compile"`` (the compile backend rewrote the graphs).
+
+    It travels with the model: ``copy.deepcopy(model)`` and ``torch.save``/``torch.load`` give a
+    model patched on its own (new layer ids, its own counts and caches)."""
 
     state: PatchState
     library: str
     modules: list[nn.Module]
+    plans: list[LayerPlan]
     profile: Profile
     route: str = "eager"
-    original_implementation: str | None = None  # transformers, eager route
     handles: list[Any] = field(default_factory=list)  # hooks
     context: str | None = None  # compile route, hook-route models: "graph" or "hook" (where the call context is read)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
-def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool = False) -> nn.Module:
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy (deepcopy or unpickling): register its own plans under new layer ids, and route
+        its attention again (the modules' hooks and forwards came with them)."""
+        self.__dict__.update(state)
+        for module, plan in zip(self.modules, self.plans):
+            setattr(module, capture.LAYER_ATTR, runtime.register(plan))
+        if self.route == "eager":
+            if self.library == "transformers":
+                capture.register_transformers()
+            else:
+                capture.count_hooked(+1)
+
+
+def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool = False,
+                guard: GuardConfig | dict[str, Any] | None = None) -> nn.Module:
     """Run ``model``'s attention with the per-head patterns of ``profile``; patches in place.
 
     Parameters:
@@ -52,20 +72,24 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
         profile: a ``Profile`` or the path of its JSON file; it must fit the model (class, config,
             layer names, head counts), else ValueError naming the field.
         strict: raise instead of falling back to dense when a call cannot be served sparse.
+        guard: a ``GuardConfig`` (or its fields as a dict): on sampled query rows of every sparse
+            call, compare with exact attention; over ``tol``, the call is recomputed dense and
+            counted (``stats(model).fallback``), with a log line naming layer, heads and error.
 
     Returns the same model. Undo with ``unpatch_model``; counts are in ``stats(model)``. Works
     eagerly and under ``torch.compile`` (also ``compile_repeated_blocks``), patched before or after
     compiling.
     """
-    patch = attach(model, profile, strict=strict, route="eager")
+    patch = attach(model, profile, strict=strict, guard=guard, route="eager")
     if patch.library == "transformers":
-        patch.original_implementation = capture.attach_transformers(model)
+        patch.state.original_implementation = capture.attach_transformers(model, patch.modules)
     else:
         patch.handles = capture.attach_hooks(model, patch.state, patch.modules)
     return model
 
 
-def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, route: str) -> _Patch:
+def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, route: str,
+           guard: GuardConfig | dict[str, Any] | None = None) -> _Patch:
     """Give every served attention module of ``model`` its plan and layer id (the capture route is
     the caller's: ``patch_model`` or the compile backend)."""
     if getattr(model, _STATE_ATTR, None) is not None:
@@ -74,14 +98,13 @@ def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, rou
         profile = Profile.load(profile)
     profile.check_model(model)
 
-    kind = library(model)
-    state = PatchState(strict)
+    config = GuardConfig.parse(guard)
+    state = PatchState(strict, None if config is None else Guard(config))
     layers = attention_layers(model)
-    for layer in layers:
-        causal = bool(getattr(layer.module, "is_causal", True)) if kind == "transformers" else None
-        plan = LayerPlan(layer.name, layer.num_heads, profile, state, causal)
+    plans = [LayerPlan(layer.name, layer.index, layer.num_heads, profile, state) for layer in layers]
+    for layer, plan in zip(layers, plans):
         setattr(layer.module, capture.LAYER_ATTR, runtime.register(plan))
-    patch = _Patch(state, kind, [layer.module for layer in layers], profile, route)
+    patch = _Patch(state, library(model), [layer.module for layer in layers], plans, profile, route)
     setattr(model, _STATE_ATTR, patch)
     return patch
 
@@ -95,9 +118,9 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo ``patch_model``: the original attention, no autosparse attributes or hooks."""
     patch = _patch_of(model)
     if patch.route == "eager" and patch.library == "transformers":
-        capture.detach_transformers(model, patch.original_implementation)
+        capture.detach_transformers(model, patch.state.original_implementation)
     elif patch.route == "eager":
-        capture.detach_hooks(patch.handles)
+        capture.detach_hooks(model, patch.handles)
     else:  # compile backend: its graphs refuse to run from now on (they name the reason)
         for handle in patch.handles:
             handle.remove()

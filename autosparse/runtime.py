@@ -19,6 +19,8 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
+import threading
 import weakref
 from collections import Counter
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from autosparse.guard import Guard, log_line
 from autosparse.kernels import row_schedule, supports
 from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.patterns import BlockGeometry, Pattern
@@ -43,6 +46,7 @@ log = logging.getLogger("autosparse")
 ORIGINAL_SDPA = F.scaled_dot_product_attention
 # Ops that decide on the host per call (step, layout): a CUDA graph must not capture them.
 HOST_SIDE_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
+GUARD_REASON = "accuracy guard: sampled rows over tolerance"
 _MAX_LAYOUTS_PER_LAYER = 32  # distinct (patterns, shape, ...) layouts a layer keeps; the oldest goes first
 
 
@@ -72,27 +76,67 @@ class AttentionStats:
 
 @dataclass
 class CallContext:
-    """What the model's current forward call says about its attention calls: the token geometry of
-    the attention sequence (None: unknown, only 1-D patterns apply), the denoising step and the
-    timestep it was counted from (the next call's step depends on it)."""
+    """What the model's current forward call says about its attention calls (one per thread): the
+    token geometry of the attention sequence (None: unknown, only 1-D patterns apply), the
+    denoising step, and what the step is counted from (see ``advance``); plus the padding-mask
+    verdict of this forward, reused by its later layers."""
 
     tokens: TokenGeometry | None = None
     step: int | None = None
     timestep: float | None = None
+    repeats: int = 0  # calls seen at ``timestep``
+    per_step: int | None = None  # calls per timestep at this generation's first step (classifier-free guidance: 2)
+    # The same padding mask reaches every layer of one forward (eagerly the same object; in a compiled
+    # graph a view of the same buffer per layer): classify it once. (weakref to the base, view key, verdict)
+    mask_seen: tuple[Any, tuple, Any] | None = None
+
+    def advance(self, timestep: float) -> None:
+        """Count the denoising step of a call at ``timestep``. Denoising runs from high to low
+        timesteps: a lower one is the next step; the same one again is classifier-free guidance's
+        next call of this step, until it repeats more often than the generation's first step did;
+        a higher one, or such a repeat, starts a new generation at step 0."""
+        previous = self.timestep
+        new_generation = (previous is None or self.step is None or timestep > previous
+                          or (timestep == previous and self.per_step is not None and self.repeats >= self.per_step))
+        if new_generation:
+            self.step, self.repeats, self.per_step = 0, 1, None
+        elif timestep < previous:
+            if self.per_step is None:
+                self.per_step = self.repeats
+            self.step, self.repeats = self.step + 1, 1
+        else:
+            self.repeats += 1
+        self.timestep = timestep
+
+
+class _PerThread(threading.local):
+    def __init__(self) -> None:
+        self.context = CallContext()
 
 
 @dataclass
 class PatchState:
-    """One patched model: counts, strictness, the current call's context."""
+    """One patched model: counts, strictness, the guard, the current call's context (per thread:
+    two threads may run the same model), and for transformers models the attention implementation
+    it had (what calls autosparse cannot serve run)."""
 
     strict: bool
+    guard: Guard | None = None
     stats: AttentionStats = field(default_factory=AttentionStats)
-    context: CallContext = field(default_factory=CallContext)
+    original_implementation: str | None = None
     # Calibration (autosparse.search): sees every served call's q/k/v before it is served.
     observer: Any = None
-    # The same padding mask reaches every layer of one forward (eagerly the same object; in a compiled
-    # graph a view of the same buffer per layer): classify it once. (weakref to the base, view key, verdict)
-    mask_seen: tuple[Any, tuple, tuple[str | None, torch.Tensor | None]] | None = None
+    _local: _PerThread = field(default_factory=_PerThread, repr=False, compare=False)
+
+    @property
+    def context(self) -> CallContext:
+        return self._local.context
+
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: counts and settings, no call in flight
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "observer")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, observer=None, _local=_PerThread())
 
     def count_fallback(self, where: str, reason: str) -> None:
         if self.strict:
@@ -125,6 +169,19 @@ class HeadSet:
                 heads.setdefault(p, []).append(h)
         return {p: tuple(hs) for p, hs in heads.items()}
 
+    def unfit(self, geometry: BlockGeometry) -> str | None:
+        """Why some head's pattern cannot be laid out on this call (``Pattern.unfit``), else None;
+        asked once per geometry."""
+        cache = self._unfit
+        if geometry not in cache:
+            reasons = (p.unfit(geometry) for p in self.patterns)
+            _bounded_put(cache, geometry, next((r for r in reasons if r is not None), None))
+        return cache[geometry]
+
+    @functools.cached_property
+    def _unfit(self) -> dict[BlockGeometry, str | None]:
+        return {}
+
     @functools.cached_property
     def dense_heads(self) -> tuple[int, ...]:
         """Heads whose pattern is dense, in a set that also has sparse heads (else empty)."""
@@ -137,16 +194,22 @@ class LayerPlan:
     """How one attention module is served: its profile entry, caches, and the model's state."""
 
     name: str
+    index: int  # among the model's served layers: one forward calls them in increasing order
     num_heads: int
     profile: Profile
     state: PatchState
-    causal: bool | None = None  # from the module (transformers); None: from the call (hook route)
     _head_sets: dict[Any, HeadSet] = field(default_factory=dict, repr=False)
     _layouts: dict[tuple, BlockLayout] = field(default_factory=dict, repr=False)
     _head_index: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _row_orders: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
     _orders: dict[tuple, TokenGeometry] = field(default_factory=dict, repr=False)
     _static_masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the plan, not its device caches
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
 
     def heads_at(self, step: int | None) -> HeadSet:
         heads = self._head_sets.get(step)
@@ -239,11 +302,15 @@ class LayerPlan:
         return self._index(dense, device), self._index(tuple(h // group for h in dense), device)
 
 
+_CACHE_LOCK = threading.Lock()  # threads serving one model share its caches
+
+
 def _bounded_put(cache: dict, key: Any, value: Any) -> None:
     """Insert, forgetting the oldest entry beyond _MAX_LAYOUTS_PER_LAYER (many prompt lengths)."""
-    if len(cache) >= _MAX_LAYOUTS_PER_LAYER:
-        del cache[next(iter(cache))]
-    cache[key] = value
+    with _CACHE_LOCK:
+        if len(cache) >= _MAX_LAYOUTS_PER_LAYER:
+            del cache[next(iter(cache))]
+        cache[key] = value
 
 
 # -- layer registry: the op receives a layer id, the plan lives here ---------------------------------
@@ -291,10 +358,11 @@ def count_unserved(layer: torch.Tensor, reason: str) -> None:
 @torch.library.custom_op("autosparse::attention", mutates_args=(), tags=HOST_SIDE_TAGS)
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor,
               attn_mask: torch.Tensor | None, is_causal: bool, scale: float | None) -> torch.Tensor:
-    """SDPA's contract (``[B, H, S, D]`` in and out, GQA by head mapping), served for ``layer``."""
-    plan = plan_of(layer)
-    causal = plan.causal if plan.causal is not None else is_causal
-    return serve(plan, query, key, value, attn_mask, causal, scale if scale is not None else query.shape[-1] ** -0.5)
+    """``F.scaled_dot_product_attention(query, key, value, attn_mask, is_causal=is_causal,
+    scale=scale)`` as torch defines it (``[B, H, S, D]`` in and out, GQA by head mapping; causal
+    means top-left aligned), served for ``layer``: sparse where the layer's patterns and the call
+    allow it exactly, else dense and counted."""
+    return serve(plan_of(layer), query, key, value, attn_mask, is_causal, scale)
 
 
 @attention.register_fake
@@ -310,25 +378,50 @@ def empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-          mask: torch.Tensor | None, causal: bool, scale: float) -> torch.Tensor:
+          mask: torch.Tensor | None, is_causal: bool, scale: float | None) -> torch.Tensor:
     state = plan.state
-    if state.observer is not None:
-        state.observer(plan, query, key, value, mask, causal, scale)
+    if state.observer is not None:  # calibration: every call, as the caller made it
+        state.observer(plan, query, key, value, mask, is_causal, scale if scale is not None else query.shape[-1] ** -0.5)
     heads = plan.heads_at(state.context.step)
-    verdict = _classify(plan, heads, query, key, value, mask, causal)
+    verdict = _classify(plan, heads, query, key, value, mask, is_causal, scale)
     if verdict.dense is not None:
         state.stats.dense[verdict.dense] += 1
-        return _dense(query, key, value, mask, causal, scale)
+        return _dense(query, key, value, mask, is_causal, scale)
     if verdict.fallback is not None:
         state.count_fallback(plan.name, verdict.fallback)
-        return _dense(query, key, value, mask, causal, scale)
-    kv_valid, tokens = verdict.kv_valid, verdict.tokens
+        return _dense(query, key, value, mask, is_causal, scale)
+    # Keys no query may see (an empty StaticCache's tail) are dropped: the call is then square.
+    k, v = key[:, :, :verdict.keys], value[:, :, :verdict.keys]
+    if verdict.shift is None:
+        out = _sparse(plan, heads, verdict, query, k, v, verdict.kv_valid)
+    else:  # left padding: a row's patterns (sinks, windows, blocks) count from its first real token
+        index = _rolled(verdict.shift, query.shape[2])
+        rolled = _sparse(plan, heads, verdict, *(_gather_rows(x, index) for x in (query, k, v)),
+                         verdict.kv_valid.gather(1, index))
+        out = empty_output(query, value)
+        out.scatter_(2, index[:, None, :, None].expand_as(out), rolled)
+        # Rows before a row's first real token see no key: SDPA's answer there is zero.
+        out.masked_fill_(_before_first(verdict.shift, query.shape[2])[:, None, :, None], 0.0)
+    if state.guard is not None and state.guard.due(plan.name, query.device):
+        checked = state.guard.check(query, k, v, out, causal=verdict.causal, scale=verdict.scale,
+                                    kv_valid=verdict.kv_valid)
+        if not checked.ok:
+            log.warning("autosparse: %s", log_line(plan.name, checked))
+            state.count_fallback(plan.name, GUARD_REASON)
+            return _dense(query, key, value, mask, is_causal, scale)
+    state.stats.sparse += 1
+    return out
 
+
+def _sparse(plan: LayerPlan, heads: HeadSet, verdict: _Verdict, query: torch.Tensor, key: torch.Tensor,
+            value: torch.Tensor, kv_valid: torch.Tensor | None) -> torch.Tensor:
+    """One block-sparse launch for every head (dense heads of a mixed layer on SDPA)."""
+    causal, scale, tokens = verdict.causal, verdict.scale, verdict.tokens
     # Dense heads of a mixed layer go to SDPA (cuDNN/flash: faster than our kernel at density 1),
     # unless key padding must be applied (SDPA would then leave its fused kernels).
     split = heads.dense_heads if kv_valid is None else ()
     q_block, kv_block = plan.profile.block_size
-    geometry = BlockGeometry(query.shape[2], key.shape[2], q_block, kv_block, causal, tokens)
+    geometry = verdict.geometry
     # In tile order K/V (and key padding) are permuted; the kernel reads each query from, and writes
     # its output to, the token's place in the model's order (q_rows), so q and the output never move.
     order = tokens.permutation(query.device) if tokens is not None else None
@@ -351,8 +444,22 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
         dense = ORIGINAL_SDPA(query.index_select(1, dense_heads), key.index_select(1, kv_heads),
                               value.index_select(1, kv_heads), is_causal=causal, scale=scale)
         out.transpose(1, 2).index_copy_(2, dense_heads, dense.transpose(1, 2))
-    state.stats.sparse += 1
     return out
+
+
+def _rolled(shift: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, S]``: row b's token order with its first ``shift[b]`` tokens (left padding) moved last."""
+    return (torch.arange(length, device=shift.device) + shift[:, None]) % length
+
+
+def _before_first(shift: torch.Tensor, length: int) -> torch.Tensor:
+    """``[B, S]`` bool: the positions before each row's first real token."""
+    return torch.arange(length, device=shift.device) < shift[:, None]
+
+
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, :, index[b]]`` for ``[B, H, S, D]`` ``x``."""
+    return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[3]))
 
 
 def _permute(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
@@ -364,87 +471,145 @@ def _permute(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
 
 
 def _dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-           causal: bool, scale: float) -> torch.Tensor:
-    q_len, kv_len = query.shape[2], key.shape[2]
-    if causal and mask is None and q_len != kv_len:  # SDPA's is_causal is top-left aligned; ours bottom-right
-        mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
+           is_causal: bool, scale: float | None) -> torch.Tensor:
+    """The call exactly as ``F.scaled_dot_product_attention`` answers it, in the op's output layout."""
     out = empty_output(query, value)
-    out.copy_(ORIGINAL_SDPA(query, key, value, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+    out.copy_(ORIGINAL_SDPA(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale,
                             enable_gqa=query.shape[1] != key.shape[1]))
     return out
 
 
 class _Verdict(NamedTuple):
     """How one call runs: dense by design (``dense``: the reason), dense because the kernel cannot
-    serve it exactly (``fallback``: the reason), or sparse (neither) with its key padding and token
-    geometry."""
+    serve it exactly (``fallback``: the reason), or sparse (neither) with what the kernel needs: the
+    keys kept (``keys``: a prefix), causality (bottom-right, square), the softmax scale, key padding,
+    each row's left padding (``shift``, None without), the token geometry and the block geometry."""
 
     dense: str | None = None
     fallback: str | None = None
+    keys: int = 0
+    causal: bool = False
+    scale: float = 1.0
     kv_valid: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
     tokens: TokenGeometry | None = None
+    geometry: BlockGeometry | None = None
 
 
 def _classify(plan: LayerPlan, heads: HeadSet, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              mask: torch.Tensor | None, causal: bool) -> _Verdict:
+              mask: torch.Tensor | None, is_causal: bool, scale: float | None) -> _Verdict:
     if heads.is_dense:
         return _Verdict(dense="dense in profile")
-    if query.shape[2] == 1:
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or not query.shape[0] == key.shape[0] == value.shape[0]:
+        return _Verdict(fallback=f"q/k/v shapes {tuple(query.shape)}/{tuple(key.shape)}/{tuple(value.shape)}")
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if q_len == 1:
         return _Verdict(dense="decode (query length 1)")
-    if query.shape[2] != key.shape[2]:
-        if causal:
-            return _Verdict(fallback="query length != key length (KV cache)")
+    if q_len != kv_len and mask is None and not is_causal:
         return _Verdict(dense="cross-attention (query length != key length)")
     if query.shape[1] != len(heads.patterns):
         return _Verdict(fallback=f"{query.shape[1]} query heads, profile has {len(heads.patterns)}")
+    if scale is not None and not (math.isfinite(scale) and scale > 0.0):
+        return _Verdict(fallback=f"scale {scale!r} (the kernel takes a positive finite scale)")
+    if mask is not None and is_causal:
+        return _Verdict(fallback="attn_mask together with is_causal=True")
     reason = supports(query, key, value, *plan.profile.block_size)
     if reason is not None:
         return _Verdict(fallback=reason)
+    if mask is None:
+        # torch's is_causal is top-left aligned: with more keys than queries the later keys are seen
+        # by no query (an empty StaticCache's prefill) and are dropped.
+        causal, keys, kv_valid, shift = is_causal, (min(kv_len, q_len) if is_causal else kv_len), None, None
+        if is_causal and kv_len < q_len:
+            return _Verdict(fallback="is_causal with fewer keys than queries")
+    else:
+        found = _mask_verdict(plan, mask, query.shape[0], q_len, kv_len)
+        if found.reason is not None:
+            return _Verdict(fallback=found.reason)
+        causal, keys, kv_valid, shift = found.causal, found.keys, found.kv_valid, found.shift
+    if keys != q_len:
+        if causal:
+            return _Verdict(fallback="query length != key length (KV cache)")
+        return _Verdict(dense="cross-attention (query length != key length)")
     tokens = plan.state.context.tokens
-    if tokens is not None and tokens.length != query.shape[2]:
-        return _Verdict(fallback=f"token geometry has {tokens.length} tokens, the call {query.shape[2]}")
+    if tokens is not None and tokens.length != q_len:
+        return _Verdict(fallback=f"token geometry has {tokens.length} tokens, the call {q_len}")
+    if tokens is not None and causal:
+        return _Verdict(fallback="causal attention over a token grid")
     if heads.needs_grid:
         if tokens is None:
             return _Verdict(fallback="pattern needs the token grid (no geometry for this model call)")
         tokens = plan.grid_order(heads, tokens, query.device)
-    if mask is None:
-        return _Verdict(tokens=tokens)
-    reason, kv_valid = _mask_verdict(plan.state, mask, causal)
-    return _Verdict(fallback=reason) if reason is not None else _Verdict(kv_valid=kv_valid, tokens=tokens)
+    q_block, kv_block = plan.profile.block_size
+    geometry = BlockGeometry(q_len, q_len, q_block, kv_block, causal, tokens)
+    reason = heads.unfit(geometry)
+    if reason is not None:
+        return _Verdict(fallback=reason)
+    if shift is not None and tokens is not None:
+        shift = None  # a token grid's positions are its own (text padding is key padding there)
+    return _Verdict(keys=keys, causal=causal, scale=scale if scale is not None else query.shape[-1] ** -0.5,
+                    kv_valid=kv_valid, shift=shift, tokens=tokens, geometry=geometry)
 
 
-def _mask_verdict(state: PatchState, mask: torch.Tensor, causal: bool) -> tuple[str | None, torch.Tensor | None]:
-    """Accept a mask only if it is exactly (causal and) key padding: then the kernel applies it."""
+class _MaskVerdict(NamedTuple):
+    """A boolean mask read as the kernel's terms: keys kept (a prefix), causal or not, key padding
+    ``[B, keys]`` (None: none), left padding per row (None: none); or ``reason`` why it is not."""
+
+    reason: str | None = None
+    keys: int = 0
+    causal: bool = False
+    kv_valid: torch.Tensor | None = None
+    shift: torch.Tensor | None = None
+
+
+def _mask_verdict(plan: LayerPlan, mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> _MaskVerdict:
+    """The mask's verdict, classified once per forward: a verdict is reused only by a later layer
+    of the same forward (layers run in increasing order; a repeat or an earlier layer means a new
+    forward, whose mask may be the same buffer refilled in place) and never after the mask changed
+    (its version counter; inference tensors have none)."""
+    context = plan.state.context
     base = mask._base if mask._base is not None else mask
-    version = None if base.is_inference() else base._version  # inference tensors keep no version counter
-    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), version, causal)
-    if state.mask_seen is not None and state.mask_seen[0]() is base and state.mask_seen[1] == key:
-        return state.mask_seen[2]
-    verdict = _classify_mask(mask, causal)
-    state.mask_seen = (weakref.ref(base), key, verdict)
+    version = None if base.is_inference() else base._version
+    key = (tuple(mask.shape), mask.stride(), mask.storage_offset(), version, batch, q_len, kv_len)
+    seen = context.mask_seen
+    if seen is not None and seen[0]() is base and seen[1] == key and seen[2] < plan.index:
+        context.mask_seen = (seen[0], key, plan.index, seen[3])
+        return seen[3]
+    verdict = _classify_mask(mask, batch, q_len, kv_len)
+    context.mask_seen = (weakref.ref(base), key, plan.index, verdict)
     return verdict
 
 
-def _classify_mask(mask: torch.Tensor, causal: bool) -> tuple[str | None, torch.Tensor | None]:
-    """Bool masks ``[B, 1, Sq, Sk]`` or ``[B, 1, 1, Sk]`` (key padding, as HunyuanVideo passes).
+def _classify_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> _MaskVerdict:
+    """A mask the kernel applies exactly: boolean, broadcast over heads, and key padding alone (any
+    number of query rows) or bottom-right causal + key padding (``[B, 1, Sq, Sk]``), after dropping
+    the trailing keys no query sees.
 
-    One comparison with the mask the kernel would apply, built from the keys the last query row may
-    see (every valid key, if the mask is causal + padding): a long prefill's mask is S² booleans, so
-    no other full-size temporaries."""
+    One comparison with the mask the kernel would apply (two when the first reading fails), built
+    from the keys the last query row may see: a long prefill's mask is S² booleans, so no other
+    full-size temporaries."""
     if mask.dtype != torch.bool:
-        return "additive (float) attention mask", None
-    if mask.dim() != 4 or mask.shape[1] != 1:
-        return f"attention mask of shape {tuple(mask.shape)} (expected [B, 1, Sq, Sk])", None
-    q_len, kv_len = mask.shape[-2:]
-    if causal and q_len == 1:
-        return "key-padding mask [B, 1, 1, Sk] on causal attention", None
+        return _MaskVerdict("additive (float) attention mask")
+    if mask.dim() > 4 or (mask.dim() == 4 and mask.shape[1] != 1) or mask.shape[-1] != kv_len:
+        return _MaskVerdict(f"attention mask of shape {tuple(mask.shape)} (expected [B, 1, Sq, Sk] or [B, 1, 1, Sk])")
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if mask.shape[0] not in (1, batch) or mask.shape[2] not in (1, q_len):
+        return _MaskVerdict(f"attention mask of shape {tuple(mask.shape)} does not broadcast to {batch} x {q_len} queries")
+    keys = kv_len
+    if kv_len > q_len and not bool(mask[..., q_len:].any()):  # e.g. an empty StaticCache's tail
+        mask, keys = mask[..., :q_len], q_len
     kv_valid = mask[:, 0, -1, :].clone()  # [B, Sk]; a copy: the verdict outlives the mask
     padded = not bool(kv_valid.all())
+    pad_only = kv_valid[:, None, None, :].expand_as(mask)
+    causal = mask.shape[2] == q_len and q_len > 1
     if causal:
-        expected = torch.ones(q_len, kv_len, dtype=torch.bool, device=mask.device).tril_(kv_len - q_len)
-        expected = expected & kv_valid[:, None, None, :] if padded else expected.expand_as(mask)
-    else:
-        expected = kv_valid[:, None, None, :].expand_as(mask)
-    if not torch.equal(mask, expected.expand_as(mask)):
-        return "attention mask is not causal + key padding", None
-    return None, (kv_valid if padded else None)
+        tril = torch.ones(q_len, keys, dtype=torch.bool, device=mask.device).tril_(keys - q_len)
+        causal = torch.equal(mask, (tril & kv_valid[:, None, None, :]) if padded else tril.expand_as(mask))
+    if not causal and not torch.equal(mask, pad_only):
+        return _MaskVerdict("attention mask is not key padding (causal or not)")
+    kv_valid = kv_valid.expand(batch, -1) if padded else None
+    shift = None
+    if causal and padded:
+        first = kv_valid.int().argmax(1)  # a row's first real token (0 for a row without one)
+        shift = first if bool(first.any()) else None
+    return _MaskVerdict(keys=keys, causal=causal, kv_valid=kv_valid, shift=shift)

@@ -162,7 +162,7 @@ def attention_alone(args: argparse.Namespace, device: torch.device, dtype: torch
         autosparse.patch_model(model, autosparse.Profile.uniform(model, spec), strict=True)
         try:
             state = patch_of(model).state
-            capture.call_reader(model, state)(model, (images,), {})  # this call's geometry, as a forward sets it
+            capture.CallReader(model, state)(model, (images,), {})  # this call's geometry, as a forward sets it
             layer = getattr(layer_module, capture.LAYER_ATTR)
 
             def op() -> torch.Tensor:

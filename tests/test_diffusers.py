@@ -153,8 +153,9 @@ def test_step_schedule_dense_first_steps():
     assert calls.dense["dense in profile"] == 4 * SERVED["flux"] and calls.sparse == 2 * SERVED["flux"]
 
 
-def test_grid_pattern_without_geometry_falls_back_and_counts():
-    """A model family without an adapter: 1-D patterns run, grid patterns run dense with a reason."""
+def test_grid_pattern_without_geometry_is_refused_at_patch_time():
+    """A model family without an adapter: 1-D patterns run; a grid pattern, which can never run
+    there, is refused when patching, naming the head and the reason."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
@@ -163,18 +164,14 @@ def test_grid_pattern_without_geometry_falls_back_and_counts():
                                   pooled_projection_dim=16, out_channels=4).eval()
     inputs = dict(hidden_states=torch.randn(1, 4, 16, 16), encoder_hidden_states=torch.randn(1, 6, 32),
                   pooled_projections=torch.randn(1, 16), timestep=torch.tensor([500]))
-    with torch.no_grad():
-        expected = model(**inputs).sample
+    with pytest.raises(ValueError, match=r"heads\[0\]: neighborhood.*no token grid"):
         autosparse.patch_model(model, _profile(model, {"kind": "neighborhood", "window": [3, 3]}))
-        got = model(**inputs).sample
-        calls = autosparse.stats(model, reset=True)
-        autosparse.unpatch_model(model)
+    assert autosparse.patch.patch_of(model) is None
+    with torch.no_grad():
         autosparse.patch_model(model, _profile(model, {"kind": "window", "window": 32}))
         model(**inputs)
         window_calls = autosparse.stats(model)
         autosparse.unpatch_model(model)
-    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
-    assert calls.fallback["pattern needs the token grid (no geometry for this model call)"] == 1
     assert window_calls.sparse == 1
 
 

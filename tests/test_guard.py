@@ -6,10 +6,9 @@
 4. GuardConfig / parse validation names the field;
 5. statistical catch: an error on 10 % of one head's rows is caught in >= 95 % of calls at rows=64;
 6. the Triton path (interpreted, in a TRITON_INTERPRET=1 subprocess) agrees with the PyTorch path;
-7. end to end on a tiny Wan DiT: with the guard wired in by this file (a stand-in for runtime.serve's
-   wiring), and -- waiting for the wiring -- the same through ``patch_model(..., guard=...)`` and the
-   compile backend's ``options={"guard": ...}`` (functions ``wired_*`` at the end: rename them to
-   ``test_*`` when runtime.serve calls the guard).
+7. end to end on a tiny Wan DiT, through ``patch_model(..., guard=...)`` (``every`` 1 and 2) and the
+   compile backend's ``options={"guard": ...}``: every checked call of a too-sparse profile is
+   recomputed dense and counted, an exact-enough profile stays sparse.
 """
 
 from __future__ import annotations
@@ -413,30 +412,6 @@ def _guard_reasons(calls) -> int:
     return sum(n for reason, n in calls.fallback.items() if "guard" in reason)
 
 
-def _stand_in_wiring(monkeypatch, config: GuardConfig):
-    """runtime.serve with the guard as the runtime will call it: after a call served sparse, check it;
-    on a failed verdict count a "guard" fallback and recompute the call dense."""
-    from autosparse import runtime
-
-    original = runtime.serve
-    state = Guard(config)
-
-    def serve(plan, query, key, value, mask, causal, scale):
-        before = plan.state.stats.sparse
-        out = original(plan, query, key, value, mask, causal, scale)
-        if plan.state.stats.sparse == before or not state.due(plan.name, query.device):
-            return out
-        verdict = state.check(query, key, value, out, causal=causal,
-                              scale=scale if scale is not None else query.shape[-1] ** -0.5)
-        if verdict.ok:
-            return out
-        plan.state.stats.sparse -= 1
-        plan.state.count_fallback(plan.name, "guard")
-        return runtime._dense(query, key, value, mask, causal, scale)
-
-    monkeypatch.setattr(runtime, "serve", serve)
-
-
 def _e2e(patch, forwards: int = 2, every: int = 1):
     """Unpatched output vs patched with the too-sparse profile + guard (every checked call densified:
     equal outputs, one guard fallback each), and with the exact-enough one (served sparse).
@@ -471,32 +446,17 @@ def _e2e(patch, forwards: int = 2, every: int = 1):
 
 
 @pytest.mark.parametrize("every", [1, 2])
-def test_e2e_with_stand_in_wiring(monkeypatch, every):
-    pytest.importorskip("diffusers")
-
-    def patch(model, profile, config):
-        _stand_in_wiring(monkeypatch, config)
-        return autosparse.patch_model(model, profile)
-
-    _e2e(patch, every=every)
-
-
-# -- waiting for the wiring in runtime.serve: rename wired_* to test_* to enable ---------------------
-def wired_e2e_patch_model_guard(every=1):
-    pytest.importorskip("diffusers")
+def test_patch_model_guard_densifies_what_it_checks(every):
     _e2e(lambda model, profile, config: autosparse.patch_model(model, profile, guard=config), every=every)
+
+
+def test_patch_model_guard_from_a_dict():
     _e2e(lambda model, profile, config: autosparse.patch_model(
-        model, profile, guard={"rows": config.rows, "tol": config.tol, "every": config.every}), every=every)
+        model, profile, guard={"rows": config.rows, "tol": config.tol, "every": config.every}))
 
 
-def wired_e2e_patch_model_guard_every_2():
-    wired_e2e_patch_model_guard(every=2)
-
-
-def wired_e2e_compile_backend_guard_option():
+def test_compile_backend_guard_option():
     """The compile route: options={"guard": {...}} (inner compiler "eager": no inductor on 2 cores)."""
-    pytest.importorskip("diffusers")
-
     def patch(model, profile, config):
         torch._dynamo.reset()
         return torch.compile(model, backend="autosparse", options={

@@ -24,12 +24,18 @@ def mixed_profile(model) -> Profile:
 
 
 def reference_logits(model, profile: Profile, input_ids, attention_mask=None) -> torch.Tensor:
-    """The model run with float64 dense attention on (pattern mask AND the model's own mask)."""
+    """The model run with float64 dense attention on (pattern mask AND the model's own mask); with
+    left padding, a row's pattern counts from its first real token."""
     heads = {layer.module: profile.layers[layer.name].heads for layer in attention_layers(model)}
+    first = [0] * len(input_ids) if attention_mask is None else attention_mask.int().argmax(1).tolist()
 
     def attend(module, query, key, value, mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        geometry = BlockGeometry(query.shape[2], key.shape[2], *profile.block_size, causal=True)
-        allowed = BlockLayout.from_patterns(heads[module], geometry).to_dense()[None]
+        length = query.shape[2]
+        geometry = BlockGeometry(length, key.shape[2], *profile.block_size, causal=True)
+        pattern = BlockLayout.from_patterns(heads[module], geometry).to_dense()
+        allowed = torch.zeros(len(first), *pattern.shape, dtype=torch.bool)
+        for b, shift in enumerate(first):
+            allowed[b, :, shift:, shift:] = pattern[:, :length - shift, :length - shift]
         if mask is not None:
             allowed = allowed & mask
         out = dense_attention(query.double(), key.double(), value.double(), mask=allowed, scale=scaling)
@@ -107,13 +113,13 @@ def test_unservable_calls_fall_back_and_are_counted(llama):
     position_ids = torch.cat([torch.arange(48), torch.arange(48)])[None]
     with torch.no_grad():
         llama(input_ids=ids, position_ids=position_ids, use_cache=False)
-    assert autosparse.stats(llama).fallback["attention mask is not causal + key padding"] == 1
+    assert autosparse.stats(llama).fallback["attention mask is not key padding (causal or not)"] == 1
 
 
 def test_strict_raises_instead_of_falling_back(llama):
     autosparse.patch_model(llama, mixed_profile(llama), strict=True)
     position_ids = torch.cat([torch.arange(48), torch.arange(48)])[None]
-    with pytest.raises(RuntimeError, match="model.layers.0.self_attn: attention mask is not causal"):
+    with pytest.raises(RuntimeError, match="model.layers.0.self_attn: attention mask is not key padding"):
         with torch.no_grad():
             llama(input_ids=random_ids(1, 96, seed=5), position_ids=position_ids, use_cache=False)
 
