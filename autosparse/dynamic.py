@@ -177,6 +177,14 @@ class VerticalSlash(DynamicPattern):
     def max_columns(self) -> int:
         return self.vertical
 
+    def unfit(self, geometry: BlockGeometry) -> str | None:
+        return None if geometry.causal else ("vertical_slash is for causal attention (LLM prefill), "
+                                             "this call is not causal")
+
+    def unfit_layer(self, causal: bool, grid_rank: int | None) -> str | None:
+        return None if causal else ("vertical_slash is for causal attention (LLM prefill), "
+                                    "this model's attention is not causal")
+
     def to_spec(self) -> dict:
         spec = super().to_spec()
         if self.mass is None:  # MInference's fixed counts: the spec as they write it
@@ -184,8 +192,9 @@ class VerticalSlash(DynamicPattern):
         return spec
 
     def _choose(self, q, k, geometry, scale):
-        if not geometry.causal:
-            raise ValueError("vertical_slash is for causal attention (LLM prefill)")
+        reason = self.unfit(geometry)
+        if reason is not None:
+            raise ValueError(reason)
         rows = min(_LAST_ROWS, geometry.q_len)
         b, h = q.shape[:2]
         group = h // k.shape[1]

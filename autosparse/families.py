@@ -46,6 +46,8 @@ class Family:
             without a ``config``, ``model -> {field: value}`` read from its attributes.
         structure: for plain ``nn.Module`` models: ``model -> bool``, whether the model has this
             family's structure (recognised by attributes, not by class name).
+        grid_rank: dims of the token grid ``geometry`` gives (3: T×H×W, 2: H×W); None without a
+            grid (no ``geometry``): grid patterns can never run on such a model.
     """
 
     name: str
@@ -54,6 +56,12 @@ class Family:
     geometry: GeometryFn | None
     signature: tuple[str, ...] | Callable[[nn.Module], dict[str, Any]]
     structure: Callable[[nn.Module], bool] | None = None
+    grid_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.geometry is None) != (self.grid_rank is None):
+            raise ValueError(f"family {self.name!r}: grid_rank must be given exactly when geometry is, "
+                             f"got geometry={self.geometry!r}, grid_rank={self.grid_rank!r}")
 
     def serves(self, name: str) -> bool:
         return re.fullmatch(self.attention, name) is not None
@@ -155,17 +163,19 @@ def _vggt_signature(model: nn.Module) -> dict[str, Any]:
 
 FAMILIES = (
     Family("wan", ("WanTransformer3DModel",), r"blocks\.\d+\.attn1", _wan,
-           ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "ffn_dim")),
+           ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "in_channels", "ffn_dim"),
+           grid_rank=3),
     Family("hunyuan_video", ("HunyuanVideoTransformer3DModel",), r"(single_)?transformer_blocks\.\d+\.attn", _hunyuan,
            ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "patch_size",
-            "patch_size_t", "in_channels")),
+            "patch_size_t", "in_channels"), grid_rank=3),
     Family("cogvideox", ("CogVideoXTransformer3DModel",), r"transformer_blocks\.\d+\.attn1", _cogvideox,
-           ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "patch_size_t", "in_channels")),
+           ("num_layers", "num_attention_heads", "attention_head_dim", "patch_size", "patch_size_t", "in_channels"),
+           grid_rank=3),
     Family("flux", ("FluxTransformer2DModel",), r"(single_)?transformer_blocks\.\d+\.attn", _flux,
            ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "patch_size",
-            "in_channels")),
+            "in_channels"), grid_rank=2),
     Family("vggt", (), r"(aggregator\.)?global_blocks\.\d+\.attn", _vggt, _vggt_signature,
-           structure=lambda model: vggt_aggregator(model) is not None),
+           structure=lambda model: vggt_aggregator(model) is not None, grid_rank=3),
 )
 
 # Any other diffusers model: every attention module is captured, its geometry is unknown (1-D

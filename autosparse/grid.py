@@ -57,16 +57,32 @@ def _all_keys(length: int, device: torch.device | str) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GridPattern(Pattern):
-    """Base class of the separable grid rules. Subclasses implement ``grid_error`` and
-    ``dim_masks``; the base lays the rule out in blocks, exactly."""
+    """Base class of the separable grid rules. Subclasses implement ``rank_error`` (or
+    ``grid_error``) and ``dim_masks``; the base lays the rule out in blocks, exactly."""
 
     @property
     def needs_grid(self) -> bool:
         return True
 
+    def rank_error(self, rank: int, grid: tuple[int, ...] | None = None) -> str | None:
+        """Why the pattern cannot be laid out on a ``rank``-D grid (``grid``, if the call's is known;
+        None: any grid of the model), or None. None here: a subclass that only implements
+        ``grid_error`` is checked per call."""
+        return None
+
     def grid_error(self, grid: tuple[int, ...]) -> str | None:
         """Why the pattern cannot be laid out on ``grid`` (e.g. its window has other dims), or None."""
-        raise NotImplementedError(f"{type(self).__name__} must implement grid_error")
+        return self.rank_error(len(grid), grid)
+
+    def unfit(self, geometry: BlockGeometry) -> str | None:
+        if geometry.tokens is None:
+            return f"{self.kind} needs a token grid (BlockGeometry.tokens, non-causal), got None"
+        return self.grid_error(geometry.tokens.grid)
+
+    def unfit_layer(self, causal: bool, grid_rank: int | None) -> str | None:
+        if grid_rank is None:
+            return f"{self.kind} needs a token grid, and this model's attention calls have none"
+        return self.rank_error(grid_rank)
 
     def dim_masks(self, grid: tuple[int, ...], device: torch.device | str = "cpu") -> list[torch.Tensor]:
         """Per grid dim ``d`` a bool ``[L_d, L_d]``: row = query coordinate, column = key coordinate."""
@@ -75,13 +91,10 @@ class GridPattern(Pattern):
     def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
         """A block pair is attended iff a grid query of the query block sees a grid key of the key
         block; text positions attend nothing here."""
-        tokens = geometry.tokens
-        if tokens is None:
-            raise ValueError(f"{self.kind} needs a token grid (BlockGeometry.tokens, non-causal), got None")
-        error = self.grid_error(tokens.grid)
-        if error is not None:
-            raise ValueError(error)
-        return _grid_block_mask(self.dim_masks(tokens.grid, device), geometry, device)
+        reason = self.unfit(geometry)
+        if reason is not None:
+            raise ValueError(reason)
+        return _grid_block_mask(self.dim_masks(geometry.tokens.grid, device), geometry, device)
 
 
 def _grid_block_mask(masks: list[torch.Tensor], geometry: BlockGeometry, device: torch.device | str) -> torch.Tensor:
@@ -115,10 +128,14 @@ def _grid_block_mask(masks: list[torch.Tensor], geometry: BlockGeometry, device:
     return mask
 
 
-def _grid_dims_error(owner: str, ndim: int, grid: tuple[int, ...]) -> str | None:
-    if len(grid) == ndim:
+def _grid_name(grid: tuple[int, ...] | None) -> str:
+    return "the model's token grid" if grid is None else f"BlockGeometry.tokens.grid {grid}"
+
+
+def _grid_dims_error(owner: str, ndim: int, rank: int, grid: tuple[int, ...] | None) -> str | None:
+    if rank == ndim:
         return None
-    return f"{owner} is {ndim}-D, but BlockGeometry.tokens.grid {grid} is {len(grid)}-D"
+    return f"{owner} is {ndim}-D, but {_grid_name(grid)} is {rank}-D"
 
 
 @register_pattern
@@ -144,8 +161,8 @@ class Neighborhood(GridPattern):
                 raise ValueError(f"neighborhood.{name} {list(value)} must have one entry per window dim {list(window)}")
             object.__setattr__(self, name, value)
 
-    def grid_error(self, grid: tuple[int, ...]) -> str | None:
-        return _grid_dims_error(f"neighborhood.window {list(self.window)}", len(self.window), grid)
+    def rank_error(self, rank: int, grid: tuple[int, ...] | None = None) -> str | None:
+        return _grid_dims_error(f"neighborhood.window {list(self.window)}", len(self.window), rank, grid)
 
     def dim_masks(self, grid: tuple[int, ...], device: torch.device | str = "cpu") -> list[torch.Tensor]:
         return [window_mask(*dims, device=device) for dims in zip(grid, self.window, self.stride, self.dilation)]
@@ -163,8 +180,8 @@ class Spatial(GridPattern):
     def __post_init__(self) -> None:
         _check_int("spatial", "frames", self.frames, 1)
 
-    def grid_error(self, grid: tuple[int, ...]) -> str | None:
-        return _grid_dims_error(f"{self.kind} (a (T, H, W) rule)", 3, grid)
+    def rank_error(self, rank: int, grid: tuple[int, ...] | None = None) -> str | None:
+        return _grid_dims_error(f"{self.kind} (a (T, H, W) rule)", 3, rank, grid)
 
     def dim_masks(self, grid: tuple[int, ...], device: torch.device | str = "cpu") -> list[torch.Tensor]:
         frames, height, width = grid
@@ -186,8 +203,8 @@ class Temporal(GridPattern):
             raise ValueError(f"temporal.window must be [h, w], got {list(window)}")
         object.__setattr__(self, "window", window)
 
-    def grid_error(self, grid: tuple[int, ...]) -> str | None:
-        return _grid_dims_error(f"{self.kind} (a (T, H, W) rule)", 3, grid)
+    def rank_error(self, rank: int, grid: tuple[int, ...] | None = None) -> str | None:
+        return _grid_dims_error(f"{self.kind} (a (T, H, W) rule)", 3, rank, grid)
 
     def dim_masks(self, grid: tuple[int, ...], device: torch.device | str = "cpu") -> list[torch.Tensor]:
         frames, height, width = grid
@@ -209,10 +226,12 @@ class Stripes(GridPattern):
         _check_int("stripes", "dim", self.dim, 0)
         object.__setattr__(self, "at", tuple(sorted(set(_int_tuple("stripes.at", self.at, minimum=0)))))
 
-    def grid_error(self, grid: tuple[int, ...]) -> str | None:
-        if self.dim < len(grid):
+    def rank_error(self, rank: int, grid: tuple[int, ...] | None = None) -> str | None:
+        if self.dim < rank:
             return None
-        return f"stripes.dim {self.dim} is out of range for the {len(grid)}-D BlockGeometry.tokens.grid {grid}"
+        if grid is None:
+            return f"stripes.dim {self.dim} is out of range for the model's {rank}-D token grid"
+        return f"stripes.dim {self.dim} is out of range for the {rank}-D BlockGeometry.tokens.grid {grid}"
 
     def dim_masks(self, grid: tuple[int, ...], device: torch.device | str = "cpu") -> list[torch.Tensor]:
         masks = [_all_keys(length, device) for length in grid]

@@ -17,7 +17,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["AttentionLayer", "attention_layers", "library", "model_signature"]
+__all__ = ["AttentionLayer", "attention_layers", "attention_structure", "library", "model_signature",
+           "signature_fingerprint"]
 
 # Config fields that decide whether a profile fits: attention shapes and depth.
 _SIGNATURE_FIELDS = (
@@ -140,21 +141,45 @@ def _transformers_layers(model: nn.Module) -> list[AttentionLayer]:
 
 
 def model_signature(model: nn.Module) -> dict[str, Any]:
-    """``{"class", "config", "fingerprint"}``: what a profile records to refuse the wrong model
-    (``config``: the config fields that shape attention, or for a ``"module"`` model the family's
-    fields read from its attributes)."""
+    """``{"class", "config", "attention", "fingerprint"}``: what a profile records to refuse the wrong
+    model. ``config``: the config fields that shape attention, read as attributes (so transformers'
+    ``attribute_map`` applies: GPT-2's ``n_layer`` is ``num_hidden_layers``), or for a ``"module"``
+    model the family's fields read from its attributes. ``attention``: the served attention layers
+    (``attention_structure``), which decide which layers run which patterns. ``fingerprint``: a hash
+    of the three (``signature_fingerprint``)."""
     if library(model) == "transformers":
-        config = model.config.to_dict()
-        found = {key: config.get(key) for key in _SIGNATURE_FIELDS}
+        config = model.config
+        found = {key: getattr(config, key, None) for key in _SIGNATURE_FIELDS}
     else:
         from autosparse.families import family_of
 
         found = family_of(model).signature_fields(model)
-    fields = {key: _json(value) for key, value in found.items() if value is not None}
-    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
-    return {"class": type(model).__name__, "config": fields, "fingerprint": digest}
+    signature = {
+        "class": type(model).__name__,
+        "config": {key: _json(value) for key, value in found.items() if value is not None},
+        "attention": attention_structure(attention_layers(model)),
+    }
+    return {**signature, "fingerprint": signature_fingerprint(signature)}
+
+
+def attention_structure(layers: list[AttentionLayer]) -> dict[str, list]:
+    """The served attention layers as parallel lists, in order: ``names``, ``heads`` (query heads),
+    ``kv_heads`` and ``head_dim``."""
+    return {
+        "names": [layer.name for layer in layers],
+        "heads": [layer.num_heads for layer in layers],
+        "kv_heads": [layer.num_kv_heads for layer in layers],
+        "head_dim": [layer.head_dim for layer in layers],
+    }
+
+
+def signature_fingerprint(signature: dict[str, Any]) -> str:
+    """16 hex digits of SHA-256 over a signature's ``class``, ``config`` and ``attention`` (as JSON,
+    keys sorted): equal for two models iff a profile of one fits the other's structure."""
+    fields = {key: signature.get(key) for key in ("class", "config", "attention")}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _json(value: Any) -> Any:
     """Config values as they read back from JSON (tuples become lists), so a loaded profile compares equal."""
-    return list(value) if isinstance(value, tuple) else value
+    return [_json(v) for v in value] if isinstance(value, (list, tuple)) else value

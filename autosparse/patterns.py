@@ -10,6 +10,7 @@ Patterns over a video/image token grid (``BlockGeometry.tokens``) are in ``autos
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from autosparse.tokens import TokenGeometry
 
 __all__ = [
     "BlockGeometry",
+    "MAX_PATTERN_DEPTH",
     "Pattern",
     "Dense",
     "Window",
@@ -125,6 +127,11 @@ def _reachable(geometry: BlockGeometry, device: str) -> torch.Tensor:
 
 _PATTERNS: dict[str, type[Pattern]] = {}
 
+# Levels of patterns in one head, the leaf included (``global(union(window, stripes))``: 3). Deeper
+# specs are refused before they are built: a 600-deep one would otherwise exhaust Python's stack.
+MAX_PATTERN_DEPTH = 16
+_spec_depth = contextvars.ContextVar("autosparse_pattern_spec_depth", default=0)
+
 
 def register_pattern(cls: type[Pattern]) -> type[Pattern]:
     """Class decorator: make a pattern kind loadable from its JSON spec."""
@@ -162,6 +169,19 @@ class Pattern:
         """Whether the key blocks depend on each call's q and k (``autosparse.dynamic``)."""
         return False
 
+    def unfit(self, geometry: BlockGeometry) -> str | None:
+        """Why this pattern cannot be laid out on the call ``geometry`` describes (a grid pattern
+        without a token grid or on a grid of other dims, a causal-only pattern on non-causal
+        attention), or None when it can. Asked before laying out, so such a call runs dense,
+        counted, with this reason, rather than failing inside the kernel's layout."""
+        return None
+
+    def unfit_layer(self, causal: bool, grid_rank: int | None) -> str | None:
+        """Why this pattern can run on no call of an attention layer whose calls are ``causal`` (or
+        not) with a token grid of ``grid_rank`` dims (None: never a grid), or None when some call
+        may fit: what ``Profile.check_model`` refuses at patch time. Implies nothing about sizes."""
+        return None
+
     def to_spec(self) -> dict[str, Any]:
         spec: dict[str, Any] = {"kind": self.kind}
         for field in dataclasses.fields(self):
@@ -183,6 +203,28 @@ class Pattern:
 def _check_int(owner: str, name: str, value: Any, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner}.{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _depth(pattern: Pattern) -> int:
+    """Levels of patterns in ``pattern``, itself included (bounded: composites refuse deeper members)."""
+    if isinstance(pattern, Global):
+        return 1 + _depth(pattern.inner)
+    if isinstance(pattern, Union):
+        return 1 + max(_depth(member) for member in pattern.of)
+    return 1
+
+
+def _check_member(owner: str, member: Any) -> None:
+    """A composite's member: a pattern, static (the runtime estimates only a head's own dynamic
+    pattern, never one inside another), and shallow enough to nest once more."""
+    if not isinstance(member, Pattern):
+        raise ValueError(f"{owner} must be a pattern, got {member!r}")
+    if member.is_dynamic:
+        raise ValueError(f"{owner}: dynamic pattern {member.kind!r} cannot be nested (its key blocks are "
+                         f"estimated per call only as a head's own pattern); use it as the head's pattern")
+    if _depth(member) >= MAX_PATTERN_DEPTH:
+        raise ValueError(f"{owner}: expected patterns nested at most {MAX_PATTERN_DEPTH} levels deep, "
+                         f"found {_depth(member) + 1}")
 
 
 @register_pattern
@@ -279,6 +321,10 @@ class Global(Pattern):
     then the last ``q_len`` tokens, so a later chunk holds no prefix queries). Block-granular as
     everywhere: a block pair is attended when ``inner`` attends it or it holds a causally allowed
     (query, key) pair with the key or the query global.
+
+    Positions are the model's: where ``BlockGeometry.tokens`` permutes the sequence into kernel order
+    (a tile, or frame specials), the global tokens are wherever that puts them. ``inner`` may be any
+    static pattern (a grid pattern included: ``needs_grid`` is the inner one's), never a dynamic one.
     """
 
     kind: ClassVar[str] = "global"
@@ -287,8 +333,7 @@ class Global(Pattern):
     suffix: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.inner, Pattern):
-            raise ValueError(f"global.inner must be a pattern, got {self.inner!r}")
+        _check_member("global.inner", self.inner)
         _check_int("global", "prefix", self.prefix, 0)
         _check_int("global", "suffix", self.suffix, 0)
         if self.prefix == 0 and self.suffix == 0:
@@ -298,7 +343,32 @@ class Global(Pattern):
     def is_dense(self) -> bool:
         return self.inner.is_dense
 
+    @property
+    def needs_grid(self) -> bool:
+        return self.inner.needs_grid
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.inner.is_dynamic  # False: a dynamic inner is refused (see _check_member)
+
+    def unfit(self, geometry: BlockGeometry) -> str | None:
+        reason = self.inner.unfit(geometry)
+        return None if reason is None else f"global.inner: {reason}"
+
+    def unfit_layer(self, causal: bool, grid_rank: int | None) -> str | None:
+        reason = self.inner.unfit_layer(causal, grid_rank)
+        return None if reason is None else f"global.inner: {reason}"
+
     def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
+        tokens = geometry.tokens
+        if tokens is not None and tokens.permuted:
+            # The kernel sees the tokens in its own order: the global ones are wherever the
+            # permutation put the model's first ``prefix`` and last ``suffix`` (non-causal).
+            model_position = tokens.permutation(device)
+            is_global = (model_position < self.prefix) | (model_position >= tokens.length - self.suffix)
+            rows = _any_per_block(is_global, geometry.q_block, geometry.num_q_blocks)
+            columns = _any_per_block(is_global, geometry.kv_block, geometry.num_kv_blocks)
+            return self.inner.block_mask(geometry, device) | rows[:, None] | columns[None, :]
         return self.inner.block_mask(geometry, device) | _global_mask(geometry, self.prefix, self.suffix, device)
 
     def to_spec(self) -> dict[str, Any]:
@@ -311,6 +381,13 @@ class Global(Pattern):
     @classmethod
     def fields_from_spec(cls, fields: dict[str, Any], where: str) -> dict[str, Any]:
         return {**fields, "inner": pattern_from_spec(fields["inner"], f"{where}.inner")}
+
+
+def _any_per_block(flags: torch.Tensor, block: int, blocks: int) -> torch.Tensor:
+    """Bool ``[blocks]``: whether any of the ``block`` positions of each block is set in ``flags``."""
+    padded = torch.zeros(blocks * block, dtype=torch.bool, device=flags.device)
+    padded[: flags.shape[0]] = flags
+    return padded.view(blocks, block).any(1)
 
 
 @register_pattern
@@ -327,8 +404,7 @@ class Union(Pattern):
         if not members:
             raise ValueError(f"union.of must be a non-empty list of patterns, got {self.of!r}")
         for i, member in enumerate(members):
-            if not isinstance(member, Pattern):
-                raise ValueError(f"union.of[{i}] must be a pattern, got {member!r}")
+            _check_member(f"union.of[{i}]", member)
         object.__setattr__(self, "of", members)
 
     @property
@@ -338,6 +414,16 @@ class Union(Pattern):
     @property
     def needs_grid(self) -> bool:
         return any(member.needs_grid for member in self.of)
+
+    @property
+    def is_dynamic(self) -> bool:
+        return any(member.is_dynamic for member in self.of)  # False: dynamic members are refused
+
+    def unfit(self, geometry: BlockGeometry) -> str | None:
+        return _first_reason(member.unfit(geometry) for member in self.of)
+
+    def unfit_layer(self, causal: bool, grid_rank: int | None) -> str | None:
+        return _first_reason(member.unfit_layer(causal, grid_rank) for member in self.of)
 
     def block_mask(self, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
         masks = [member.block_mask(geometry, device) for member in self.of]
@@ -355,6 +441,11 @@ class Union(Pattern):
         if not isinstance(members, list) or not members:
             raise ValueError(f"{where}.of: expected a non-empty list of patterns, found {members!r}")
         return {"of": tuple(pattern_from_spec(m, f"{where}.of[{i}]") for i, m in enumerate(members))}
+
+
+def _first_reason(reasons) -> str | None:
+    """The first member's reason, as ``union.of[i]: reason``, or None."""
+    return next((f"union.of[{i}]: {reason}" for i, reason in enumerate(reasons) if reason is not None), None)
 
 
 def _global_mask(geometry: BlockGeometry, prefix: int, suffix: int, device: torch.device | str) -> torch.Tensor:
@@ -393,6 +484,17 @@ def pattern_from_spec(spec: Any, where: str = "pattern") -> Pattern:
     Every field is required, except those whose default is ``None``, which may be left out."""
     if isinstance(spec, Pattern):
         return spec
+    depth = _spec_depth.get()
+    if depth >= MAX_PATTERN_DEPTH:
+        raise ValueError(f"{where}: expected patterns nested at most {MAX_PATTERN_DEPTH} levels deep, found deeper")
+    token = _spec_depth.set(depth + 1)
+    try:
+        return _pattern_from_spec(spec, where)
+    finally:
+        _spec_depth.reset(token)
+
+
+def _pattern_from_spec(spec: Any, where: str) -> Pattern:
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ValueError(f"{where}: expected a dict with a 'kind' key, found {spec!r}")
     kind = spec["kind"]
