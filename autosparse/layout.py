@@ -19,7 +19,7 @@ from autosparse.kernels.reference import layout_mask
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.tokens import TokenGeometry, default_tile
 
-__all__ = ["BlockLayout", "block_mask", "grid_order"]
+__all__ = ["TOKEN_ORDERS", "BlockLayout", "block_mask", "grid_order", "left_padded"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -201,6 +201,17 @@ def _column_lists(columns: torch.Tensor, geometry: BlockGeometry, max_columns: i
     return positions.to(torch.int32), counts.to(torch.int32)
 
 
+def left_padded(token_mask: torch.Tensor, first: Sequence[int]) -> torch.Tensor:
+    """``[B, H, S, S]``: a square causal call's token mask ``[H, S, S]`` (``BlockLayout.to_dense()``)
+    for rows whose first real token is ``first[b]``: as the runtime serves left padding, each row's
+    patterns (sinks, windows, blocks) count from that token, and nothing before it is attended."""
+    length = token_mask.shape[-1]
+    out = token_mask.new_zeros(len(first), *token_mask.shape)
+    for b, shift in enumerate(first):
+        out[b, :, shift:, shift:] = token_mask[:, :length - shift, :length - shift]
+    return out
+
+
 def block_mask(pattern: Pattern, geometry: BlockGeometry, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[NQ, NK]`` bool: the key blocks one head with ``pattern`` computes, text tokens included
     (they attend, and are attended by, every head)."""
@@ -220,15 +231,23 @@ def _cached_layout(patterns: tuple[Pattern, ...], geometry: BlockGeometry, devic
 _TILE_GAIN = 0.95
 
 
+TOKEN_ORDERS = ("auto", "tile", "raster")
+
+
 def grid_order(patterns: Sequence[Pattern], tokens: TokenGeometry, q_block: int, kv_block: int,
-               device: torch.device | str = "cpu") -> TokenGeometry:
-    """The token order to lay ``patterns`` out in: tile order (``default_tile``) unless raster order
-    needs about as few blocks. Tiles make blocks compact boxes, which usually saves blocks, but a
-    small window on some grids touches fewer raster strips than tiles. Dynamic heads (their blocks
-    are not known before a call) do not vote. Costs two layout builds (and a device sync): callers
-    cache the answer per shape."""
+               device: torch.device | str = "cpu", order: str = "auto") -> TokenGeometry:
+    """The token order to lay ``patterns`` out in: the one owner of that choice (the runtime and
+    the search both ask here). ``order``: ``"tile"`` (``default_tile``), ``"raster"``, or
+    ``"auto"``: tile order unless raster order needs about as few blocks. Tiles make blocks compact
+    boxes, which usually saves blocks, but a small window on some grids touches fewer raster strips
+    than tiles. Dynamic heads (their blocks are not known before a call) do not vote. ``"auto"``
+    costs two layout builds (and a device sync): callers cache the answer per shape."""
+    if order not in TOKEN_ORDERS:
+        raise ValueError(f"order: expected one of {list(TOKEN_ORDERS)}, found {order!r}")
     tiled = tokens.with_tile(default_tile(len(tokens.grid), kv_block))
     raster = tokens.with_tile(None)
+    if order != "auto":
+        return tiled if order == "tile" else raster
     patterns = [p for p in patterns if not p.is_dynamic]
 
     def density(order: TokenGeometry) -> float:
@@ -236,4 +255,3 @@ def grid_order(patterns: Sequence[Pattern], tokens: TokenGeometry, q_block: int,
                                                                  False, order), device).density()
 
     return tiled if density(tiled) < _TILE_GAIN * density(raster) else raster
-

@@ -510,6 +510,10 @@ class Profile:
     ``block_size`` is ``(q_block, kv_block)``: the granularity patterns are laid out in, so a
     profile means the same attention on every device. ``steps`` is the optional denoising-step
     schedule (kept sorted by start, never overlapping); ``layers`` applies outside it.
+    ``token_order``: the order a token grid's patterns are laid out in (``layout.TOKEN_ORDERS``):
+    ``"tile"`` or ``"raster"``, or ``"auto"`` (per layer, whichever needs fewer blocks). A searched
+    profile records the order it was scored in, so its measured error and density are the ones
+    that run.
     """
 
     model: dict[str, Any]
@@ -520,8 +524,13 @@ class Profile:
     autosparse_version: str = field(default_factory=_version)
     schema_version: int = SCHEMA_VERSION
     steps: tuple[StepRange, ...] = ()
+    token_order: str = "auto"
 
     def __post_init__(self) -> None:
+        from autosparse.layout import TOKEN_ORDERS
+
+        if self.token_order not in TOKEN_ORDERS:
+            raise ValueError(f"token_order: expected one of {list(TOKEN_ORDERS)}, found {_short(self.token_order)}")
         _expect(self.model, dict, "model")
         self.block_size = _check_block_size(self.block_size)
         _expect(self.layers, dict, "layers")
@@ -560,6 +569,8 @@ class Profile:
         }
         if self.steps:  # absent, not empty, without a schedule: files stay as they were before schedules
             out["steps"] = [step_range.to_dict() for step_range in self.steps]
+        if self.token_order != "auto":  # absent means auto, as in files written before it
+            out["token_order"] = self.token_order
         return out
 
     def save(self, path: str | Path) -> None:
@@ -590,7 +601,7 @@ class Profile:
         if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
             raise ValueError(f"{source}: schema_version: expected {SCHEMA_VERSION}, found {_short(version)}")
         _fields(data, source, ("schema_version", "autosparse_version", "model", "layers", "block_size"),
-                ("created", "search", "steps"), root=True)
+                ("created", "search", "steps", "token_order"), root=True)
         model = _check_model_record(data["model"], f"{source}: model")
         # Required: patterns mean whole blocks, so a profile without its block size has no meaning.
         block_size = _expect(data["block_size"], list, f"{source}: block_size")
@@ -605,6 +616,7 @@ class Profile:
             autosparse_version=_expect(data["autosparse_version"], str, f"{source}: autosparse_version"),
             schema_version=version,
             steps=tuple(StepRange.from_dict(entry, f"{source}: steps[{i}]") for i, entry in enumerate(steps)),
+            token_order=data.get("token_order", "auto"),
         )
         try:
             profile = cls(**fields)

@@ -292,7 +292,7 @@ class LayerPlan:
         key = (heads, tokens, device)
         chosen = self._orders.get(key)
         if chosen is None:
-            chosen = grid_order(heads.patterns, tokens, *self.profile.block_size, device)
+            chosen = grid_order(heads.patterns, tokens, *self.profile.block_size, device, self.profile.token_order)
             _bounded_put(self._orders, key, chosen)
         return chosen
 

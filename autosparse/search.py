@@ -34,11 +34,15 @@ from tqdm.auto import tqdm
 from autosparse.cost import LayerShape, relative_costs
 from autosparse.dynamic import BlockCdf, BlockTopK
 from autosparse.grid import Spatial, Stripes, Temporal
-from autosparse.layout import block_mask
+from autosparse.layout import block_mask, grid_order
 from autosparse.models import AttentionLayer, attention_layers, library, model_signature
 from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Union, Window
 from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile, StepRange
-from autosparse.tokens import TokenGeometry, default_tile
+from autosparse.tokens import TokenGeometry
+
+# The token order grid candidates are scored in, recorded in the profiles the search makes
+# (``Profile.token_order``), so the runtime lays them out in that order too.
+SEARCH_ORDER = "tile"
 
 __all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "output_tensor", "record_inputs",
            "run_model", "search_profile"]
@@ -210,8 +214,8 @@ class _Calibrator:
         heads, q_len = query.shape[1:3]
         kv_len = key.shape[2]
         rows_from = q_len
-        if tokens is not None:  # the kernel's order: grid tokens in tiles, then the text
-            tokens = tokens.with_tile(default_tile(len(tokens.grid), self.config.block_size[1]))
+        if tokens is not None:  # the kernel's order (the profile records it: the runtime runs this one)
+            tokens = grid_order((), tokens, *self.config.block_size, query.device, SEARCH_ORDER)
             order = tokens.permutation(query.device)
             query, key, value = (x.index_select(2, order) for x in (query, key, value))
             kv_valid = kv_valid.index_select(1, order) if kv_valid is not None else None
@@ -313,6 +317,7 @@ class Calibration:
             model=model_signature(self.model),
             layers=layers,
             block_size=self.config.block_size,
+            token_order=SEARCH_ORDER if calibrator.tokens is not None else "auto",
             search={
                 "method": "calibrated",
                 "budget": budget,

@@ -70,6 +70,7 @@ def structural_profile(model: nn.Module, tokens: TokenGeometry, *, density: floa
     sized for (recorded in the profile's metadata)."""
     pattern, got = tile_window(tokens, density, block_size=block_size)
     profile = Profile.uniform(model, pattern, block_size=block_size)
+    profile.token_order = "tile"  # the order the window was stepped and sized in
     profile.search = {
         "method": "structural",
         "calibrated": False,

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import autosparse  # noqa: E402
 from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile  # noqa: E402
 from autosparse.kernels.reference import dense_attention  # noqa: E402
+from autosparse.layout import left_padded  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
 from autosparse.timing import median_ms  # noqa: E402
 
@@ -42,11 +43,14 @@ def llama_8b_shaped(layers: int) -> LlamaForCausalLM:
 
 
 def reference_logits(model, profile: Profile, ids, mask=None) -> torch.Tensor:
+    """float32 dense attention on the profile's token mask (with left padding, counted from each
+    row's first real token, as the runtime serves it) and the model's own mask."""
     heads = {layer.module: profile.layers[layer.name].heads for layer in attention_layers(model)}
+    first = [0] * len(ids) if mask is None else mask.int().argmax(1).tolist()
 
     def attend(module, query, key, value, attn_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
         geometry = BlockGeometry(query.shape[2], key.shape[2], *profile.block_size, causal=True)
-        allowed = BlockLayout.from_patterns(heads[module], geometry, query.device).to_dense()[None]
+        allowed = left_padded(BlockLayout.from_patterns(heads[module], geometry, query.device).to_dense(), first)
         if attn_mask is not None:
             allowed = allowed & attn_mask
         out = dense_attention(query.float(), key.float(), value.float(), mask=allowed, scale=scaling)

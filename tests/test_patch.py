@@ -9,6 +9,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 import autosparse
 from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile, SinkLocal, Window
 from autosparse.kernels.reference import dense_attention
+from autosparse.layout import left_padded
 from autosparse.models import attention_layers
 
 BLOCKS = (32, 16)
@@ -30,12 +31,8 @@ def reference_logits(model, profile: Profile, input_ids, attention_mask=None) ->
     first = [0] * len(input_ids) if attention_mask is None else attention_mask.int().argmax(1).tolist()
 
     def attend(module, query, key, value, mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        length = query.shape[2]
-        geometry = BlockGeometry(length, key.shape[2], *profile.block_size, causal=True)
-        pattern = BlockLayout.from_patterns(heads[module], geometry).to_dense()
-        allowed = torch.zeros(len(first), *pattern.shape, dtype=torch.bool)
-        for b, shift in enumerate(first):
-            allowed[b, :, shift:, shift:] = pattern[:, :length - shift, :length - shift]
+        geometry = BlockGeometry(query.shape[2], key.shape[2], *profile.block_size, causal=True)
+        allowed = left_padded(BlockLayout.from_patterns(heads[module], geometry).to_dense(), first)
         if mask is not None:
             allowed = allowed & mask
         out = dense_attention(query.double(), key.double(), value.double(), mask=allowed, scale=scaling)

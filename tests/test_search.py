@@ -176,6 +176,7 @@ def test_search_profile_on_a_diffusion_transformer():
     profile = search_profile(dit.model, steps, config, progress=False)
     calibration = profile.search["calibration"]
     assert calibration["grid"] == [2, 16, 48] and calibration["dense_steps"] == 1
+    assert profile.token_order == "tile"  # the order it was scored in, hence the one that runs
     assert profile.steps[0].dense and (profile.steps[0].start, profile.steps[0].end) == (0, 1)
     assert any("neighborhood" in c for c in profile.search["candidates"])
     for entry in profile.layers.values():
@@ -308,3 +309,26 @@ def test_dynamic_candidates_win_where_attention_follows_content():
     approx = dense_attention(q.double(), k.double(), v.double(), mask=token, scale=0.125)
     true_error = float((approx - dense).norm() / dense.norm())
     assert calibrator.choose(layer).measured[0]["error"] == pytest.approx(true_error, rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("order", ["tile", "raster"])
+def test_the_runtime_lays_grids_out_in_the_profiles_token_order(tmp_path, order):
+    """One owner of the token order (layout.grid_order): what a profile records is what runs,
+    whichever order would need fewer blocks."""
+    import autosparse
+    from autosparse import runtime
+    from autosparse.dits import build_dit
+
+    dit = build_dit("wan", frames=2, height=32, width=96)
+    profile = Profile.uniform(dit.model, {"kind": "neighborhood", "window": [1, 3, 3]}, block_size=(16, 32))
+    profile.token_order = order
+    profile.save(tmp_path / "p.json")
+    loaded = Profile.load(tmp_path / "p.json")
+    assert loaded.token_order == order
+    autosparse.patch_model(dit.model, loaded)
+    with torch.no_grad():
+        dit.model(**dit.inputs())
+    plans = [runtime.plan_of(m._autosparse_layer) for m in autosparse.patch.patch_of(dit.model).modules]
+    orders = [tokens for plan in plans for tokens in plan._orders.values()]
+    autosparse.unpatch_model(dit.model)
+    assert orders and all((tokens.tile is not None) == (order == "tile") for tokens in orders)
