@@ -12,6 +12,7 @@ Data flows one way: capture (patch) -> identify (layer) -> look up (profile) -> 
 __version__ = "0.1.0"
 
 from autosparse.dynamic import BlockCdf, BlockTopK, VerticalSlash
+from autosparse.guard import GuardConfig
 from autosparse.grid import GridPattern, Neighborhood, Spatial, Stripes, Temporal
 from autosparse.layout import BlockLayout
 from autosparse.patch import AttentionStats, patch_model, stats, unpatch_model
@@ -31,6 +32,7 @@ __all__ = [
     "Dense",
     "Global",
     "GridPattern",
+    "GuardConfig",
     "LayerProfile",
     "Neighborhood",
     "Pattern",

@@ -315,6 +315,8 @@ def _chunk(qh, kblocks, vblocks, qpos, qrows, idx, cnt, n_full, valid, cmax, q_b
         if needs_mask:  # -- element mask (padding slots, ragged end, key padding, causal) -------------
             keep = torch.arange(s0, s1, device=dev)[None, :] < cnt[:, None]
             keep = keep[..., None].expand(-1, -1, kv_block).reshape(n, -1) & (kpos < sk)
+            # Padding slots (block 0 stands in) are never read: a NaN there must not reach a row as 0 * NaN.
+            vg.masked_fill_(~keep[..., None], 0.0)
             if valid is not None:
                 keep &= valid[kpos.clamp_max(sk - 1)]
             keep = keep[:, None, :]
