@@ -30,6 +30,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import autosparse
 from autosparse import BlockGeometry, BlockLayout, Profile
+from autosparse.layout import left_padded
 from autosparse.models import attention_layers
 from conftest import LEDGER, attention64, compare, sdpa_per_layer
 
@@ -38,7 +39,7 @@ warnings.filterwarnings("ignore")
 BLOCKS = (16, 16)
 SPARSE = {"kind": "sink_local", "sinks": 4, "window": 16}
 DENSE = {"kind": "dense"}
-SEQ, PAD = 40, 7  # tokens per sample; left padding of the second sample in the padded batch
+SEQ, PAD = 64, 13  # tokens per sample; left padding of the second sample in the padded batch (not block-aligned)
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              intermediate_size=64, vocab_size=128, max_position_embeddings=256, num_experts=4, num_local_experts=4,
              num_experts_per_tok=2, moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1,
@@ -169,8 +170,11 @@ _ORACLE = "autosparse_families_oracle"
 
 def transformers_oracle(model, inputs, sparse_modules: set, profile: Profile) -> torch.Tensor:
     """The unpatched model with float64 attention with its own semantics; in ``sparse_modules`` the
-    layout's token mask as well (geometry: the module's causality, bottom-right, as the op builds it)."""
+    layout's token mask as well (geometry: the module's causality, bottom-right, as the op builds it;
+    causal rows of a left-padded sample count the pattern from their first real token)."""
     names = {layer.module: layer.name for layer in attention_layers(model)}
+    padding = inputs.get("attention_mask")
+    first = [0] * len(inputs["input_ids"]) if padding is None else padding.int().argmax(1).tolist()
 
     def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, s_aux=None,
                is_causal=None, **kwargs):
@@ -191,8 +195,10 @@ def transformers_oracle(model, inputs, sparse_modules: set, profile: Profile) ->
             allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
         if module in sparse_modules:
             patterns = profile.patterns(names[module], query.shape[1])
-            geometry = BlockGeometry(sq, sk, *profile.block_size, bool(getattr(module, "is_causal", True)))
-            allowed = allowed & BlockLayout.from_patterns(patterns, geometry).to_dense()[None]
+            causal = bool(getattr(module, "is_causal", True))
+            geometry = BlockGeometry(sq, sk, *profile.block_size, causal)
+            layout = BlockLayout.from_patterns(patterns, geometry).to_dense()
+            allowed = allowed & (left_padded(layout, first) if causal and sq == sk else layout[None])
         s = s.masked_fill(~allowed, float("-inf"))
         if s_aux is not None:  # learned sinks: one more logit per head, dropped after the softmax
             s = torch.cat([s, s_aux.double().reshape(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
