@@ -4,12 +4,16 @@ transformers models call a function registered in ``AttentionInterface`` with th
 as first argument; the module carries its layer id. diffusers models, and plain modules a family
 recognises by structure (VGGT), call ``F.scaled_dot_product_attention`` from inside their attention
 modules, with no layer identity and no registry a third party can extend. There (the hook route), a
-forward pre-hook on each served attention module publishes the module's layer id, the replacement
-of ``F.scaled_dot_product_attention`` (installed while any model is patched through hooks) sends
-calls made under a published id to the op and every other call to torch's own function, and a
-pre-hook on the model reads the call's token geometry (from the family adapter) and denoising step.
-The hooks and the replacement are plain Python that Dynamo traces, and the layer id is a tensor
-graph input, so the same capture holds under ``torch.compile`` and ``compile_repeated_blocks``.
+forward pre-hook on each served attention module publishes the module's layer id for its thread,
+the replacement of ``F.scaled_dot_product_attention`` (installed while any model is patched through
+hooks) sends calls made under a published id to the op and every other call to torch's own
+function, a pre-hook on the model reads the call's token geometry (from the family adapter) and
+denoising step, and the model's forward restores the published state however it ends. The hooks and
+the replacement are plain Python that Dynamo traces, and the layer id is a tensor graph input, so
+the same capture holds under ``torch.compile`` and ``compile_repeated_blocks``.
+
+Every call keeps the meaning its caller gave it: what the op cannot take as SDPA (or transformers'
+attention function) defines it runs there, unchanged, and is counted.
 """
 
 from __future__ import annotations

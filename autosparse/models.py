@@ -140,6 +140,15 @@ def _transformers_layers(model: nn.Module) -> list[AttentionLayer]:
     return layers
 
 
+def _config_field(config: Any, key: str) -> Any:
+    """``config.key``, or None where the config has none or refuses one global value (per-layer
+    fields of heterogeneous configs: the per-layer heads are in ``attention_structure`` anyway)."""
+    try:
+        return getattr(config, key, None)
+    except Exception:  # noqa: BLE001 - e.g. transformers' AmbiguousGlobalPerLayerAttributeError
+        return None
+
+
 def model_signature(model: nn.Module) -> dict[str, Any]:
     """``{"class", "config", "attention", "fingerprint"}``: what a profile records to refuse the wrong
     model. ``config``: the config fields that shape attention, read as attributes (so transformers'
@@ -148,8 +157,7 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     (``attention_structure``), which decide which layers run which patterns. ``fingerprint``: a hash
     of the three (``signature_fingerprint``)."""
     if library(model) == "transformers":
-        config = model.config
-        found = {key: getattr(config, key, None) for key in _SIGNATURE_FIELDS}
+        found = {key: _config_field(model.config, key) for key in _SIGNATURE_FIELDS}
     else:
         from autosparse.families import family_of
 

@@ -330,7 +330,7 @@ def oracle_mask(case: Case, profile: Profile, q: torch.Tensor, k: torch.Tensor, 
     geometry = BlockGeometry(sq, layout_keys, case.block[0], case.block[1], case.causal)
     scale = case.scale if case.scale is not None else case.d ** -0.5
     if any(p.is_dynamic for p in patterns):
-        q4, k4 = _as4d(q.detach(), lead), _as4d(k, lead)
+        q4, k4 = _as4d(q.detach(), lead), _as4d(k, lead)[:, :, :layout_keys]  # the keys the op keeps
         from autosparse.layout import block_mask
 
         blocks = torch.stack([geometry.reachable() if p.is_dynamic else block_mask(p, geometry) for p in patterns])
@@ -343,7 +343,7 @@ def oracle_mask(case: Case, profile: Profile, q: torch.Tensor, k: torch.Tensor, 
             blocks[index] = chosen.any(0)
             most = max(most, pattern.max_columns)
             if cols is not None:
-                columns = torch.zeros(case.hq, sk, dtype=torch.bool) if columns is None else columns
+                columns = torch.zeros(case.hq, layout_keys, dtype=torch.bool) if columns is None else columns
                 columns[index] = cols.any(0)
         layout = BlockLayout.from_block_mask(blocks, geometry, columns, max_columns=most * q4.shape[0], sync=False)
     else:
