@@ -6,6 +6,12 @@
 4. GuardConfig / parse validation names the field;
 5. statistical catch: an error on 10 % of one head's rows is caught in >= 95 % of calls at rows=64;
 6. the Triton path (interpreted, in a TRITON_INTERPRET=1 subprocess) agrees with the PyTorch path;
+6b. the Triton merge-and-compare pass (interpreted) gives the PyTorch path's per-row sums, on
+   every head and on rotating head windows, NaN outputs and rows without keys included;
+6c. ``GuardConfig.heads``: the rotation covers every KV head in any ceil(Hkv / heads) consecutive
+   checked calls (proved exhaustively for small Hkv), per layer and only on checked calls; a sampled
+   check gives the full check's errors on its heads; a bad head is caught within ceil(Hkv / heads)
+   calls; the stratified rows are sorted, distinct, one per stratum, uniform within it;
 7. end to end on a tiny Wan DiT, through ``patch_model(..., guard=...)`` (``every`` 1 and 2) and the
    compile backend's ``options={"guard": ...}``: every checked call of a too-sparse profile is
    recomputed dense and counted, an exact-enough profile stays sparse.
@@ -25,7 +31,8 @@ import torch.nn.functional as F
 
 import autosparse
 from autosparse import guard
-from autosparse.guard import Guard, GuardConfig, GuardVerdict, check, exact_rows, log_line
+from autosparse.guard import (Guard, GuardConfig, GuardVerdict, check, compare_rows, exact_rows, kv_heads_for,
+                              log_line, sample_rows)
 from autosparse.kernels import block_sparse_attention
 from autosparse.kernels.reference import dense_attention
 from autosparse.layout import BlockLayout
@@ -252,8 +259,18 @@ def test_config_validation_names_the_field(field, value, expected):
         GuardConfig.parse({field: value})
 
 
+@pytest.mark.parametrize("value", [0, -2, 1.5, True, "2"])
+def test_config_heads_validation(value):
+    with pytest.raises(ValueError, match=rf"GuardConfig\.heads must be None \(every head\) or an int >= 1, "
+                                         rf"got {value!r}"):
+        GuardConfig(heads=value)
+    with pytest.raises(ValueError, match=r"GuardConfig\.heads"):
+        GuardConfig.parse({"heads": value})
+
+
 def test_config_defaults_and_parse():
-    assert GuardConfig() == GuardConfig(rows=64, tol=0.05, every=1, seed=0)
+    assert GuardConfig() == GuardConfig(rows=64, tol=0.05, every=1, seed=0, heads=None)
+    assert GuardConfig.parse({"heads": 3}) == GuardConfig(heads=3)
     assert GuardConfig(tol=1).tol == 1.0 and isinstance(GuardConfig(tol=1).tol, float)
     config = GuardConfig(rows=8)
     assert GuardConfig.parse(None) is None and GuardConfig.parse(config) is config
@@ -366,6 +383,21 @@ def _triton_inputs(name):
     return q, k, v, pos, causal, kv_valid
 
 
+def _compare_inputs(name):
+    """A TRITON_CASES case, an output to compare (exact rows + noise on some heads, NaN on one row of
+    the last head) and the KV-head windows to compare on (all; a rotating one that wraps)."""
+    q, k, v, pos, causal, kv_valid = _triton_inputs(name)
+    g = _gen(sum(map(ord, name)) + 1)
+    b, hq, sq, _ = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    out = _exact(q, k, v, causal, 0.2, kv_valid).float()
+    out = out + 0.05 * torch.randn(out.shape, generator=g) * (torch.arange(hq) % 2)[None, :, None, None]
+    out[:, -1, int(pos[0, 0])] = float("nan")
+    out = out.to(q.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    windows = [(0, hkv)] + ([(hkv - 1, min(2, hkv))] if hkv > 1 else [])
+    return q, k, v, out, pos, causal, kv_valid, windows
+
+
 def _interpret_worker(path: str) -> None:
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("needs TRITON_INTERPRET=1 before triton is imported")
@@ -373,7 +405,17 @@ def _interpret_worker(path: str) -> None:
     for name in TRITON_CASES:
         q, k, v, pos, causal, kv_valid = _triton_inputs(name)
         results[name] = exact_rows(q, k, v, pos, causal=causal, scale=0.2, kv_valid=kv_valid, impl="triton")
+        q, k, v, out, pos, causal, kv_valid, windows = _compare_inputs(name)
+        for window in windows:
+            results[name, window] = compare_rows(q, k, v, out, pos, causal=causal, scale=0.2, kv_valid=kv_valid,
+                                                 kv_heads=window, impl="triton")
     assert guard._triton_serves(q, k, v)
+    # the whole check through the Triton path: a verdict
+    q, k, v, out, pos, causal, kv_valid, _ = _compare_inputs("fp32_gqa_causal_padding")
+    verdict = check(GuardConfig(rows=12, heads=1), q, k, v, out, causal=causal, scale=0.2, kv_valid=kv_valid,
+                    generator=_gen(4), call=1, impl="triton")
+    results["verdict"] = dict(checked=list(verdict.checked), heads=list(verdict.heads), rows=verdict.rows,
+                              errors=list(verdict.errors))
     torch.save(results, path)
 
 
@@ -391,6 +433,136 @@ def test_triton_path_matches_torch_path(tmp_path):
         ref = exact_rows(q, k, v, pos, causal=causal, scale=0.2, kv_valid=kv_valid, impl="torch")
         tol = 1e-5 if q.dtype == torch.float32 else 1e-2  # half inputs: P rounded for P @ V, as flash kernels do
         torch.testing.assert_close(results[name], ref, rtol=tol, atol=tol, msg=name)
+        # merge and compare: the per-row sums (|diff|^2, |exact|^2, has-a-key) of the PyTorch path
+        q, k, v, out, pos, causal, kv_valid, windows = _compare_inputs(name)
+        for window in windows:
+            ref = compare_rows(q, k, v, out, pos, causal=causal, scale=0.2, kv_valid=kv_valid, kv_heads=window,
+                               impl="torch")
+            got = results[name, window]
+            assert got.shape == ref.shape
+            assert torch.equal(got[..., 2], ref[..., 2]), (name, window)  # the same rows have keys
+            assert torch.isnan(got[..., 0]).equal(torch.isnan(ref[..., 0])) and torch.isnan(ref[..., 0]).any()
+            tol = 1e-4 if q.dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(got, ref, rtol=tol, atol=tol * float(ref[..., 1].nanmean()), equal_nan=True,
+                                       msg=f"{name} {window}")
+    q, k, v, out, pos, causal, kv_valid, _ = _compare_inputs("fp32_gqa_causal_padding")
+    want = check(GuardConfig(rows=12, heads=1), q, k, v, out, causal=causal, scale=0.2, kv_valid=kv_valid,
+                 generator=_gen(4), call=1, impl="torch")
+    got = results["verdict"]
+    assert tuple(got["checked"]) == want.checked == (2, 3) and tuple(got["heads"]) == want.heads
+    assert got["rows"] == want.rows > 0
+    torch.testing.assert_close(torch.tensor(got["errors"]), torch.tensor(want.errors), rtol=1e-4, atol=1e-6,
+                               equal_nan=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# 6c. sampled heads (GuardConfig.heads) and stratified rows
+# --------------------------------------------------------------------------------------------------
+def test_rotation_covers_every_head_within_ceil_h_over_n_calls():
+    """Exhaustive for Hkv <= 16: each checked call compares min(n, Hkv) distinct KV heads, and every
+    window of ceil(Hkv / n) consecutive checked calls (any start) covers all of them."""
+    for hkv in range(1, 17):
+        assert kv_heads_for(5, hkv, None) == tuple(range(hkv))
+        for n in range(1, hkv + 2):
+            period = math.ceil(hkv / n)
+            sets = [kv_heads_for(c, hkv, n) for c in range(3 * hkv + period)]
+            for c, heads in enumerate(sets):
+                assert len(set(heads)) == len(heads) == min(n, hkv) and all(0 <= h < hkv for h in heads)
+            for start in range(3 * hkv):
+                covered = set().union(*sets[start:start + period])
+                assert covered == set(range(hkv)), (hkv, n, start)
+            if period > 1:  # and not in fewer calls (from call 0): the bound is tight
+                assert set().union(*sets[:period - 1]) != set(range(hkv))
+
+
+def test_guard_rotates_per_layer_on_checked_calls():
+    b, hq, hkv, s, d = 1, 6, 3, 64, 8  # 2 query heads per KV head
+    q, k, v = _qkv(b, hq, hkv, s, d, seed=21)
+    out = _exact(q, k, v, False, 0.3)
+    g = Guard(GuardConfig(rows=8, heads=2, every=2))
+    seen = {"a": [], "b": []}
+    for layer in ("a", "b", "a", "a", "b", "a", "a", "a"):
+        if g.due(layer):
+            verdict = g.check(q, k, v, out, causal=False, scale=0.3)
+            assert verdict.ok and len(verdict.errors) == len(verdict.checked) == 4
+            seen[layer].append(verdict.checked)
+    # "a": served 6 times -> checked calls 0, 1, 2 (served 1, 3, 5); "b": served twice -> checked once
+    assert seen["a"] == [(0, 1, 2, 3), (0, 1, 4, 5), (2, 3, 4, 5)]
+    assert seen["b"] == [(0, 1, 2, 3)]
+    # an explicit layer, and a copied guard starts over
+    assert g.check(q, k, v, out, causal=False, scale=0.3, layer="b").checked == (0, 1, 4, 5)
+    import copy
+    assert copy.deepcopy(g).check(q, k, v, out, causal=False, scale=0.3, layer="b").checked == (0, 1, 2, 3)
+    # default: every head
+    assert Guard(GuardConfig(rows=8)).check(q, k, v, out, causal=False, scale=0.3).checked == tuple(range(hq))
+
+
+def test_sampled_heads_give_the_full_checks_errors():
+    b, hq, hkv, s, d = 2, 8, 4, 150, 16
+    for causal in (False, True):
+        q, k, v = _qkv(b, hq, hkv, s, d, seed=30 + causal)
+        kv_valid = torch.arange(s)[None, :] >= torch.tensor([0, 20])[:, None]
+        out = _exact(q, k, v, causal, 0.25, kv_valid)
+        out = out + 0.03 * torch.randn(out.shape, generator=_gen(9)) * torch.arange(hq)[None, :, None, None]
+        full = check(GuardConfig(rows=32), q, k, v, out, causal=causal, scale=0.25, kv_valid=kv_valid,
+                     generator=_gen(5))
+        errors = dict(zip(full.checked, full.errors))
+        assert full.checked == tuple(range(hq)) and full.heads  # the noisier heads fail
+        for call in range(5):
+            part = check(GuardConfig(rows=32, heads=3), q, k, v, out, causal=causal, scale=0.25, kv_valid=kv_valid,
+                         generator=_gen(5), call=call)
+            kv = kv_heads_for(call, hkv, 3)
+            assert part.checked == tuple(sorted(h * 2 + g for h in kv for g in range(2)))
+            for h, e in zip(part.checked, part.errors):
+                assert e == pytest.approx(errors[h], rel=1e-5, abs=1e-7)
+            assert part.heads == tuple(h for h in full.heads if h in part.checked)
+            assert part.rows == full.rows
+
+
+def test_bad_head_is_caught_within_the_rotation_period():
+    """A layer too sparse on one head (fresh inputs every call, a random head each trial): with
+    heads=n it is flagged on the first checked call whose window holds its KV head, always within
+    ceil(Hkv / n) checked calls, naming only that head."""
+    b, hq, hkv, s, d = 1, 8, 4, 256, 16
+    gen = _gen(77)
+    for n in (1, 2, 3):
+        period = math.ceil(hkv / n)
+        for trial in range(6):
+            bad = int(torch.randint(0, hq, (1,), generator=gen))
+            g = Guard(GuardConfig(rows=32, heads=n, seed=trial))
+            for call in range(period):
+                q, k, v = (torch.randn(b, hq if i == 0 else hkv, s, d, generator=gen) for i in range(3))
+                out = _exact(q, k, v, False, d ** -0.5)
+                out[:, bad] = out[:, bad].flip(1)  # every row of the bad head wrong
+                assert g.due("layer")
+                verdict = g.check(q, k, v, out, causal=False, scale=d ** -0.5)
+                if bad in verdict.checked:
+                    assert verdict.heads == (bad,)
+                    break
+                assert verdict.ok
+            else:
+                raise AssertionError(f"head {bad} not caught within {period} calls (heads={n})")
+
+
+def test_stratified_rows():
+    g = _gen(8)
+    for sq, rows in ((1000, 64), (65, 64), (64, 64), (10, 64), (7, 3)):
+        pos = sample_rows(3, sq, rows, "cpu", g)
+        if rows >= sq:
+            assert torch.equal(pos, torch.arange(sq).expand(3, sq))
+            continue
+        assert pos.shape == (3, rows) and pos.dtype == torch.long
+        edges = torch.arange(rows + 1) * sq // rows
+        assert ((pos >= edges[:-1]) & (pos < edges[1:])).all()  # one per stratum: sorted, distinct
+    # uniform within each stratum: 20,000 draws of 4 rows of 10 positions (strata 2, 3, 2, 3 wide)
+    counts = torch.bincount(sample_rows(20000, 10, 4, "cpu", g).flatten(), minlength=10).float()
+    expected = 20000 / torch.tensor([2, 2, 3, 3, 3, 2, 2, 3, 3, 3.0])
+    assert ((counts - expected).abs() < 5 * expected.sqrt()).all(), counts
+    # a band longer than two strata is always hit
+    for _ in range(50):
+        pos = sample_rows(1, 640, 64, "cpu", g)[0]
+        start = int(torch.randint(0, 640 - 21, (1,), generator=g))
+        assert ((pos >= start) & (pos < start + 21)).any()
 
 
 # --------------------------------------------------------------------------------------------------
