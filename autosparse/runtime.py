@@ -404,7 +404,7 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
         out.masked_fill_(_before_first(verdict.shift, query.shape[2])[:, None, :, None], 0.0)
     if state.guard is not None and state.guard.due(plan.name, query.device):
         checked = state.guard.check(query, k, v, out, causal=verdict.causal, scale=verdict.scale,
-                                    kv_valid=verdict.kv_valid)
+                                    kv_valid=verdict.kv_valid, layer=plan.name)
         if not checked.ok:
             log.warning("autosparse: %s", log_line(plan.name, checked))
             state.count_fallback(plan.name, GUARD_REASON)
