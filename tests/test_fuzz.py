@@ -42,6 +42,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import autosparse
+from autosparse.layout import left_padded
 from autosparse import BlockGeometry, BlockLayout, LayerProfile, Profile, pattern_from_spec
 from autosparse.kernels.reference import layout_mask
 from conftest import LEDGER, TORCH_SDPA, attention64, compare, flex64
@@ -349,6 +350,11 @@ def oracle_mask(case: Case, profile: Profile, q: torch.Tensor, k: torch.Tensor, 
     else:
         layout = BlockLayout.from_patterns(patterns, geometry)
     dense = layout.to_dense()
+    if case.mask == "causal_keypad" and not case.causal and sq == sk and case.ndim == 4:
+        # The op reads the mask as causal + key padding: a left-padded row's pattern counts from
+        # its first real token (a prompt gives the same answer alone or left-padded in a batch).
+        first = case.key_valid().int().argmax(1).tolist()
+        return allowed & left_padded(dense, first), bias, layout
     if layout_keys < sk:
         dense = torch.nn.functional.pad(dense, (0, sk - layout_keys), value=False)
     return allowed & dense[None], bias, layout
@@ -453,6 +459,10 @@ def _served_outcome(case, profile, q, k, v, kwargs, got, want, before, after):
             bad_keys = ~(torch.isfinite(k4).all(-1) & torch.isfinite(v4).all(-1))  # [B, H, Sk]
             blocks = torch.nn.functional.pad(blocks, (0, bad_keys.shape[-1] - blocks.shape[-1]), value=False)
             free = (blocks & bad_keys[:, :, None, :]).any(-1) | ~torch.isfinite(q4).all(-1)
+            # Dense heads of a mixed layer run on torch's SDPA, which poisons every row of a head
+            # with a non-finite key (0 * inf), as the unpatched model does.
+            dense_heads = torch.tensor([p.is_dense for p in profile.patterns(LAYER, case.hq)])
+            free = free | (dense_heads[None, :, None] & bad_keys.any(-1)[:, :, None])
         diff = compare(got.reshape(ref.shape), ref, q.dtype, free)
         if diff is not None:
             return "FINDING", None, f"served sparse != float64 oracle: {diff}"
