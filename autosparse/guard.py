@@ -174,6 +174,7 @@ class Guard:
         self._calls: dict[Any, int] = {}
         self._checks: dict[Any, int] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
+        self._draws: dict[torch.device, int] = {}
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:  # a copied or saved model starts its own counts and rows
@@ -195,7 +196,8 @@ class Guard:
         return due
 
     def generator(self, device: torch.device | str) -> torch.Generator:
-        """The row generator for calls on ``device`` (a CPU generator: rows are drawn on the host)."""
+        """A CPU generator seeded with ``config.seed`` for ``device`` (``check`` itself draws its rows
+        from a counter: ``rows_key(config.seed, n)`` for the n-th check on the device)."""
         device = _device(device)
         if device not in self._generators:
             self._generators[device] = torch.Generator().manual_seed(self.config.seed)
@@ -208,8 +210,11 @@ class Guard:
         self._local.layer = None
         call = self._checks.get(layer, 0)
         self._checks[layer] = call + 1
+        device = _device(query.device)
+        draw = self._draws.get(device, 0)
+        self._draws[device] = draw + 1
         return check(self.config, query, key, value, out, causal=causal, scale=scale, kv_valid=kv_valid,
-                     generator=self.generator(query.device), call=call)
+                     rows_key=rows_key(self.config.seed, draw), call=call)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -217,7 +222,7 @@ class Guard:
 # ----------------------------------------------------------------------------------------------------
 def check(config: GuardConfig, query: Tensor, key: Tensor, value: Tensor, out: Tensor, *, causal: bool,
           scale: float, kv_valid: Tensor | None = None, generator: torch.Generator | None = None,
-          impl: str = "auto", call: int = 0) -> GuardVerdict:
+          impl: str = "auto", call: int = 0, rows_key: int | None = None) -> GuardVerdict:
     """Compare ``out`` with exact attention on ``config.rows`` sampled query rows per batch element.
 
     query [B, Hq, Sq, D]; key, value [B, Hkv, Sk, D / Dv], Hq % Hkv == 0 (query head h reads KV head
@@ -229,7 +234,8 @@ def check(config: GuardConfig, query: Tensor, key: Tensor, value: Tensor, out: T
     every run; torch's global RNG is never drawn from).
     call: the index of this checked call in its layer's sequence (``config.heads``: which KV heads,
     ``kv_heads_for(call, Hkv, config.heads)``). impl: ``"auto"`` (Triton on CUDA, PyTorch elsewhere),
-    ``"torch"`` or ``"triton"``.
+    ``"torch"`` or ``"triton"``. rows_key: draw the rows from this key instead of a generator
+    (``hashed_rows``: the Triton path computes them inside its kernels, no host work nor upload).
     """
     b, hq, sq, d = query.shape
     hkv = key.shape[1]
@@ -241,12 +247,23 @@ def check(config: GuardConfig, query: Tensor, key: Tensor, value: Tensor, out: T
     first, count = _head_window(call, hkv, config.heads)
     group = hq // hkv
     checked = tuple(((first + j) % hkv) * group + g for j in range(count) for g in range(group))
-    pos = sample_rows(b, sq, config.rows, query.device,
-                      generator if generator is not None else _default_generator(config.seed, query.device))
-    part = compare_rows(query, key, value, out, pos, causal=causal, scale=scale, kv_valid=kv_valid,
-                        kv_heads=(first, count), impl=impl)
-    # [len(checked), 3]: |diff|^2, |exact|^2, rows with a key; summed on the device, then the one sync
-    sums = part.sum(dim=(0, 2)).tolist()
+    if rows_key is not None and key.shape[2] > 0 and _resolve_impl(impl, query, key, value) == "triton":
+        if kv_valid is not None:
+            kv_valid = kv_valid.to(device=query.device, dtype=torch.bool).expand(b, key.shape[2])
+        # rows hashed inside the kernels; launch metadata and buffers cached per shape
+        part, sums_buf = _compare_triton(query, key, value, out, None, causal, scale, kv_valid, first, count,
+                                         hashed=(min(config.rows, sq), rows_key), reuse=True)
+        sums = torch.sum(part, dim=(0, 2), out=sums_buf).tolist()  # the one sync
+    else:
+        if rows_key is not None:
+            pos = hashed_rows(b, sq, config.rows, rows_key, query.device)
+        else:
+            pos = sample_rows(b, sq, config.rows, query.device,
+                              generator if generator is not None else _default_generator(config.seed, query.device))
+        part = compare_rows(query, key, value, out, pos, causal=causal, scale=scale, kv_valid=kv_valid,
+                            kv_heads=(first, count), impl=impl)
+        # [len(checked), 3]: |diff|^2, |exact|^2, rows with a key; summed on the device, then the one sync
+        sums = part.sum(dim=(0, 2)).tolist()
     errors = [math.sqrt(num) / max(math.sqrt(den), _TINY) if num == num else math.nan for num, den, _ in sums]
     counted = int(max((n for _, _, n in sums), default=0))
     bad = tuple(sorted(h for h, e in zip(checked, errors) if not e <= config.tol))  # NaN fails
@@ -274,6 +291,43 @@ def sample_rows(b: int, sq: int, rows: int, device: torch.device | str,
     if pos.device.type == "cpu" and device.type == "cuda":
         return pos.pin_memory().to(device, non_blocking=True)
     return pos.to(device)
+
+
+_M32 = 0xFFFFFFFF
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B9, 0x7FEB352D, 0x846CA68B
+
+
+def _mix32(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _MIX1) & _M32
+    x ^= x >> 15
+    x = (x * _MIX2) & _M32
+    return x ^ (x >> 16)
+
+
+def rows_key(seed: int, draw: int) -> int:
+    """The 31-bit key of the ``draw``-th row draw (0, 1, ...) under ``seed`` (pure Python, no device)."""
+    return _mix32(_mix32(_mix32(seed) ^ (seed >> 32)) ^ _mix32(draw) ^ (draw >> 32)) & 0x7FFFFFFF
+
+
+def hashed_rows(b: int, sq: int, rows: int, key: int, device: torch.device | str = "cpu") -> Tensor:
+    """long [B, min(R, Sq)]: stratified rows drawn from ``key`` by a hash (what the Triton kernels
+    compute in place): stratum r = [r*Sq//R, (r+1)*Sq//R), its row ``lo + h(key, b*R + r) % width``
+    (``h``: a 32-bit integer mixer): one row per stratum, so sorted and distinct; every row when
+    ``rows >= sq``; a function of the key only."""
+    rows = min(rows, sq)
+    r = torch.arange(rows, device=device)
+    idx = (torch.arange(b, device=device)[:, None] * rows + r).long()
+    x = (idx * _GOLDEN + key) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _MIX1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _MIX2) & _M32
+    x = x ^ (x >> 16)
+    lo = r * sq // rows
+    width = (r + 1) * sq // rows - lo
+    return lo + x % width
 
 
 _GENERATORS: dict[tuple[int, torch.device], torch.Generator] = {}
@@ -503,73 +557,133 @@ def _splits(cfg: LaunchConfig, device: torch.device, base: int, sk: int) -> tupl
     return -(-sk // split), split
 
 
-def _split_pass(query: Tensor, key: Tensor, value: Tensor, pos: Tensor, causal: bool, scale: float,
-                kv_valid: Tensor | None, first: int, count: int, filled: bool = False):
+_PLANS: dict[tuple, dict[str, Any]] = {}  # per (shape, dtypes, device, stream): launch metadata + buffers
+_MAX_PLANS = 32
+
+
+def _plan(query: Tensor, key: Tensor, value: Tensor, rows: int, causal: bool, count: int) -> dict[str, Any]:
+    """The launch metadata and the scratch buffers (reused call after call on the same stream) of one
+    (shape, dtype, device, stream)."""
+    device = query.device
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    b, hq, sq, d = query.shape
+    hkv, sk, dv = key.shape[1], key.shape[2], value.shape[-1]
+    ident = (device, stream, b, hq, hkv, sq, sk, d, dv, rows, causal, count, query.dtype, CONFIG_OVERRIDE)
+    plan = _PLANS.get(ident)
+    if plan is not None:
+        return plan
+    group = hq // hkv
+    m_rows = rows * group
+    cfg = _launch_config(d, dv, m_rows)
+    n_mtiles = -(-m_rows // cfg.block_m)
+    n_splits, split = _splits(cfg, device, n_mtiles * b * count, sk)
+    block_dv = max(16, _next_pow2(dv))
+    chunk = min(32, _next_pow2(n_splits))
+    f32 = dict(dtype=torch.float32, device=device)
+    plan = dict(cfg=cfg, n_mtiles=n_mtiles, n_splits=n_splits, split=split, block_d=max(16, _next_pow2(d)),
+                block_dv=block_dv, chunk=chunk, compare_warps=4 if block_dv * chunk >= 2048 else 2,
+                acc=torch.empty((n_splits, b, count, m_rows, dv), **f32),
+                mx=torch.empty((n_splits, b, count, m_rows), **f32),
+                den=torch.empty((n_splits, b, count, m_rows), **f32),
+                part=torch.empty((b, count * group, rows, 3), **f32),
+                sums=torch.empty((count * group, 3), **f32))
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[ident] = plan
+    return plan
+
+
+def _split_pass(query: Tensor, key: Tensor, value: Tensor, pos: Tensor | None, causal: bool, scale: float,
+                kv_valid: Tensor | None, first: int, count: int, filled: bool = False,
+                hashed: tuple[int, int] | None = None, plan: dict[str, Any] | None = None):
     """The split-KV launch over the query heads of KV heads ``first ... first + count - 1`` (mod
     Hkv): unnormalised outputs, maxima (log2 units) and sums per split, batch, KV head and row
     ``m = r * G + g`` ([NS, B, count, M, Dv], [NS, B, count, M] twice), and (n_splits, split).
     A causal split past all keys of a row tile is not written: left as allocated unless ``filled``
-    (then: max -inf, sum 0, output 0, as an empty split)."""
+    (then: max -inf, sum 0, output 0, as an empty split). Rows: ``pos`` (long [B, R]), or
+    ``hashed = (R, key)``: ``hashed_rows(B, Sq, R, key)`` computed in the kernel. ``plan``: cached
+    metadata and buffers (``_plan``) to write into."""
     split_kernel, _ = _triton_kernels()
     b, hq, sq, d = query.shape
     hkv, sk, dv = key.shape[1], key.shape[2], value.shape[-1]
-    group, rows = hq // hkv, pos.shape[1]
+    group = hq // hkv
+    rows, row_key = hashed if hashed is not None else (pos.shape[1], 0)
     m_rows = rows * group
-    cfg = _launch_config(d, dv, m_rows)
-    n_mtiles = -(-m_rows // cfg.block_m)
-    device = query.device
-    n_splits, split = _splits(cfg, device, n_mtiles * b * count, sk)
-    if filled and causal:
-        acc = torch.zeros((n_splits, b, count, m_rows, dv), dtype=torch.float32, device=device)
-        mx = torch.full((n_splits, b, count, m_rows), -math.inf, dtype=torch.float32, device=device)
-        den = torch.zeros_like(mx)
+    if plan is not None:
+        cfg, n_mtiles, n_splits, split = plan["cfg"], plan["n_mtiles"], plan["n_splits"], plan["split"]
+        acc, mx, den = plan["acc"], plan["mx"], plan["den"]
+        block_d, block_dv = plan["block_d"], plan["block_dv"]
     else:
-        acc = torch.empty((n_splits, b, count, m_rows, dv), dtype=torch.float32, device=device)
-        mx = torch.empty((n_splits, b, count, m_rows), dtype=torch.float32, device=device)
-        den = torch.empty_like(mx)
+        cfg = _launch_config(d, dv, m_rows)
+        n_mtiles = -(-m_rows // cfg.block_m)
+        device = query.device
+        n_splits, split = _splits(cfg, device, n_mtiles * b * count, sk)
+        if filled and causal:
+            acc = torch.zeros((n_splits, b, count, m_rows, dv), dtype=torch.float32, device=device)
+            mx = torch.full((n_splits, b, count, m_rows), -math.inf, dtype=torch.float32, device=device)
+            den = torch.zeros_like(mx)
+        else:
+            acc = torch.empty((n_splits, b, count, m_rows, dv), dtype=torch.float32, device=device)
+            mx = torch.empty((n_splits, b, count, m_rows), dtype=torch.float32, device=device)
+            den = torch.empty_like(mx)
+        block_d, block_dv = max(16, _next_pow2(d)), max(16, _next_pow2(dv))
+    if pos is None:
+        pos_arg, spb, spr = mx, 0, 0  # never read
+    else:
+        pos_arg, spb, spr = pos, pos.stride(0), pos.stride(1)
     if kv_valid is not None:
         valid = kv_valid.view(torch.uint8) if kv_valid.dtype == torch.bool else kv_valid.to(torch.uint8)
         valid_arg, svb, svn = valid, valid.stride(0), valid.stride(1)
     else:
-        valid_arg, svb, svn = pos, 0, 0  # never read
-    block_d, block_dv = max(16, _next_pow2(d)), max(16, _next_pow2(dv))
+        valid_arg, svb, svn = pos_arg, 0, 0  # never read
     shift = sk - sq if causal else 0
     split_kernel[(n_mtiles, n_splits, b * count)](
-        query, pos, key, value, valid_arg, acc, mx, den,
-        query.stride(0), query.stride(1), query.stride(2), query.stride(3), pos.stride(0), pos.stride(1),
+        query, pos_arg, key, value, valid_arg, acc, mx, den,
+        query.stride(0), query.stride(1), query.stride(2), query.stride(3), spb, spr,
         key.stride(0), key.stride(1), key.stride(2), key.stride(3),
         value.stride(0), value.stride(1), value.stride(2), value.stride(3), svb, svn,
         acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3), mx.stride(0), mx.stride(1), mx.stride(2),
-        hkv, count, first, group, m_rows, sk, d, dv, shift, split, float(scale) * _LOG2E,
-        CAUSAL=causal, HAS_VALID=kv_valid is not None, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d, BLOCK_DV=block_dv, IEEE=query.dtype == torch.float32,
+        hkv, count, first, group, m_rows, sk, d, dv, shift, split, float(scale) * _LOG2E, rows, sq, row_key,
+        CAUSAL=causal, HAS_VALID=kv_valid is not None, HASHED=hashed is not None, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, IEEE=query.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return acc, mx, den, (n_splits, split)
 
 
-def _compare_triton(query: Tensor, key: Tensor, value: Tensor, out: Tensor, pos: Tensor, causal: bool,
-                    scale: float, kv_valid: Tensor | None, first: int, count: int) -> Tensor:
+def _compare_triton(query: Tensor, key: Tensor, value: Tensor, out: Tensor, pos: Tensor | None, causal: bool,
+                    scale: float, kv_valid: Tensor | None, first: int, count: int,
+                    hashed: tuple[int, int] | None = None, reuse: bool = False):
+    """The two launches. ``reuse``: the cached plan's buffers (its ``part``, overwritten by the next
+    call of the shape, is returned with the plan's [C, 3] sums buffer), else a fresh ``part``."""
     _, compare_kernel = _triton_kernels()
     b, hq, sq, d = query.shape
     hkv, sk, dv = key.shape[1], key.shape[2], value.shape[-1]
-    group, rows = hq // hkv, pos.shape[1]
-    acc, mx, den, (n_splits, split) = _split_pass(query, key, value, pos, causal, scale, kv_valid, first, count)
-    part = torch.empty((b, count * group, rows, 3), dtype=torch.float32, device=query.device)
-    block_dv = max(16, _next_pow2(dv))
-    chunk = min(32, _next_pow2(n_splits))
+    group = hq // hkv
+    rows, row_key = hashed if hashed is not None else (pos.shape[1], 0)
+    plan = _plan(query, key, value, rows, causal, count)
+    acc, mx, den, (n_splits, split) = _split_pass(query, key, value, pos, causal, scale, kv_valid, first, count,
+                                                  hashed=hashed, plan=plan)
+    part = plan["part"] if reuse else torch.empty((b, count * group, rows, 3), dtype=torch.float32,
+                                                  device=query.device)
+    if pos is None:
+        pos_arg, spb, spr = mx, 0, 0
+    else:
+        pos_arg, spb, spr = pos, pos.stride(0), pos.stride(1)
     compare_kernel[(rows, b * count * group)](
-        pos, acc, mx, den, out, part,
-        pos.stride(0), pos.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
+        pos_arg, acc, mx, den, out, part,
+        spb, spr, acc.stride(0), acc.stride(1), acc.stride(2), acc.stride(3),
         mx.stride(0), mx.stride(1), mx.stride(2),
         out.stride(0), out.stride(1), out.stride(2), out.stride(3), part.stride(0), part.stride(1), part.stride(2),
-        hkv, count, first, group, dv, n_splits, sk - sq if causal else 0, split,
-        CAUSAL=causal, CHUNK=chunk, BLOCK_DV=block_dv, num_warps=4 if block_dv * chunk >= 2048 else 2,
+        hkv, count, first, group, dv, n_splits, sk - sq if causal else 0, split, rows, sq, row_key,
+        CAUSAL=causal, HASHED=hashed is not None, CHUNK=plan["chunk"], BLOCK_DV=plan["block_dv"],
+        num_warps=plan["compare_warps"],
     )
-    return part
+    return (part, plan["sums"]) if reuse else part
 
 
-tl = None  # triton.language, bound by _triton_kernels (the kernels' globals)
+tl = None  # triton.language, bound by _triton_kernels (the kernels' globals, as _hashed_pos)
+_hashed_pos = None
 triton = None
 
 
@@ -577,7 +691,7 @@ triton = None
 def _triton_kernels():
     """(split-KV kernel, merge-and-compare kernel), compiled (or interpreted) on first use; None
     without Triton."""
-    global tl, triton
+    global tl, triton, _hashed_pos
     try:
         import triton
         import triton.language as tl
@@ -585,12 +699,25 @@ def _triton_kernels():
         return None
 
     @triton.jit
+    def _hashed_pos(bi, r, R, Sq, key):
+        """hashed_rows' row of batch element bi, stratum r (uint32 arithmetic, as the PyTorch reference)."""
+        x = (bi * R + r).to(tl.uint32) * 0x9E3779B9 + key.to(tl.uint32)
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        x = x ^ (x >> 16)
+        lo = (r.to(tl.int64) * Sq) // R
+        width = ((r + 1).to(tl.int64) * Sq) // R - lo
+        return lo + x.to(tl.int64) % width
+
+    @triton.jit(do_not_specialize=["head0", "key"])
     def _guard_rows(Q, Pos, K, V, Valid, Acc, Mx, Den,
                     sqb, sqh, sqm, sqd, spb, spr,
                     skb, skh, skn, skd, svb_, svh, svn_, svd, svalb, svaln,
                     sas, sab, sah, sam, sms, smb, smh,
-                    HKV, NSEL, head0, G, M, Sk, D, DV, shift, split, qk_scale,
-                    CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    HKV, NSEL, head0, G, M, Sk, D, DV, shift, split, qk_scale, R, Sq, key,
+                    CAUSAL: tl.constexpr, HAS_VALID: tl.constexpr, HASHED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, IEEE: tl.constexpr):
         """One row tile (rows m = r * G + g of KV head (head0 + j) % HKV: query head kvh * G + g at
         position Pos[b, r], read straight from Q) over one key split: running max (log2 units),
@@ -605,7 +732,10 @@ def _triton_kernels():
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         row_ok = offs_m < M
-        qpos = tl.load(Pos + bi * spb + (offs_m // G) * spr, mask=row_ok, other=-1)
+        if HASHED:
+            qpos = tl.where(row_ok, _hashed_pos(bi, offs_m // G, R, Sq, key), -1)
+        else:
+            qpos = tl.load(Pos + bi * spb + (offs_m // G) * spr, mask=row_ok, other=-1)
         qhead = kvh * G + offs_m % G
         q = tl.load(Q + bi * sqb + qhead[:, None] * sqh + qpos[:, None] * sqm + offs_d[None, :] * sqd,
                     mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
@@ -656,12 +786,12 @@ def _triton_kernels():
         tl.store(Acc + pid_s * sas + bi * sab + j * sah + offs_m[:, None] * sam + offs_dv[None, :], acc,
                  mask=wrote[:, None] & (offs_dv[None, :] < DV))
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["head0", "key"])
     def _guard_compare(Pos, Acc, Mx, Den, Out, Part,
                        spb, spr, sas, sab, sah, sam, sms, smb, smh,
                        sob, soh, som, sod, sxb, sxh, sxr,
-                       HKV, NSEL, head0, G, DV, NS, shift, split,
-                       CAUSAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK_DV: tl.constexpr):
+                       HKV, NSEL, head0, G, DV, NS, shift, split, R, Sq, key,
+                       CAUSAL: tl.constexpr, HASHED: tl.constexpr, CHUNK: tl.constexpr, BLOCK_DV: tl.constexpr):
         """One sampled row r of one compared query head: merge its key splits (all loaded at once,
         CHUNK at a time), normalise, compare with Out's row; store |diff|^2, |exact|^2, has-a-key."""
         r = tl.program_id(0)
@@ -672,7 +802,10 @@ def _triton_kernels():
         g = jg % G
         qhead = ((head0 + j) % HKV).to(tl.int64) * G + g
         m = r * G + g
-        qpos = tl.load(Pos + bi * spb + r * spr)
+        if HASHED:
+            qpos = _hashed_pos(bi, r, R, Sq, key)
+        else:
+            qpos = tl.load(Pos + bi * spb + r * spr)
         n_need = NS
         if CAUSAL:  # splits holding at least one key the row may see (the others were never written)
             last = qpos + shift  # the row's last key; < 0: none

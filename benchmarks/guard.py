@@ -268,21 +268,24 @@ def timing(shapes, lengths, args, dtype, device, gen) -> list[dict]:
 
 
 def host_breakdown(shape, q, k, v, out, scale, args, device, reps: int = 20) -> dict:
-    """Where one check's time goes (host clock, GPU idle before each: medians in ms): drawing and
-    uploading the rows, enqueuing the device work (the two launches), waiting for it (the one
-    sync: device work + round trip), the whole ``Guard.check``; and the round trip of a trivial sync."""
+    """Where one check's time goes (host clock, GPU idle before each: medians in ms): the row key
+    (rows are hashed inside the kernels: no draw, no upload), enqueuing the device work (the two
+    launches, cached plan), waiting for it (the reduction + the one sync: device work + round trip),
+    the whole ``Guard.check``; and the round trip of a trivial sync. Also: the hashed-row check's
+    errors on the Triton path vs the PyTorch path (same rows), max abs difference."""
     g = Guard(GuardConfig(rows=args.rows, tol=args.tol))
-    gen = g.generator(device)
     parts = {"sample": [], "enqueue": [], "sync": [], "check": [], "trivial_sync": []}
     tiny = torch.zeros(3, device=device)
-    for _ in range(reps):
+    hkv, rows = k.shape[1], min(args.rows, q.shape[2])
+    for i in range(reps):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        pos = sample_rows(1, q.shape[2], args.rows, device, gen)
+        key = guard.rows_key(0, i)
         t1 = time.perf_counter()
-        part = compare_rows(q, k, v, out, pos, causal=shape.causal, scale=scale)
+        part, sums = guard._compare_triton(q, k, v, out, None, shape.causal, scale, None, 0, hkv,
+                                           hashed=(rows, key), reuse=True)
         t2 = time.perf_counter()
-        part.sum(dim=(0, 2)).tolist()
+        torch.sum(part, dim=(0, 2), out=sums).tolist()
         t3 = time.perf_counter()
         torch.cuda.synchronize()
         t4 = time.perf_counter()
@@ -294,7 +297,14 @@ def host_breakdown(shape, q, k, v, out, scale, args, device, reps: int = 20) -> 
         t7 = time.perf_counter()
         for name, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t7 - t6)):
             parts[name].append(dt * 1e3)
-    return {name: round(statistics.median(ts), 4) for name, ts in parts.items()}
+    res = {name: round(statistics.median(ts), 4) for name, ts in parts.items()}
+    cfg = GuardConfig(rows=args.rows, tol=args.tol)
+    key = guard.rows_key(0, 12345)
+    a = guard.check(cfg, q, k, v, out, causal=shape.causal, scale=scale, rows_key=key, impl="triton")
+    b = guard.check(cfg, q, k, v, out, causal=shape.causal, scale=scale, rows_key=key, impl="torch")
+    res["hashed_triton_vs_torch_max_abs_err_diff"] = max(abs(x - y) for x, y in zip(a.errors, b.errors))
+    res["hashed_rows_same_count"] = a.rows == b.rows
+    return res
 
 
 def catch_rates(shapes, s, args, dtype, device, gen) -> list[dict]:
@@ -513,14 +523,15 @@ def main() -> None:
             f"| heads={c['heads']}, every={c['every']} | {100 * c['overhead']:.1f} % | {c['calls_to_cover']} calls |")
     if any(r["host_breakdown"] for r in results["timing"]):
         log("\n### one check's host clock (ms, medians, GPU idle before each part)")
-        log("| shape | S | draw + upload rows | enqueue device work | the sync (device work + round trip) "
-            "| whole Guard.check | a trivial sync |")
-        log("|---|---|---|---|---|---|---|")
+        log("| shape | S | row key (rows hashed in the kernels) | enqueue device work | reduction + the sync "
+            "(device work + round trip) | whole Guard.check | a trivial sync | hashed rows: Triton vs PyTorch errors |")
+        log("|---|---|---|---|---|---|---|---|")
         for r in results["timing"]:
             h = r["host_breakdown"]
             if h:
                 log(f"| {r['shape']} | {r['S']} | {h['sample']:.3f} | {h['enqueue']:.3f} | {h['sync']:.3f} "
-                    f"| {h['check']:.3f} | {h['trivial_sync']:.3f} |")
+                    f"| {h['check']:.3f} | {h['trivial_sync']:.3f} "
+                    f"| {h['hashed_triton_vs_torch_max_abs_err_diff']:.2e} (rows equal: {h['hashed_rows_same_count']}) |")
     log(f"\n### catch rate, every head every call (S={catch_length}, {args.calls} calls per setting, fresh structured "
         f"inputs, tol={args.tol})")
     log("| shape | setting | flagged | P(a sampled row in the band) >= | true worst-head err (median / min) "

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 import autosparse
 from autosparse import guard
-from autosparse.guard import (Guard, GuardConfig, GuardVerdict, check, compare_rows, exact_rows, kv_heads_for,
-                              log_line, sample_rows)
+from autosparse.guard import (Guard, GuardConfig, GuardVerdict, check, compare_rows, exact_rows, hashed_rows,
+                              kv_heads_for, log_line, rows_key, sample_rows)
 from autosparse.kernels import block_sparse_attention
 from autosparse.kernels.reference import dense_attention
 from autosparse.layout import BlockLayout
@@ -416,6 +416,14 @@ def _interpret_worker(path: str) -> None:
                     generator=_gen(4), call=1, impl="triton")
     results["verdict"] = dict(checked=list(verdict.checked), heads=list(verdict.heads), rows=verdict.rows,
                               errors=list(verdict.errors))
+    # rows hashed inside the kernels (rows_key): the rows of hashed_rows, the PyTorch path's verdict
+    for name in ("fp32_gqa_causal_padding", "fp32_causal_cross_len_d40_dv24", "fp32_many_splits"):
+        q, k, v, out, pos, causal, kv_valid, _ = _compare_inputs(name)
+        for heads, rows in ((None, 12), (1, 7), (None, 4000)):
+            verdict = check(GuardConfig(rows=rows, heads=heads), q, k, v, out, causal=causal, scale=0.2,
+                            kv_valid=kv_valid, rows_key=rows_key(3, 9), call=1, impl="triton")
+            results["hashed", name, heads, rows] = dict(checked=list(verdict.checked), heads=list(verdict.heads),
+                                                        rows=verdict.rows, errors=list(verdict.errors))
     torch.save(results, path)
 
 
@@ -453,6 +461,16 @@ def test_triton_path_matches_torch_path(tmp_path):
     assert got["rows"] == want.rows > 0
     torch.testing.assert_close(torch.tensor(got["errors"]), torch.tensor(want.errors), rtol=1e-4, atol=1e-6,
                                equal_nan=True)
+    for name in ("fp32_gqa_causal_padding", "fp32_causal_cross_len_d40_dv24", "fp32_many_splits"):
+        q, k, v, out, pos, causal, kv_valid, _ = _compare_inputs(name)
+        for heads, rows in ((None, 12), (1, 7), (None, 4000)):
+            want = check(GuardConfig(rows=rows, heads=heads), q, k, v, out, causal=causal, scale=0.2,
+                         kv_valid=kv_valid, rows_key=rows_key(3, 9), call=1, impl="torch")
+            got = results["hashed", name, heads, rows]
+            assert tuple(got["checked"]) == want.checked and tuple(got["heads"]) == want.heads, (name, heads, rows)
+            assert got["rows"] == want.rows > 0
+            torch.testing.assert_close(torch.tensor(got["errors"]), torch.tensor(want.errors), rtol=1e-4, atol=1e-6,
+                                       equal_nan=True, msg=f"{name} {heads} {rows}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,6 +581,40 @@ def test_stratified_rows():
         pos = sample_rows(1, 640, 64, "cpu", g)[0]
         start = int(torch.randint(0, 640 - 21, (1,), generator=g))
         assert ((pos >= start) & (pos < start + 21)).any()
+
+
+def test_hashed_rows():
+    """Rows drawn from a key (what Guard.check and the Triton kernels use): stratified, sorted,
+    distinct, a function of (seed, draw) only, fresh per draw, about uniform within each stratum."""
+    for sq, rows in ((1000, 64), (65, 64), (64, 64), (10, 64), (7, 3), (32768, 64)):
+        pos = hashed_rows(3, sq, rows, rows_key(0, 1))
+        if rows >= sq:
+            assert torch.equal(pos, torch.arange(sq).expand(3, sq))
+            continue
+        assert pos.shape == (3, rows) and pos.dtype == torch.long
+        edges = torch.arange(rows + 1) * sq // rows
+        assert ((pos >= edges[:-1]) & (pos < edges[1:])).all()
+        assert not torch.equal(pos[0], pos[1])  # batch elements draw apart
+    assert rows_key(5, 3) == rows_key(5, 3) and rows_key(5, 3) != rows_key(6, 3) != rows_key(5, 4)
+    assert all(0 <= rows_key(s, n) < 2 ** 31 for s in (0, 2 ** 40 + 1) for n in (0, 2 ** 33))
+    assert torch.equal(hashed_rows(2, 500, 8, 77), hashed_rows(2, 500, 8, 77))
+    counts = torch.bincount(torch.cat([hashed_rows(200, 10, 4, rows_key(1, n)).flatten() for n in range(100)]),
+                            minlength=10).float()
+    expected = 20000 / torch.tensor([2, 2, 3, 3, 3, 2, 2, 3, 3, 3.0])
+    assert ((counts - expected).abs() < 5 * expected.sqrt()).all(), counts
+    hit = 0
+    for n in range(50):  # a band longer than two strata is always hit
+        pos = hashed_rows(1, 640, 64, rows_key(2, n))[0]
+        start = (n * 97) % (640 - 21)
+        hit += bool(((pos >= start) & (pos < start + 21)).any())
+    assert hit == 50
+    # Guard.check draws from (seed, n-th check on the device): the same rows in every run
+    q, k, v = _qkv(1, 2, 2, 1000, 8, seed=4)
+    out = _exact(q, k, v, False, 0.3)
+    out[:, :, 500:] += 1.0  # only rows >= 500 wrong: the estimate depends on which rows were drawn
+    runs = [[Guard(GuardConfig(rows=3, seed=s)).check(q, k, v, out, causal=False, scale=0.3).error for _ in range(3)]
+            for s in (1, 1)]
+    assert runs[0] == runs[1]
 
 
 # --------------------------------------------------------------------------------------------------
