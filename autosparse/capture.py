@@ -44,8 +44,9 @@ LAYER_ATTR = "_autosparse_layer"  # on each served attention module: its 0-d CPU
 # Keyword arguments of transformers attention functions that do not change the math (the op reads
 # causality, masks and scaling itself). Any other argument with a value (softcap, sinks/s_aux,
 # position_bias, ...) sends the call to the model's own implementation, counted: never approximated.
-_PLAIN_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "past_key_values", "past_key_value", "output_router_logits",
-                           "output_attentions", "layer_idx", "position_embeddings", "sliding_window"})
+_PLAIN_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "past_key_values", "past_key_value",
+                           "output_router_logits", "output_attentions", "layer_idx", "position_embeddings",
+                           "sliding_window"})
 GRAD_REASON = "autograd (the kernel has no backward)"
 _BYPASS_REASON = "attention backend other than F.scaled_dot_product_attention (set_attention_backend?)"
 
