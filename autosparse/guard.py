@@ -23,18 +23,22 @@ calls), not on the very call; a rotation is deterministic, needs no timer and co
 The cost of a checked call falls to about ``n / Hkv`` of a full one.
 
 Cost of a full check: ``rows x S x D`` multiply-adds per head and one read of K and V, never an
-``S x S`` temporary. On CUDA: the rows are drawn on the host (no device work), copied with one
-asynchronous upload, then two Triton launches: a split-KV pass (all sampled rows of a KV head's
-query heads in one tile, read straight from ``query`` by position; enough key splits to fill the
-GPU) and one pass that merges the splits of each sampled row and compares it with ``out``'s row;
-its per-row sums, summed per head on the device, come back with the one host sync, for the
-verdict. Elsewhere: a PyTorch loop over key chunks with an online softmax.
+``S x S`` temporary. On CUDA (``Guard.check``): no rows are drawn on the host nor uploaded; the
+two Triton kernels compute them in place from a 31-bit key (``rows_key(seed, n)`` for the n-th
+check on the device; ``hashed_rows`` is the PyTorch reference: stratum r's row is
+``lo + h(key, b*R + r) % width``, ``h`` a 32-bit integer mixer), a split-KV pass (all sampled rows of
+a KV head's query heads in one tile, read straight from ``query`` by position; enough key splits to
+fill the GPU) and one pass that merges the splits of each sampled row and compares it with
+``out``'s row; its per-row sums, summed per head on the device, come back with the one host sync,
+for the verdict. Grid, constexprs and scratch buffers are cached per (shape, dtype, device,
+stream). Elsewhere: a PyTorch loop over key chunks with an online softmax.
 
-Measured (H200, bf16, B=1, S=32K, benchmarks/guard.py, 2026-12-04): the device work of a full
-check is ~0.08-0.14 ms (12 heads; 32 q / 8 kv heads causal), but a checked call still adds
-~0.2-0.45 ms to the sparse call whatever ``heads`` is: a fixed per-check cost outside the kernels
-(host work and the sync's round trip), so ``every`` (its cost divides by ``every``) is what brings
-the amortised overhead to 3 % at 32K; ``heads`` pays once that fixed cost is gone.
+Measured (H200, bf16, B=1, benchmarks/guard.py, 2026-12-04, after the in-kernel rows): the host
+clock of one ``Guard.check`` is ~0.19 ms (12 heads, S=32K) / ~0.36 ms (32 q / 8 kv heads causal)
+(was ~0.6 ms with host-drawn rows): enqueue ~0.1-0.16 ms, reduction + sync 0.06-0.28 ms (mostly
+the device work). With every call checked the overhead vs the sparse call was still 4-20 %
+(20.5 % H12 32K, 8.6 % GQA 32K, 4.4 % / 6.0 % at 64K; noisy): the per-call sync also exposes the
+next sparse call's launch latency, so ``every`` is what brings the amortised overhead to 3 %.
 """
 
 from __future__ import annotations
