@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from autosparse import cache
+from autosparse.kernels import cache
 from autosparse.layout import BlockLayout, block_mask
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.runtime import ORIGINAL_SDPA

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from autosparse.kernels.block_sparse_op import row_schedule, work_counts
+from autosparse.kernels.schedule import row_schedule, work_counts
 from autosparse.kernels.reference import layout_mask
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.tokens import TokenGeometry, default_tile

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from autosparse.kernels.tuning import gpu_ms
+
 __all__ = ["gpu_ms", "median_ms"]
 
 
@@ -32,11 +34,3 @@ def median_ms(fn: Callable[[], Any], reps: int, device: torch.device | str = "cu
             fn()
             times.append((time.perf_counter() - begin) * 1e3)
     return statistics.median(times)
-
-
-def gpu_ms(fn: Callable[[], Any]) -> float:
-    """GPU time of ``fn`` in ms, calls queued back to back so the host's launch cost hides behind the
-    GPU (the steady state inside a model's forward): Triton's ``do_bench``, median."""
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))

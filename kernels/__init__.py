@@ -4,7 +4,11 @@
 Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), else the block-sparse PyTorch path;
 ``supports(...)`` says why a call cannot be served; ``torch.ops.autosparse.block_sparse_attention`` is
 the same function as an opaque custom op. ``reference`` holds the dense oracle and layout helpers;
-``tuning`` times tile configs on this GPU and caches the fastest (``autosparse tune``).
+``schedule`` the program order; ``tile_config`` the launch parameters; ``tuning`` times tile configs
+on this GPU and caches the fastest (``autosparse tune``) through ``cache``.
+
+A leaf: these modules import torch, triton and the standard library, nothing of autosparse
+(``tests/test_imports.py``).
 """
 
 if __name__ == "kernels":
@@ -28,9 +32,10 @@ if __name__ == "kernels":
     _spec.loader.exec_module(_module)
 else:
     from . import tuning
-    from .block_sparse_op import (TileConfig, block_sparse_attention, block_sparse_attention_op, default_config,
-                                  row_schedule, supports)
+    from .block_sparse_op import block_sparse_attention, block_sparse_attention_op, supports
     from .reference import block_sparse_attention_torch, dense_attention, layout_mask
+    from .schedule import row_schedule
+    from .tile_config import TileConfig, default_config
 
     __all__ = [
         "block_sparse_attention",

@@ -1,7 +1,8 @@
-"""Launcher, argument checks, schedule, tile config and custom op for the block-sparse kernel.
+"""Launcher, argument checks and custom op for the block-sparse kernel.
 
 The ``@triton.jit`` code is in ``block_sparse.py``; the pure-PyTorch versions are in ``reference.py``;
-per-GPU tile tuning is in ``tuning.py``. A launch is a 1-D grid over (layout row, batch, query tile)
+the tile config in ``tile_config.py`` (per-GPU tuning in ``tuning.py``), the program order in
+``schedule.py``. A launch is a 1-D grid over (layout row, batch, query tile)
 dealt out in :func:`row_schedule` order; on sm_90+ tiles move through tensor descriptors (TMA)
 whenever the tensors' strides allow it, else through pointer loads.
 
@@ -17,7 +18,6 @@ Triton is imported lazily, so the CPU path works where Triton is not installed.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .schedule import row_schedule, work_counts
+from .tile_config import TileConfig, default_config
 
 __all__ = ["block_sparse_attention", "supports", "TileConfig", "default_config", "row_schedule"]
 
@@ -39,65 +41,6 @@ _OP_SCHEMA = ("(Tensor q, Tensor k, Tensor v, Tensor kv_indices, Tensor kv_count
               "Tensor? schedule, "
               "int q_block, int kv_block, bool causal, float scale, Tensor? q_rows=None, "
               "Tensor? columns=None, Tensor? column_counts=None, Tensor? listed=None) -> Tensor")
-
-
-# ----------------------------------------------------------------------------------------------------
-# tile configuration
-# ----------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class TileConfig:
-    """Launch parameters of the kernel.
-
-    ``block_m`` is the query tile (None: the layout's q_block; smaller powers of two split each layout
-    row into q_block // block_m programs). The key tile is always the layout's kv_block.
-    ``use_tma``: None picks tensor descriptors whenever the GPU (sm_90+) and the tensors' strides allow.
-    """
-
-    num_warps: int
-    num_stages: int
-    block_m: Optional[int] = None
-    use_tma: Optional[bool] = None
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_budget(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    optin = getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
-    return int(optin) - 8 * 1024  # headroom for Triton's own scratch (layout conversions, barriers)
-
-
-@functools.lru_cache(maxsize=256)
-def default_config(q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype,
-                   device: torch.device, tma: bool = False) -> TileConfig:
-    """The tuned config for this GPU if ``autosparse tune`` stored one (``tuning.lookup``), else a rule.
-    Memoised per argument tuple (``tuning.tune`` clears it).
-
-    With tensor descriptors (sm_90+, 16-bit): 64-row query tiles, 4 warps, 1 stage. Measured on the
-    H200 (benchmarks/NOTES.md, runs 4-7): three or four such programs per SM overlap each other's
-    loads, softmax and tensor-core work, 3-15 % faster than 128-row tiles with 8 warps and deep
-    pipelines. Pointer loads need more registers (64-row, 1-stage tiles spill there), so they keep
-    v1's rule: 8 warps for q_block 128 at head_dim 128, else 4, and as many stages (4, 3, 2) as fit in
-    shared memory. fp32 (ieee dots, there for accuracy): 1 stage.
-    """
-    from . import tuning
-
-    tuned = tuning.lookup(device, q_block, kv_block, head_dim, dtype, tma)
-    if tuned is not None:
-        return tuned
-    elt = dtype.itemsize
-    if tma and elt <= 2:
-        return TileConfig(num_warps=4, num_stages=1, block_m=min(64, q_block), use_tma=True)
-    big = q_block >= 128 and head_dim >= 128
-    num_warps = 8 if big else 4
-    budget = _smem_budget(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 227 * 1024
-    num_stages = 1
-    if elt <= 2:
-        for stages in (4, 3, 2):
-            if elt * (q_block * head_dim + stages * 2 * kv_block * head_dim) <= budget:
-                num_stages = stages
-                break
-    return TileConfig(num_warps=num_warps, num_stages=num_stages, use_tma=tma)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -284,53 +227,6 @@ def _kernel(device: torch.device):
                                "needs it in the environment before the first `import triton` (start the "
                                "process with TRITON_INTERPRET=1), or unset it to use the PyTorch CPU path")
     return mod._attn_fwd
-
-
-# Work levels rows are sorted by inside a KV head: coarse, so neighbouring query blocks stay together.
-SCHEDULE_LEVELS = 8
-
-
-def row_schedule(kv_counts: Tensor, group: int = 1) -> Tensor:
-    """The order programs are dealt out in: int32 ``[Hq * NQ]`` layout rows ``h * NQ + i``.
-
-    First the outlier rows (more than twice the mean work: text rows, the rows of a much wider
-    head), heaviest first, over all heads; then KV head by KV head, the heaviest head first, and
-    inside one, rows by coarse work level, heaviest first (``SCHEDULE_LEVELS`` levels of that
-    head's longest row), then by query block, the ``group`` query heads of one KV head side by side.
-    Heavy-first (longest-processing-time order) keeps a launch from ending on a tail of long rows;
-    head-major, natural order inside a level keeps the programs running at once on the K/V of one
-    head and on neighbouring query blocks, which share K/V tiles through L2. Measured on the H200
-    (benchmarks/schedule_order.py, fraction of the ideal 1/d): a 3-D neighborhood on Wan's 32,760
-    tokens 0.70 with rows sorted by work across heads, 0.82 this way; HunyuanVideo 0.82 -> 0.94;
-    GQA causal 32K 0.89 -> 0.92 of SDPA. ``kv_counts`` is ``[Bl, Hq, NQ]``; with per-batch layouts
-    (Bl > 1) a row weighs as its heaviest batch entry.
-    """
-    _, hq, nq = kv_counts.shape
-    hkv = hq // group
-    work = kv_counts.amax(0).to(torch.int64).view(hkv, group, nq)
-    dev = kv_counts.device
-    head_work = work.sum((1, 2))
-    head_rank = torch.empty_like(head_work)
-    head_rank[torch.argsort(-head_work, stable=True)] = torch.arange(hkv, device=dev)
-    row_work = work.amax(1)  # [Hkv, NQ]: a query block weighs as its heaviest head in the group
-    level = (row_work * SCHEDULE_LEVELS) // (row_work.amax(1, keepdim=True) + 1)  # 0 .. LEVELS-1
-    i = torch.arange(nq, device=dev)
-    head_major = (head_rank[:, None] * SCHEDULE_LEVELS + (SCHEDULE_LEVELS - 1 - level)) * nq + i  # < hkv*LEVELS*nq
-    heaviest = row_work.max()
-    outlier = row_work.double() > 2 * row_work.double().mean()
-    stage = torch.where(outlier, heaviest - row_work, heaviest + 1)  # outliers first, heaviest first
-    key = stage * (hkv * SCHEDULE_LEVELS * nq) + head_major  # [Hkv, NQ]
-    key = key[:, None, :] * group + torch.arange(group, device=dev)[None, :, None]  # [Hkv, group, NQ]
-    order = torch.argsort(key.flatten())  # positions in (kv head, head in group, query block) order
-    kv_head, rest = order // (group * nq), order % (group * nq)
-    return ((kv_head * group + rest // nq) * nq + rest % nq).to(torch.int32)
-
-
-def work_counts(kv_counts: Tensor, column_counts: Tensor | None, kv_block: int) -> Tensor:
-    """Key tiles each layout row visits: its blocks, plus its columns in tiles of ``kv_block``."""
-    if column_counts is None:
-        return kv_counts
-    return kv_counts + (column_counts + kv_block - 1) // kv_block
 
 
 @functools.lru_cache(maxsize=None)

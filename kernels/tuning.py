@@ -14,16 +14,16 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 
-from autosparse import cache
-from autosparse.timing import gpu_ms
+from . import block_sparse_op as bso
+from . import cache
+from .tile_config import CACHE, TileConfig, cache_path, config_key, default_config, lookup
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CANDIDATES", "cache_path", "lookup", "tune"]
+__all__ = ["CANDIDATES", "cache_path", "gpu_ms", "lookup", "tune"]
 
 # Candidates measured on the H200 (benchmarks/NOTES.md, runs 4-7): 64-row tiles with 4 warps and one
 # stage (3-4 programs per SM) lead; the deeper-pipelined 128-row tiles stay as alternatives for
@@ -33,43 +33,12 @@ CANDIDATES: tuple[tuple[int, int, int], ...] = (  # (block_m, num_warps, num_sta
 )
 
 
-_CACHE = "tile_configs.json"
+def gpu_ms(fn: Callable[[], object]) -> float:
+    """GPU time of ``fn`` in ms, calls queued back to back so the host's launch cost hides behind the
+    GPU (the steady state inside a model's forward): Triton's ``do_bench``, median."""
+    import triton.testing
 
-
-def cache_path() -> Path:
-    return cache.path(_CACHE)
-
-
-def _device_key(device: torch.device) -> str:
-    import triton
-
-    if device.type == "cuda":
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        major, minor = torch.cuda.get_device_capability(index)
-        name = f"{torch.cuda.get_device_name(index)} sm{major}{minor}"
-    else:
-        name = device.type
-    return f"{name} triton {triton.__version__}"
-
-
-def _key(device: torch.device, q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype, tma: bool) -> str:
-    dt = str(dtype).replace("torch.", "")
-    return f"{_device_key(device)} | d{head_dim} {dt} {q_block}x{kv_block} {'tma' if tma else 'ptr'}"
-
-
-def lookup(device: torch.device, q_block: int, kv_block: int, head_dim: int, dtype: torch.dtype, tma: bool):
-    """The tuned TileConfig for this GPU and shape class, or None."""
-    from .block_sparse_op import TileConfig
-
-    entry = cache.entries(_CACHE).get(_key(device, q_block, kv_block, head_dim, dtype, tma))
-    if not isinstance(entry, dict):
-        return None
-    try:
-        return TileConfig(num_warps=int(entry["num_warps"]), num_stages=int(entry["num_stages"]),
-                          block_m=int(entry["block_m"]), use_tma=tma)
-    except (KeyError, TypeError, ValueError):
-        log.warning("ignoring malformed tile-config cache entry %r", entry)
-        return None
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
 
 def tune(head_dim: int, dtype: torch.dtype = torch.bfloat16, q_block: int = 64, kv_block: int = 128, *,
@@ -82,8 +51,6 @@ def tune(head_dim: int, dtype: torch.dtype = torch.bfloat16, q_block: int = 64, 
     Candidates that do not compile (shared memory, registers) are skipped and reported. The result
     is checked against the first candidate's output, so a config that computes garbage never wins.
     """
-    from . import block_sparse_op as bso
-
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, heads, seq_len, head_dim, device=device, dtype=dtype, generator=gen) for _ in range(3))
@@ -99,7 +66,7 @@ def tune(head_dim: int, dtype: torch.dtype = torch.bfloat16, q_block: int = 64, 
         name = f"m{block_m} w{num_warps} s{num_stages}"
         if block_m > q_block:
             continue
-        config = bso.TileConfig(num_warps=num_warps, num_stages=num_stages, block_m=block_m, use_tma=tma)
+        config = TileConfig(num_warps=num_warps, num_stages=num_stages, block_m=block_m, use_tma=tma)
         run = functools.partial(bso.block_sparse_attention, q, k, v, idx, cnt, q_block=q_block, kv_block=kv_block,
                                 causal=False, config=config)
         try:
@@ -121,6 +88,6 @@ def tune(head_dim: int, dtype: torch.dtype = torch.bfloat16, q_block: int = 64, 
     if save:
         entry = dict(block_m=best.block_m, num_warps=best.num_warps, num_stages=best.num_stages, ms=best_ms,
                      shape=dict(seq_len=seq_len, heads=heads, density=density), times_ms=times)
-        cache.store(_CACHE, _key(device, q_block, kv_block, head_dim, dtype, tma), entry)
-        bso.default_config.cache_clear()
+        cache.store(CACHE, config_key(device, q_block, kv_block, head_dim, dtype, tma), entry)
+        default_config.cache_clear()
     return {"best": dataclasses.replace(best), "times_ms": times}
