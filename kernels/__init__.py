@@ -15,7 +15,9 @@ if __name__ == "kernels":
     # This folder is ``autosparse.kernels``. It is imported as a top-level ``kernels`` only when the
     # repository root is on sys.path (``python -m pytest``, ``python`` started there), where it would
     # shadow the installed package of that name (Hugging Face's ``kernels``, which transformers
-    # imports): hand the name to the installed package, or fail as if this folder were not here.
+    # imports): hand the name to the installed package. Without one, the name is what a plain folder
+    # would give, an empty namespace package (no ``__file__``), which is how transformers recognises
+    # a folder that shadows nothing.
     import importlib.machinery
     import importlib.util
     import os
@@ -25,11 +27,12 @@ if __name__ == "kernels":
     _spec = importlib.machinery.PathFinder.find_spec(
         __name__, [p for p in sys.path if os.path.abspath(p or os.curdir) != _root])
     if _spec is None:
-        raise ModuleNotFoundError(f"No module named {__name__!r} (the folder here is autosparse.kernels)",
-                                  name=__name__)
+        _spec = importlib.machinery.ModuleSpec(__name__, None, is_package=True)
+        _spec.submodule_search_locations = []
     _module = importlib.util.module_from_spec(_spec)
     sys.modules[__name__] = _module  # the import statement returns what sys.modules holds at its end
-    _spec.loader.exec_module(_module)
+    if _spec.loader is not None:
+        _spec.loader.exec_module(_module)
 else:
     from . import tuning
     from .block_sparse_op import block_sparse_attention, block_sparse_attention_op, supports

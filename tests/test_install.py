@@ -27,3 +27,14 @@ def test_autosparse_kernels_is_this_folder():
                "print(k.__file__); print(k.block_sparse_attention.__module__)")
     path, module = out.split()
     assert Path(path) == ROOT / "kernels" / "__init__.py" and module == "autosparse.kernels.block_sparse_op"
+
+
+def test_without_an_installed_kernels_package_the_folder_shadows_nothing():
+    """Where no other ``kernels`` is installed (transformers without Hugging Face's kernels), the
+    name gives an empty namespace package, as a plain folder would (transformers reads one without
+    ``__file__`` as "not installed"), instead of failing the import."""
+    code = (f"import sys; sys.path[:] = [{str(ROOT)!r}] + [p for p in sys.path if 'site-packages' not in p]; "
+            "import kernels; print(getattr(kernels, '__file__', None), list(kernels.__path__))")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["None", "[]"]
