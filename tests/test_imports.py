@@ -54,3 +54,13 @@ def test_kernels_have_no_import_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module, ())
+
+
+def test_the_public_api_resolves_and_has_the_offline_entry_points():
+    import autosparse
+
+    missing = [name for name in autosparse.__all__ if not hasattr(autosparse, name)]
+    assert not missing, missing
+    for name in ("patch_model", "unpatch_model", "stats", "Profile", "GuardConfig", "SearchConfig", "calibrate",
+                 "search_profile", "record_inputs", "fit_to_target", "register_pattern"):
+        assert name in autosparse.__all__, name
