@@ -77,13 +77,16 @@ FALLBACK_IMPLEMENTATIONS = ("sdpa", "eager")
 def model_attention(module: nn.Module, implementation: str | None) -> Callable[..., Any]:
     """The attention function ``module`` ran under ``implementation`` before patching (what a call
     autosparse cannot serve runs, so it equals the unpatched model), taking the masks autosparse's
-    mask function makes. ValueError naming the implementation when there is none."""
+    mask function makes. ``implementation`` None: a module autosparse does not serve (no layer id),
+    whose model's implementation is not at hand: its modeling file's eager attention (transformers'
+    reference semantics, sinks and softcapping included), else SDPA. ValueError naming the
+    implementation when there is none."""
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    if implementation == "sdpa":
-        return ALL_ATTENTION_FUNCTIONS["sdpa"]
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if implementation not in FALLBACK_IMPLEMENTATIONS or eager is None:
+    if implementation == "sdpa" or (implementation is None and eager is None):
+        return ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if implementation not in (None, *FALLBACK_IMPLEMENTATIONS) or eager is None:
         missing = "" if eager is not None else f", and {type(module).__module__} has no eager_attention_forward"
         raise ValueError(f"{type(module).__name__}: autosparse serves models whose attn_implementation is one of "
                          f"{list(FALLBACK_IMPLEMENTATIONS)} (calls it cannot serve run there, unchanged); found "

@@ -44,9 +44,6 @@ class _Patch:
     handles: list[Any] = field(default_factory=list)  # hooks
     context: str | None = None  # compile route, hook-route models: "graph" or "hook" (where the call context is read)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (deepcopy or unpickling): register its own plans under new layer ids, and route
         its attention again (the modules' hooks and forwards came with them)."""

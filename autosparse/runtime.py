@@ -381,7 +381,7 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
           mask: torch.Tensor | None, is_causal: bool, scale: float | None) -> torch.Tensor:
     state = plan.state
     if state.observer is not None:  # calibration: every call, as the caller made it
-        state.observer(plan, query, key, value, mask, is_causal, scale if scale is not None else query.shape[-1] ** -0.5)
+        state.observer(plan, query, key, value, mask, is_causal, _softmax_scale(query, scale))
     heads = plan.heads_at(state.context.step)
     verdict = _classify(plan, heads, query, key, value, mask, is_causal, scale)
     if verdict.dense is not None:
@@ -547,8 +547,13 @@ def _classify(plan: LayerPlan, heads: HeadSet, query: torch.Tensor, key: torch.T
         return _Verdict(fallback=reason)
     if shift is not None and tokens is not None:
         shift = None  # a token grid's positions are its own (text padding is key padding there)
-    return _Verdict(keys=keys, causal=causal, scale=scale if scale is not None else query.shape[-1] ** -0.5,
-                    kv_valid=kv_valid, shift=shift, tokens=tokens, geometry=geometry)
+    return _Verdict(keys=keys, causal=causal, scale=_softmax_scale(query, scale), kv_valid=kv_valid, shift=shift,
+                    tokens=tokens, geometry=geometry)
+
+
+def _softmax_scale(query: torch.Tensor, scale: float | None) -> float:
+    """SDPA's scale: the given one, else 1 / sqrt(head_dim)."""
+    return scale if scale is not None else query.shape[-1] ** -0.5
 
 
 class _MaskVerdict(NamedTuple):

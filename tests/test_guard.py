@@ -645,12 +645,16 @@ def _e2e(patch, forwards: int = 2, every: int = 1):
     with torch.no_grad():
         expected = [dit.model(**x).sample for x in inputs]
     config = GuardConfig(rows=64, tol=0.05, every=every)
-    profile = autosparse.Profile.uniform(dit.model, TOO_SPARSE, block_size=(16, 32))
-    run = patch(dit.model, profile, config)
-    with torch.no_grad():
-        got = [run(**x).sample for x in inputs]
-    calls = autosparse.stats(dit.model)
-    autosparse.unpatch_model(dit.model)
+
+    def patched(spec):
+        run = patch(dit.model, autosparse.Profile.uniform(dit.model, spec, block_size=(16, 32)), config)
+        with torch.no_grad():
+            outputs = [run(**x).sample for x in inputs]
+        calls = autosparse.stats(dit.model)
+        autosparse.unpatch_model(dit.model)
+        return outputs, calls
+
+    got, calls = patched(TOO_SPARSE)
     checked = WAN_SERVED * len(range(0, forwards, every))
     assert _guard_reasons(calls) == checked and calls.sparse == WAN_SERVED * forwards - checked, calls
     for f in range(0, forwards, every):  # the checked forwards: every call recomputed dense
@@ -658,12 +662,7 @@ def _e2e(patch, forwards: int = 2, every: int = 1):
     if every > 1:  # an unchecked forward keeps the too-sparse output
         assert (got[1] - expected[1]).norm() > 1e-2 * expected[1].norm()
 
-    profile = autosparse.Profile.uniform(dit.model, EXACT_ENOUGH, block_size=(16, 32))
-    run = patch(dit.model, profile, config)
-    with torch.no_grad():
-        got = [run(**x).sample for x in inputs]
-    calls = autosparse.stats(dit.model)
-    autosparse.unpatch_model(dit.model)
+    got, calls = patched(EXACT_ENOUGH)
     assert calls.sparse == WAN_SERVED * forwards and _guard_reasons(calls) == 0, calls
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

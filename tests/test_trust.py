@@ -330,3 +330,13 @@ def test_a_new_generation_starting_at_the_last_timestep_restarts_the_steps():
     # gen 1: steps 0 1 2; gen 2 (100 again, once per step before): steps 0 1; gen 3 with
     # classifier-free guidance (2 calls per step): 0 0 1 1 2 2, then 200 a third time: a new generation.
     assert served == [False, False, True, False, False, False, False, False, False, True, True, False]
+
+
+def test_a_module_autosparse_does_not_serve_runs_its_own_attention():
+    """A module of the model without a layer id (not among the served layers) that calls the
+    registered function gets transformers' reference attention, not an error."""
+    model = tiny_llama()
+    q, k, v = torch.randn(1, 4, 10, 64), torch.randn(1, 2, 10, 64), torch.randn(1, 2, 10, 64)
+    out, _ = capture.transformers_attention(model.model.layers[0].self_attn, q, k, v, None, scaling=0.125)
+    want = TORCH_SDPA(q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
+    torch.testing.assert_close(out, want.transpose(1, 2), rtol=1e-5, atol=1e-5)
