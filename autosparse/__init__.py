@@ -12,20 +12,17 @@
 Data flows one way: capture (patch) -> identify (layer) -> look up (profile) -> layout -> kernel.
 """
 
-__version__ = "0.1.0"
-
-from autosparse.dynamic import BlockCdf, BlockTopK, VerticalSlash
+from autosparse import _moved
+from autosparse._version import __version__
 from autosparse.guard import GuardConfig
-from autosparse.grid import GridPattern, Neighborhood, Spatial, Stripes, Temporal
 from autosparse.layout import BlockLayout
 from autosparse.patch import AttentionStats, patch_model, stats, unpatch_model
-from autosparse.patterns import (Blocks, BlockGeometry, Dense, Global, Pattern, SinkLocal, Union, Window,
-                                 pattern_from_spec, register_pattern)
+from autosparse.patterns import (BlockCdf, BlockGeometry, Blocks, BlockTopK, Dense, Global, GridPattern, Neighborhood,
+                                 Pattern, SinkLocal, Spatial, Stripes, Temporal, TokenGeometry, Union, VerticalSlash,
+                                 Window, default_tile, pattern_from_spec, register_pattern)
 from autosparse.profile import LayerProfile, Profile, StepRange
-from autosparse.search import Calibration, SearchConfig, calibrate, record_inputs, search_profile
-from autosparse.structural import structural_profile, tile_window
-from autosparse.tokens import TokenGeometry, default_tile
-from autosparse.validate import fit_to_target
+from autosparse.search import (Calibration, SearchConfig, calibrate, fit_to_target, record_inputs, search_profile,
+                               structural_profile, tile_window)
 
 __all__ = [
     "AttentionStats",
@@ -67,3 +64,9 @@ __all__ = [
     "tile_window",
     "unpatch_model",
 ]
+
+_moved.install()
+
+
+def __getattr__(name: str):
+    return _moved.attribute(name)

@@ -16,8 +16,8 @@ __all__ = ["main"]
 
 
 def _profile(args: argparse.Namespace) -> None:
-    from autosparse.search import SearchConfig, calibrate
-    from autosparse.validate import fit_to_target
+    from autosparse.search.calibration import SearchConfig, calibrate
+    from autosparse.search.validate import fit_to_target
 
     model, inputs, heldout = _model_and_inputs(args)
     if args.target is not None and not heldout:
@@ -44,7 +44,7 @@ def _model_and_inputs(args: argparse.Namespace):
 def _text_calibration(args: argparse.Namespace):
     """A causal LM, ``--inputs`` windows of ``--seq-len`` tokens from the start of the text, and a
     held-out window from its end (None if the text is too short for one that does not overlap)."""
-    from autosparse.zoo import fixture_text, load_causal_lm
+    from autosparse.tools.zoo import fixture_text, load_causal_lm
 
     model, tokenizer = load_causal_lm(args.model)
     text = Path(args.text).read_text() if args.text else fixture_text()
@@ -82,14 +82,14 @@ def _show(args: argparse.Namespace) -> None:
     profile = Profile.load(args.profile)
     _print_summary(profile)
     if args.png:
-        from autosparse.heatmap import save_heatmap
+        from autosparse.tools.heatmap import save_heatmap
 
         save_heatmap(profile, args.png)
         print(f"saved {args.png}")
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from autosparse.bench import bench
+    from autosparse.tools.bench import bench
 
     model, inputs, heldout = _model_and_inputs(args)
     if not heldout:  # without held-out inputs: a factory's calibration inputs, an LLM's last window
@@ -149,7 +149,7 @@ def _tune(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from autosparse.demo import run_demo
+    from autosparse.tools.demo import run_demo
 
     run_demo(out=Path(args.out), budget=args.budget, seq_len=args.seq_len, threads=args.threads)
 

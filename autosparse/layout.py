@@ -17,7 +17,7 @@ import torch
 from autosparse.kernels.schedule import row_schedule, work_counts
 from autosparse.kernels.reference import layout_mask
 from autosparse.patterns import BlockGeometry, Pattern
-from autosparse.tokens import TokenGeometry, default_tile
+from autosparse.patterns.geometry import TOKEN_ORDERS, TokenGeometry, default_tile
 
 __all__ = ["TOKEN_ORDERS", "BlockLayout", "block_mask", "grid_order", "left_padded"]
 
@@ -230,8 +230,6 @@ def _cached_layout(patterns: tuple[Pattern, ...], geometry: BlockGeometry, devic
 # Tile order must save 5% of the blocks to pay for permuting q/k/v and the output.
 _TILE_GAIN = 0.95
 
-
-TOKEN_ORDERS = ("auto", "tile", "raster")
 
 
 def grid_order(patterns: Sequence[Pattern], tokens: TokenGeometry, q_block: int, kv_block: int,

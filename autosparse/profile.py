@@ -28,6 +28,7 @@ from torch import nn
 from autosparse.kernels.block_sparse_op import BLOCK_SIZES
 from autosparse.models import AttentionLayer, attention_layers, library, model_signature, signature_fingerprint
 from autosparse.patterns import Dense, Pattern, pattern_from_spec
+from autosparse.patterns.geometry import TOKEN_ORDERS
 
 __all__ = ["MAX_JSON_DEPTH", "MAX_PROFILE_BYTES", "SCHEMA_VERSION", "LayerProfile", "Profile", "StepRange",
            "environment"]
@@ -55,7 +56,7 @@ def _one_line(leaf: re.Match) -> str:
 
 
 def _version() -> str:
-    from autosparse import __version__
+    from autosparse._version import __version__
 
     return __version__
 
@@ -257,7 +258,7 @@ def _layer_calls(model: nn.Module, layer: AttentionLayer) -> tuple[bool, int | N
     if library(model) == "transformers":
         causal = bool(getattr(layer.module, "is_causal", True))
         return causal, None, f"{'causal' if causal else 'non-causal'} attention of a transformers model, no token grid"
-    from autosparse.families import family_of
+    from autosparse.models.families import family_of
 
     family = family_of(model)
     grid = f"a {family.grid_rank}-D token grid" if family.grid_rank is not None else "no token grid"
@@ -510,7 +511,7 @@ class Profile:
     ``block_size`` is ``(q_block, kv_block)``: the granularity patterns are laid out in, so a
     profile means the same attention on every device. ``steps`` is the optional denoising-step
     schedule (kept sorted by start, never overlapping); ``layers`` applies outside it.
-    ``token_order``: the order a token grid's patterns are laid out in (``layout.TOKEN_ORDERS``):
+    ``token_order``: the order a token grid's patterns are laid out in (``TOKEN_ORDERS``):
     ``"tile"`` or ``"raster"``, or ``"auto"`` (per layer, whichever needs fewer blocks). A searched
     profile records the order it was scored in, so its measured error and density are the ones
     that run.
@@ -527,8 +528,6 @@ class Profile:
     token_order: str = "auto"
 
     def __post_init__(self) -> None:
-        from autosparse.layout import TOKEN_ORDERS
-
         if self.token_order not in TOKEN_ORDERS:
             raise ValueError(f"token_order: expected one of {list(TOKEN_ORDERS)}, found {_short(self.token_order)}")
         _expect(self.model, dict, "model")

@@ -34,7 +34,7 @@ from autosparse.kernels import row_schedule, supports
 from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.profile import Profile
-from autosparse.tokens import TokenGeometry
+from autosparse.patterns.geometry import TokenGeometry
 
 __all__ = ["AttentionStats", "CallContext", "LayerPlan", "PatchState", "count_unserved", "plan_of", "register",
            "unregister"]

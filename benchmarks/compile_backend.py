@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 python3 benchmarks/compile_backend.py --out $OUT      # H200, bf16, Wan2.1-1.3B 480p/81f
     python3 benchmarks/compile_backend.py --smoke                              # CPU, tiny Wan, float32: code paths only
 
-One random-weight Wan2.1-T2V-1.3B-shaped transformer (``autosparse.dits``, 30 layers, latent 21x60x104
+One random-weight Wan2.1-T2V-1.3B-shaped transformer (``autosparse.testing.dits``, 30 layers, latent 21x60x104
 -> 32,760 tokens) and one profile: the shipped ``wan2.1-t2v-1.3b-480p`` profile (a tile-stepped
 neighborhood on every head, block density ~0.20) without its dense-first-steps schedule, so every
 timed call is a sparse step. The transformer forward (``torch.no_grad()``, same inputs) is timed:
@@ -39,9 +39,9 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import autosparse  # noqa: E402
-from autosparse.dits import build_dit  # noqa: E402
+from autosparse.testing.dits import build_dit  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
-from autosparse.timing import median_ms  # noqa: E402
+from autosparse.tools.timing import median_ms  # noqa: E402
 
 WARMUP = 2
 PROFILE = REPO_ROOT / "profiles" / "wan2.1-t2v-1.3b-480p.json"

@@ -3,7 +3,7 @@
     PYTHONUNBUFFERED=1 python3 benchmarks/dit_e2e.py --out $OUT      # H200, bf16: wan hunyuan_video flux
     python3 benchmarks/dit_e2e.py --smoke --out /tmp/dit_smoke         # CPU, tiny models, float32, seconds
 
-Per family (random-weight real-shaped diffusers transformers from ``autosparse.dits``):
+Per family (random-weight real-shaped diffusers transformers from ``autosparse.testing.dits``):
 
 1. build the model on the GPU in bf16 (HunyuanVideo trimmed to ``--layers 6`` by default: per-layer
    shapes are what matter; Wan all 30 layers at 480p/81f; FLUX all 57 at 2048², 128x128 tokens);
@@ -46,13 +46,13 @@ if str(REPO_ROOT) not in sys.path:
 import autosparse  # noqa: E402
 from autosparse import BlockGeometry, BlockLayout, Neighborhood, Profile, TokenGeometry, default_tile  # noqa: E402
 from autosparse.capture import LAYER_ATTR  # noqa: E402
-from autosparse.dits import build_dit  # noqa: E402
-from autosparse.families import family_of  # noqa: E402
+from autosparse.testing.dits import build_dit  # noqa: E402
+from autosparse.models.families import family_of  # noqa: E402
 from autosparse.layout import grid_order  # noqa: E402
 from autosparse.models import AttentionLayer, attention_layers  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA  # noqa: E402
-from autosparse.structural import tile_window  # noqa: E402
-from autosparse.timing import median_ms  # noqa: E402
+from autosparse.search.structural import tile_window  # noqa: E402
+from autosparse.tools.timing import median_ms  # noqa: E402
 
 Q_BLOCK, KV_BLOCK = 64, 128  # the profile's default layout blocks; the window search uses the same
 WARMUP = 2
@@ -149,7 +149,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
         f"= {model_order.length} tokens, {len(served)} served attention layers")
     search_begin = time.perf_counter()
     tiled = model_order.with_tile(default_tile(len(model_order.grid), KV_BLOCK))
-    if args.pattern == "tile":  # stride = tile: full blocks (autosparse.structural)
+    if args.pattern == "tile":  # stride = tile: full blocks (autosparse.search.structural)
         pattern, searched = tile_window(model_order, args.density, block_size=(Q_BLOCK, KV_BLOCK), device=device)
     else:
         window, searched = choose_window(tiled, args.density, device)
@@ -343,7 +343,7 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=["wan", "hunyuan_video", "flux"], choices=list(REAL))
     parser.add_argument("--pattern", choices=["neighborhood", "tile"], default="neighborhood",
                         help="neighborhood: stride-1 window (choose_window); tile: stride = tile, full blocks "
-                             "(autosparse.structural.tile_window, as the shipped profiles)")
+                             "(autosparse.search.structural.tile_window, as the shipped profiles)")
     parser.add_argument("--density", type=float, default=0.125, help="target block density (largest window <= it)")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed forward calls per variant, median (default 3; --smoke: 1)")

@@ -10,7 +10,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import autosparse
 from autosparse import Neighborhood, Profile
-from autosparse.dits import build_dit
+from autosparse.testing.dits import build_dit
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--family", default="wan")

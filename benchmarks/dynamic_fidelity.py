@@ -45,9 +45,9 @@ if str(REPO_ROOT) not in sys.path:
 
 from autosparse import BlockGeometry, Profile, patch_model, stats, unpatch_model  # noqa: E402
 from autosparse.patch import patch_of  # noqa: E402
-from autosparse.search import SearchConfig, calibrate  # noqa: E402
-from autosparse.validate import Reference, profile_density  # noqa: E402
-from autosparse.zoo import SMOLLM2, fixture_text, load_causal_lm, token_splits  # noqa: E402
+from autosparse.search.calibration import SearchConfig, calibrate  # noqa: E402
+from autosparse.search.validate import Reference, profile_density  # noqa: E402
+from autosparse.tools.zoo import SMOLLM2, fixture_text, load_causal_lm, token_splits  # noqa: E402
 
 # Loose -> tight. MInference's vertical_slash default is 1000 / 6096 at 128K (0.8 % / 4.7 % of the
 # keys); at 8K the same shares are ~64 / ~384, the fourth row.

@@ -30,9 +30,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from autosparse.search import SearchConfig, calibrate  # noqa: E402
-from autosparse.validate import Reference, fit_to_target, heldout_error, profile_density  # noqa: E402
-from autosparse.zoo import SMOLLM2, fixture_text, load_causal_lm, token_splits  # noqa: E402
+from autosparse.search.calibration import SearchConfig, calibrate  # noqa: E402
+from autosparse.search.validate import Reference, fit_to_target, heldout_error, profile_density  # noqa: E402
+from autosparse.tools.zoo import SMOLLM2, fixture_text, load_causal_lm, token_splits  # noqa: E402
 
 BUDGETS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2)
 

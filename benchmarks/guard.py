@@ -53,7 +53,7 @@ from autosparse import guard  # noqa: E402
 from autosparse.guard import Guard, GuardConfig, compare_rows, exact_rows, sample_rows  # noqa: E402
 from autosparse.layout import BlockLayout  # noqa: E402
 from autosparse.patterns import BlockGeometry, SinkLocal  # noqa: E402
-from autosparse.timing import median_ms  # noqa: E402
+from autosparse.tools.timing import median_ms  # noqa: E402
 
 BLOCKS = (64, 128)
 SINKS = 128
@@ -217,7 +217,7 @@ def timing(shapes, lengths, args, dtype, device, gen) -> list[dict]:
         t_sdpa = median_ms(lambda: sdpa(shape, q, k, v, scale), max(3, reps // 2), device, 1)
         t_kernels = t_split = None
         if cuda:
-            from autosparse.timing import gpu_ms
+            from autosparse.tools.timing import gpu_ms
 
             t_kernels = gpu_ms(lambda: compare_rows(q, k, v, out, pos, causal=shape.causal, scale=scale))
             t_split = gpu_ms(lambda: guard._split_pass(q, k, v, pos, shape.causal, scale, None, 0, shape.hkv))

@@ -49,7 +49,7 @@ from autosparse.capture import LAYER_ATTR  # noqa: E402
 from autosparse.kernels.reference import dense_attention  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA, plan_of  # noqa: E402
-from autosparse.timing import gpu_ms, median_ms  # noqa: E402
+from autosparse.tools.timing import gpu_ms, median_ms  # noqa: E402
 
 PROFILE = False  # --profile-estimate: list the estimate's kernels
 SPECS = ({"kind": "vertical_slash", "vertical": 1000, "slash": 6096},

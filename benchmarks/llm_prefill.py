@@ -28,7 +28,7 @@ from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile 
 from autosparse.kernels.reference import dense_attention  # noqa: E402
 from autosparse.layout import left_padded  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
-from autosparse.timing import median_ms  # noqa: E402
+from autosparse.tools.timing import median_ms  # noqa: E402
 
 
 def llama_8b_shaped(layers: int) -> LlamaForCausalLM:

@@ -18,9 +18,9 @@ import torch
 
 from autosparse.kernels import block_sparse_attention
 
-_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernels.py"))
+_spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).with_name("kernel_speed.py"))
 bench = sys.modules["bench_kernels"] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)  # the layout helpers of benchmarks/kernels.py
+_spec.loader.exec_module(bench)  # the layout helpers of benchmarks/kernel_speed.py
 
 
 def run(S, layout_kind, density, H=12, D=128, qb=64, kb=128):

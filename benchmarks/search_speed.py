@@ -23,8 +23,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from autosparse.dits import build_dit  # noqa: E402
-from autosparse.search import SearchConfig, search_profile  # noqa: E402
+from autosparse.testing.dits import build_dit  # noqa: E402
+from autosparse.search.calibration import SearchConfig, search_profile  # noqa: E402
 
 
 def main() -> None:

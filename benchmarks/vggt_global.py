@@ -6,7 +6,7 @@
 VGGT-1B's global attention attends all frames at once: per frame 1 camera + 4 register tokens, then
 (size/14)² patches (518 px: 37x37 = 1369, 1374 tokens a frame; 100 frames: 137,400 tokens), 16 heads
 of 64. The VGGT-architecture model is ``examples/vggt_model.py`` (random weights), served by its
-structure (``autosparse.families``: global attention only, frame specials dense).
+structure (``autosparse.models.families``: global attention only, frame specials dense).
 
 1. Attention alone, one global call: q/k with cross-view matches (``structured_qkv``: every frame
    sees one smooth scene of feature vectors shifted by its own offset, q and k with independent
@@ -27,7 +27,7 @@ structure (``autosparse.families``: global attention only, frame specials dense)
    (multiples of the patch size) plus noise. Reported: ms, speedup, relative L2 error of
    the last round's tokens, and that every global call ran sparse.
 
-Timing: ``autosparse.timing.median_ms`` (CUDA events around each call, then a synchronize: host
+Timing: ``autosparse.tools.timing.median_ms`` (CUDA events around each call, then a synchronize: host
 work such as building the layout counts), warm-up calls first. On a CPU the numbers mean nothing.
 """
 
@@ -55,7 +55,7 @@ from autosparse import capture  # noqa: E402
 from autosparse.patch import patch_of  # noqa: E402
 from autosparse.patterns import pattern_from_spec  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA, plan_of  # noqa: E402
-from autosparse.timing import median_ms  # noqa: E402
+from autosparse.tools.timing import median_ms  # noqa: E402
 from examples.vggt_model import Aggregator  # noqa: E402
 
 SPECIALS = 5  # 1 camera + 4 register tokens per frame

@@ -21,8 +21,8 @@ import time
 import torch
 
 import autosparse
-from autosparse.dits import FAMILY_NAMES, build_dit
-from autosparse.families import family_of
+from autosparse.testing.dits import FAMILY_NAMES, build_dit
+from autosparse.models.families import family_of
 
 # Tiny token shapes with a few blocks per sequence, so the neighborhood skips some.
 TINY_SHAPES = {

@@ -5,7 +5,7 @@ diffusion transformer the inputs are the keyword arguments of one transformer ca
 denoising steps in order (the step is counted from the timestep). With a real pipeline, record them
 from the pipeline's own calls::
 
-    from autosparse.search import record_inputs
+    from autosparse.search.calibration import record_inputs
 
     def wan_pipeline():
         pipe = WanPipeline.from_pretrained(path, torch_dtype=torch.bfloat16).to("cuda")
@@ -14,11 +14,11 @@ from the pipeline's own calls::
         heldout = record_inputs(pipe.transformer, lambda: generate("a city street at night"))
         return pipe.transformer, calibration, heldout
 
-Here: the tiny random-weight Wan of ``autosparse.dits`` (plumbing only: random weights attend
+Here: the tiny random-weight Wan of ``autosparse.testing.dits`` (plumbing only: random weights attend
 almost uniformly, so what the search finds says nothing about a real model).
 """
 
-from autosparse.dits import build_dit
+from autosparse.testing.dits import build_dit
 
 
 def wan():

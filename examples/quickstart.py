@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 import autosparse
-from autosparse.zoo import SMOLLM2, fixture_text, load_causal_lm
+from autosparse.tools.zoo import SMOLLM2, fixture_text, load_causal_lm
 
 PROFILE = Path(__file__).resolve().parent.parent / "profiles" / "smollm2-135m.json"
 

@@ -22,7 +22,6 @@ import torch
 from torch import fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-import autosparse.backend  # noqa: F401  (registers torch.ops.autosparse.attention and .layer_of)
 from autosparse.runtime import empty_output
 
 __all__ = ["SdpaCall", "find_sdpa", "rewrite_sdpa"]

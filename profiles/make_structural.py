@@ -4,7 +4,7 @@
 
 Each model is built on the meta device (structure only, no weights) with its public config; the
 window is the largest tile-stepped neighborhood within the block density below at the target
-resolution (``autosparse.structural.tile_window``), dense for the first denoising steps (about the
+resolution (``autosparse.search.structural.tile_window``), dense for the first denoising steps (about the
 first fifth of the default step count). Wan2.1-1.3B at 480p gets 0.20: its 30-row latent grid is not
 a multiple of the 8-row tile, and within 0.15 only a 2-frame window fits.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from autosparse.dits import build_dit
-from autosparse.structural import structural_profile
-from autosparse.tokens import TokenGeometry
+from autosparse.testing.dits import build_dit
+from autosparse.search.structural import structural_profile
+from autosparse.patterns.geometry import TokenGeometry
 
 HERE = Path(__file__).resolve().parent
 WAN_14B = {"num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824}

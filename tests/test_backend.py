@@ -17,7 +17,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import autosparse
 from autosparse import profiles
-from autosparse.dits import build_dit
+from autosparse.testing.dits import build_dit
 from autosparse.passes.sdpa import find_sdpa
 from conftest import tiny_llama
 from test_diffusers import NEIGHBORHOOD, SERVED, _dit, _profile

@@ -7,7 +7,7 @@ import pytest
 
 from autosparse import Profile
 from autosparse.cli import main
-from autosparse.zoo import SMOLLM2, load_causal_lm
+from autosparse.tools.zoo import SMOLLM2, load_causal_lm
 
 from conftest import tiny_llama
 
@@ -110,7 +110,7 @@ def test_show_png_and_bench_from_a_factory(tmp_path, capsys, monkeypatch):
 def test_show_png_of_an_uncalibrated_profile(tmp_path):
     from PIL import Image
 
-    from autosparse.heatmap import save_heatmap
+    from autosparse.tools.heatmap import save_heatmap
 
     profile = Profile.load(Path(__file__).resolve().parents[1] / "profiles" / "hunyuanvideo-720p.json")
     save_heatmap(profile, tmp_path / "h.png")

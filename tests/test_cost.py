@@ -4,9 +4,9 @@ where its cheapest admissible pattern is not faster than dense attention."""
 import pytest
 import torch
 
-import autosparse.search as search
+import autosparse.search.calibration as search
 from autosparse import BlockGeometry, BlockLayout, Dense, SinkLocal, Window
-from autosparse.cost import LayerShape, relative_costs
+from autosparse.search.cost import LayerShape, relative_costs
 from autosparse.models import AttentionLayer
 
 from test_search import positional_qkv

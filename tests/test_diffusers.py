@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 import autosparse
-from autosparse.dits import build_dit
-from autosparse.families import family_of
+from autosparse.testing.dits import build_dit
+from autosparse.models.families import family_of
 from autosparse.kernels.reference import dense_attention
 from autosparse.layout import BlockLayout, grid_order
 from autosparse.models import attention_layers
 from autosparse.patterns import BlockGeometry, pattern_from_spec
-from autosparse.tokens import default_tile
+from autosparse.patterns.geometry import default_tile
 from conftest import sdpa_per_layer
 
 BLOCKS = (16, 32)

@@ -10,7 +10,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import autosparse
 from autosparse import BlockCdf, BlockGeometry, BlockLayout, BlockTopK, VerticalSlash
-from autosparse.dynamic import _column_blocks, _diagonal_blocks, _sum_by_offset, always_kept
+from autosparse.patterns.dynamic import _column_blocks, _diagonal_blocks, _sum_by_offset, always_kept
 from autosparse.kernels.reference import dense_attention
 from autosparse.patterns import pattern_from_spec
 

@@ -325,7 +325,7 @@ def test_report_unbuilt_families():
 # Every ``ModelMixin`` subclass of diffusers whose name contains "Transformer", built from a small
 # config (DIT_SMALL for the constructor arguments it has, DIT_CONFIG per class) with tiny inputs (a
 # generic builder from the forward signature, DIT_INPUTS per class); the four families of
-# ``autosparse.dits`` are built there. A class that does not build, or whose unpatched forward fails
+# ``autosparse.testing.dits`` are built there. A class that does not build, or whose unpatched forward fails
 # or takes longer than DIT_MAX_SECONDS, is listed by ``test_report_unbuilt_dits`` with the reason.
 
 DIT_SPARSE = {"kind": "window", "window": 16}  # 1-D: every family runs it (no token grid needed)
@@ -433,7 +433,7 @@ def dit_classes() -> list[str]:
 
 DIT_KNOWN = {"WanTransformer3DModel": "wan", "HunyuanVideoTransformer3DModel": "hunyuan_video",
              "CogVideoXTransformer3DModel": "cogvideox", "FluxTransformer2DModel": "flux"}
-# The CI slice: the four families of autosparse.dits and a fixed set of others that build and run fast.
+# The CI slice: the four families of autosparse.testing.dits and a fixed set of others that build and run fast.
 DIT_CI = [*DIT_KNOWN, "SD3Transformer2DModel", "PixArtTransformer2DModel", "SanaTransformer2DModel",
           "Lumina2Transformer2DModel", "MochiTransformer3DModel", "LTXVideoTransformer3DModel",
           "AuraFlowTransformer2DModel", "AllegroTransformer3DModel", "CogView4Transformer2DModel",
@@ -454,7 +454,7 @@ def build_dit_case(name: str) -> tuple:
     import diffusers
 
     if name in DIT_KNOWN:
-        from autosparse.dits import build_dit
+        from autosparse.testing.dits import build_dit
 
         dit = build_dit(DIT_KNOWN[name], "tiny", **DIT_SHAPES.get(name, {}))
         torch.manual_seed(2)
@@ -532,7 +532,7 @@ def dit_oracle(model, inputs, pattern, served: list[bool]) -> torch.Tensor:
     torch's SDPA."""
     import torch.nn.functional as F
 
-    from autosparse.families import family_of
+    from autosparse.models.families import family_of
     from autosparse.layout import grid_order
 
     family = family_of(model)

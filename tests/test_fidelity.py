@@ -1,7 +1,7 @@
 """End to end on real weights: the demo's search on SmolLM2-135M keeps held-out perplexity within
 2% of dense while computing well under all of the attention."""
 
-from autosparse.demo import run_demo
+from autosparse.tools.demo import run_demo
 
 
 def test_demo_fidelity(tmp_path, capsys):

@@ -18,7 +18,7 @@ import torch
 
 from autosparse import (BlockGeometry, BlockLayout, Dense, Global, Neighborhood, Spatial, Stripes, Temporal,
                         TokenGeometry, Union, Window, default_tile, pattern_from_spec)
-from autosparse.grid import window_mask
+from autosparse.patterns.grid import window_mask
 from autosparse.kernels import block_sparse_attention_torch, dense_attention
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

@@ -627,7 +627,7 @@ EXACT_ENOUGH = {"kind": "window", "window": 4096}  # every key (served sparse at
 
 
 def _wan():
-    from autosparse.dits import build_dit
+    from autosparse.testing.dits import build_dit
 
     return build_dit("wan", "tiny", **WAN_SHAPE)
 

@@ -224,7 +224,7 @@ ROWS_CASES = [  # (case, permutation)
 def q_rows_of(case: Case, kind: str) -> torch.Tensor:
     """int32 [Sq]: the model row of the query at each kernel position."""
     if kind == "tile":
-        from autosparse.tokens import TokenGeometry
+        from autosparse.patterns.geometry import TokenGeometry
 
         perm = TokenGeometry(**TILE_TOKENS).permutation()
         assert perm.numel() == case.Sq

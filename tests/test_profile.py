@@ -399,7 +399,7 @@ def test_global_around_a_neighborhood_follows_the_token_rule(tiled):
 
     import torch
 
-    from autosparse.grid import window_mask
+    from autosparse.patterns.grid import window_mask
 
     seed = random.randrange(2 ** 32)
     rng = random.Random(seed)
@@ -509,7 +509,7 @@ def test_unfit_says_before_the_layout_whether_a_pattern_applies(pattern, geometr
 
 
 def _family_model(family):
-    from autosparse.dits import build_dit
+    from autosparse.testing.dits import build_dit
 
     return build_dit(family, "tiny").model
 

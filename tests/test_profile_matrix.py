@@ -24,7 +24,7 @@ import pytest
 
 import autosparse.profile as profile_module
 from autosparse import Profile, pattern_from_spec
-from autosparse.dits import build_dit
+from autosparse.testing.dits import build_dit
 from autosparse.kernels.block_sparse_op import BLOCK_SIZES
 from autosparse.patterns import MAX_PATTERN_DEPTH
 from autosparse.profile import LayerProfile, StepRange

@@ -9,7 +9,7 @@ import torch
 from autosparse import BlockGeometry, BlockLayout, Dense, Profile, Window, SinkLocal
 from autosparse.kernels.reference import dense_attention
 from autosparse.models import AttentionLayer, attention_layers
-from autosparse.search import SearchConfig, _Calibrator, calibrate, search_profile
+from autosparse.search.calibration import SearchConfig, _Calibrator, calibrate, search_profile
 
 
 def positional_qkv(length: int, seed: int):
@@ -115,7 +115,7 @@ def test_grid_candidates_scored_in_tile_order():
     """The error reported for a chosen neighborhood is the error that layout has when the kernel
     runs it (tile order, text dense), measured over all grid rows with dense masked attention."""
     from autosparse import TokenGeometry
-    from autosparse.grid import Neighborhood
+    from autosparse.patterns.grid import Neighborhood
 
     tokens = TokenGeometry((4, 16, 32), prefix=5)
     budget = 0.15
@@ -125,7 +125,7 @@ def test_grid_candidates_scored_in_tile_order():
     calibrator = _Calibrator(config, [layer], progress=None)
     calibrator.observe("attn", q, k, v, causal=False, scale=32 ** -0.5, tokens=tokens)
     from autosparse import Union
-    from autosparse.grid import Spatial, Stripes, Temporal
+    from autosparse.patterns.grid import Spatial, Stripes, Temporal
 
     *neighborhoods, spatial, temporal, first_frame, dense = calibrator.candidates  # video: 3 head types more
     assert all(isinstance(c, Neighborhood) for c in neighborhoods) and len(neighborhoods) > 1
@@ -134,7 +134,7 @@ def test_grid_candidates_scored_in_tile_order():
     chosen = calibrator.choose(layer)
     local, uniform = chosen.heads
     assert isinstance(local, Neighborhood) and uniform == Dense()
-    from autosparse.tokens import default_tile
+    from autosparse.patterns.geometry import default_tile
 
     tiled = tokens.with_tile(default_tile(3, 64))
     geometry = BlockGeometry(tokens.length, tokens.length, 32, 64, False, tiled)
@@ -168,7 +168,7 @@ def test_search_profile_on_a_diffusion_transformer():
     """A tiny Wan calibrated over three denoising steps through the patch_model capture: grid
     candidates, dense first step (not calibrated), a profile that patches the model."""
     import autosparse
-    from autosparse.dits import build_dit
+    from autosparse.testing.dits import build_dit
 
     dit = build_dit("wan", frames=2, height=32, width=96)
     steps = [dit.inputs(timestep=t) for t in (900.0, 700.0, 500.0)]
@@ -192,7 +192,7 @@ def test_step_ranges_get_their_own_patterns():
     """Calls are scored per step range; each range but the last becomes a StepRange of the profile
     (dense if nothing there is sparse), the last is the default, the first steps stay dense."""
     import autosparse
-    from autosparse.dits import build_dit
+    from autosparse.testing.dits import build_dit
 
     dit = build_dit("wan", frames=2, height=32, width=96)
     steps = [dit.inputs(timestep=t) for t in (900.0, 800.0, 700.0, 600.0, 500.0)]
@@ -221,8 +221,8 @@ def test_step_ranges_get_their_own_patterns():
 def test_record_inputs_of_a_pipeline_then_calibrate():
     """A pipeline-like loop calls the transformer positionally and with keywords (CFG: twice per
     step); the recorded calls replay exactly and calibrate like hand-made inputs."""
-    from autosparse.dits import build_dit
-    from autosparse.search import record_inputs
+    from autosparse.testing.dits import build_dit
+    from autosparse.search.calibration import record_inputs
 
     dit = build_dit("wan", frames=2, height=32, width=96)
     steps = [dit.inputs(timestep=t) for t in (900.0, 600.0)]
@@ -246,8 +246,8 @@ def test_an_interrupted_calibration_resumes_from_its_checkpoint(tmp_path, monkey
     """Stopped after 2 of 4 denoising steps, started again with the same checkpoint: it skips the
     steps done, keeps counting steps where it left off, and ends exactly where one run ends."""
     import autosparse
-    import autosparse.search as search
-    from autosparse.dits import build_dit
+    import autosparse.search.calibration as search
+    from autosparse.testing.dits import build_dit
 
     dit = build_dit("wan", frames=2, height=32, width=96)
     steps = [dit.inputs(timestep=t) for t in (900.0, 800.0, 700.0, 600.0)]
@@ -284,7 +284,7 @@ def test_dynamic_candidates_win_where_attention_follows_content():
     with dynamic candidates the search takes block_topk for it, and its reported error is the
     error its own estimated layout has."""
     from autosparse import BlockTopK
-    from autosparse.dynamic import DynamicPattern
+    from autosparse.patterns.dynamic import DynamicPattern
 
     from test_dynamic import planted_blocks
 
@@ -317,7 +317,7 @@ def test_the_runtime_lays_grids_out_in_the_profiles_token_order(tmp_path, order)
     whichever order would need fewer blocks."""
     import autosparse
     from autosparse import runtime
-    from autosparse.dits import build_dit
+    from autosparse.testing.dits import build_dit
 
     dit = build_dit("wan", frames=2, height=32, width=96)
     profile = Profile.uniform(dit.model, {"kind": "neighborhood", "window": [1, 3, 3]}, block_size=(16, 32))

@@ -8,8 +8,8 @@ import torch
 
 import autosparse
 from autosparse import BlockGeometry, BlockLayout, TokenGeometry
-from autosparse.dits import build_dit
-from autosparse.structural import structural_profile, tile_window
+from autosparse.testing.dits import build_dit
+from autosparse.search.structural import structural_profile, tile_window
 
 PROFILES = Path(__file__).resolve().parents[1] / "profiles"
 WAN_14B = {"num_attention_heads": 40, "num_layers": 40, "ffn_dim": 13824}

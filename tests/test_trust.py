@@ -15,7 +15,7 @@ from conftest import tiny_llama
 
 import autosparse
 from autosparse import Profile, capture, runtime
-from autosparse.dits import build_dit
+from autosparse.testing.dits import build_dit
 
 TORCH_SDPA = torch._C._nn.scaled_dot_product_attention
 BLOCKS = (16, 16)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import autosparse
-from autosparse.dits import build_dit
-from autosparse.evaluate import perplexity
-from autosparse.search import SearchConfig, calibrate
-from autosparse.validate import Reference, fit_to_target, heldout_error, profile_density
+from autosparse.testing.dits import build_dit
+from autosparse.tools.evaluate import perplexity
+from autosparse.search.calibration import SearchConfig, calibrate
+from autosparse.search.validate import Reference, fit_to_target, heldout_error, profile_density
 
 from conftest import tiny_llama
 

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 import autosparse
-from autosparse.families import family_of
+from autosparse.models.families import family_of
 from autosparse.kernels.reference import dense_attention
 from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.models import attention_layers, library, model_signature
 from autosparse.patterns import BlockGeometry, Dense, pattern_from_spec
 from autosparse.runtime import LayerPlan
-from autosparse.tokens import TokenGeometry
+from autosparse.patterns.geometry import TokenGeometry
 from conftest import sdpa_per_layer
 from test_backend import ATTENTION, Inner
 

@@ -11,8 +11,8 @@ import importlib.metadata
 import pytest
 import torch
 
-from autosparse import zoo
-from autosparse.evaluate import perplexity
+from autosparse.tools import zoo
+from autosparse.tools.evaluate import perplexity
 
 
 @pytest.fixture(scope="module")

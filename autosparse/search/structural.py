@@ -19,11 +19,11 @@ import math
 import torch
 from torch import nn
 
-from autosparse.grid import Neighborhood
+from autosparse.patterns.grid import Neighborhood
 from autosparse.layout import BlockLayout
-from autosparse.patterns import BlockGeometry
+from autosparse.patterns.basic import BlockGeometry
 from autosparse.profile import DEFAULT_BLOCK_SIZE, Profile
-from autosparse.tokens import TokenGeometry, default_tile
+from autosparse.patterns.geometry import TokenGeometry, default_tile
 
 __all__ = ["tile_window", "structural_profile"]
 

@@ -16,8 +16,8 @@ from torch import nn
 
 from autosparse.patch import patch_model, stats, unpatch_model
 from autosparse.profile import Profile
-from autosparse.search import output_tensor, run_model
-from autosparse.timing import median_ms
+from autosparse.search.calibration import output_tensor, run_model
+from autosparse.tools.timing import median_ms
 
 __all__ = ["bench"]
 

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from autosparse.tokens import TokenGeometry
+from autosparse.patterns.geometry import TokenGeometry
 
 __all__ = ["Family", "family_of", "structural_family", "vggt_aggregator", "FAMILIES"]
 

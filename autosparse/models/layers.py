@@ -47,7 +47,7 @@ def library(model: nn.Module) -> str:
     """Which capture route serves ``model``: ``"transformers"`` (its attention interface),
     ``"diffusers"`` or ``"module"`` (a plain ``nn.Module`` a family recognises by its structure, e.g.
     VGGT); the last two through hooks. TypeError otherwise."""
-    from autosparse.families import structural_family
+    from autosparse.models.families import structural_family
 
     if hasattr(model, "set_attn_implementation") and hasattr(model, "config"):
         return "transformers"
@@ -88,7 +88,7 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
 
 def _family_layers(model: nn.Module, kind: str) -> list[AttentionLayer]:
     """Hook route: the attention modules whose name the model's family serves."""
-    from autosparse.families import family_of
+    from autosparse.models.families import family_of
 
     family = family_of(model)
     heads_of = _diffusers_heads() if kind == "diffusers" else _module_heads
@@ -159,7 +159,7 @@ def model_signature(model: nn.Module) -> dict[str, Any]:
     if library(model) == "transformers":
         found = {key: _config_field(model.config, key) for key in _SIGNATURE_FIELDS}
     else:
-        from autosparse.families import family_of
+        from autosparse.models.families import family_of
 
         found = family_of(model).signature_fields(model)
     signature = {

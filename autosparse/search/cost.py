@@ -17,9 +17,9 @@ import torch
 
 from autosparse.kernels import cache
 from autosparse.layout import BlockLayout, block_mask
-from autosparse.patterns import BlockGeometry, Pattern
+from autosparse.patterns.basic import BlockGeometry, Pattern
 from autosparse.runtime import ORIGINAL_SDPA
-from autosparse.timing import gpu_ms
+from autosparse.kernels.tuning import gpu_ms
 
 __all__ = ["LayerShape", "relative_costs"]
 

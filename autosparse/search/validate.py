@@ -22,7 +22,7 @@ from torch import nn
 
 from autosparse.models import library
 from autosparse.profile import Profile
-from autosparse.search import Calibration, output_tensor, run_model
+from autosparse.search.calibration import Calibration, output_tensor, run_model
 
 __all__ = ["Reference", "fit_to_target", "heldout_error", "profile_density"]
 

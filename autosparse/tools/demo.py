@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from autosparse.evaluate import perplexity
+from autosparse.tools.evaluate import perplexity
 from autosparse.patch import patch_model, stats, unpatch_model
-from autosparse.search import SearchConfig, search_profile
-from autosparse.zoo import SMOLLM2, fixture_text, load_causal_lm, token_splits
+from autosparse.search.calibration import SearchConfig, search_profile
+from autosparse.tools.zoo import SMOLLM2, fixture_text, load_causal_lm, token_splits
 
 __all__ = ["DEMO_BUDGET", "run_demo"]
 

@@ -26,7 +26,7 @@ from typing import ClassVar
 
 import torch
 
-from autosparse.patterns import BlockGeometry, Pattern, _check_int, register_pattern
+from autosparse.patterns.basic import BlockGeometry, Pattern, _check_int, register_pattern
 
 __all__ = ["BlockCdf", "BlockTopK", "DynamicPattern", "VerticalSlash"]
 

@@ -5,7 +5,7 @@ form ``{"kind": "sink_local", "sinks": 4, "window": 256}``. Sizes are given in t
 means a set of *blocks*: a key block is attended by a query block when the token rule touches any
 (query, key) pair of the two, and then the whole block is attended (subject to causality). Full
 blocks are what make block-sparse kernels fast; the exact token set is ``BlockLayout.to_dense()``.
-Patterns over a video/image token grid (``BlockGeometry.tokens``) are in ``autosparse.grid``.
+Patterns over a video/image token grid (``BlockGeometry.tokens``) are in ``autosparse.patterns.grid``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from autosparse.tokens import TokenGeometry
+from autosparse.patterns.geometry import TokenGeometry
 
 __all__ = [
     "BlockGeometry",
@@ -166,7 +166,7 @@ class Pattern:
 
     @property
     def is_dynamic(self) -> bool:
-        """Whether the key blocks depend on each call's q and k (``autosparse.dynamic``)."""
+        """Whether the key blocks depend on each call's q and k (``autosparse.patterns.dynamic``)."""
         return False
 
     def unfit(self, geometry: BlockGeometry) -> str | None:

@@ -29,7 +29,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-__all__ = ["TokenGeometry", "default_tile"]
+__all__ = ["TOKEN_ORDERS", "TokenGeometry", "default_tile"]
+
+# The orders a token grid's patterns can be laid out in (``autosparse.layout.grid_order`` chooses).
+TOKEN_ORDERS = ("auto", "tile", "raster")
 
 
 def _int_tuple(owner: str, value: Any, minimum: int = 1) -> tuple[int, ...]:

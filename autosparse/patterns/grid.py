@@ -15,8 +15,8 @@ from typing import ClassVar
 
 import torch
 
-from autosparse.patterns import BlockGeometry, Pattern, _check_int, register_pattern
-from autosparse.tokens import _int_tuple
+from autosparse.patterns.basic import BlockGeometry, Pattern, _check_int, register_pattern
+from autosparse.patterns.geometry import _int_tuple
 
 __all__ = ["GridPattern", "Neighborhood", "Spatial", "Stripes", "Temporal", "window_mask"]
 

@@ -6,7 +6,7 @@ denoising step) and runs dense, unchanged; an observer on the op scores, for eve
 candidate pattern on sampled query rows: error = ‖O_pattern − O_dense‖ / ‖O_dense‖ per head,
 accumulated over calls. Exact dense rows are cheap, and a pattern's output follows from the dense
 probabilities renormalised over its key blocks, so all candidates cost one matrix product each.
-Cost is the kernel's time relative to dense SDPA, measured on the GPU and cached (``autosparse.cost``;
+Cost is the kernel's time relative to dense SDPA, measured on the GPU and cached (``autosparse.search.cost``;
 on a CPU, the key blocks computed).
 
 Candidates: for a 1-D sequence (LLMs), windows and sinks + windows of ``SearchConfig.windows``; for
@@ -31,14 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from autosparse.cost import LayerShape, relative_costs
-from autosparse.dynamic import BlockCdf, BlockTopK
-from autosparse.grid import Spatial, Stripes, Temporal
+from autosparse.search.cost import LayerShape, relative_costs
+from autosparse.patterns.dynamic import BlockCdf, BlockTopK
+from autosparse.patterns.grid import Spatial, Stripes, Temporal
 from autosparse.layout import block_mask, grid_order
 from autosparse.models import AttentionLayer, attention_layers, library, model_signature
-from autosparse.patterns import BlockGeometry, Dense, Pattern, SinkLocal, Union, Window
+from autosparse.patterns.basic import BlockGeometry, Dense, Pattern, SinkLocal, Union, Window
 from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile, StepRange
-from autosparse.tokens import TokenGeometry
+from autosparse.patterns.geometry import TokenGeometry
 
 # The token order grid candidates are scored in, recorded in the profiles the search makes
 # (``Profile.token_order``), so the runtime lays them out in that order too.
@@ -64,7 +64,7 @@ class SearchConfig:
             ``[35, end)``); a range where every head stays dense becomes a dense range.
         query_rows: query rows sampled per layer call to measure errors.
         seed: seeds the row sampling, so a search is reproducible.
-        cost: ``"auto"``: kernel time measured on this GPU relative to dense SDPA (``autosparse.cost``;
+        cost: ``"auto"``: kernel time measured on this GPU relative to dense SDPA (``autosparse.search.cost``;
             key blocks on a CPU); ``"blocks"``: always key blocks.
         dynamic: 1-D sequences (LLMs): also try the dynamic kinds (``block_topk`` k of
             ``DYNAMIC_TOPK``, ``block_cdf`` mass of ``DYNAMIC_MASS``), scored on each call's own
@@ -111,7 +111,7 @@ DYNAMIC_MASS = (0.8, 0.9, 0.95)
 def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None) -> list[Pattern]:
     """The patterns tried for every head (on ``tokens``' grid, if given); Dense is always last and
     always qualifies."""
-    from autosparse.structural import tile_window
+    from autosparse.search.structural import tile_window
 
     dynamic = [BlockTopK(k) for k in DYNAMIC_TOPK] + [BlockCdf(m) for m in DYNAMIC_MASS] if config.dynamic else []
     candidates: list[Pattern] = []
@@ -299,7 +299,7 @@ class _Calibrator:
 class Calibration:
     """What calibration measured, per layer, head and candidate: the error on the sampled rows and
     the key blocks computed. Choosing under any budget is free from here (no forward pass), which
-    is what end-to-end validation uses to tighten a profile (``autosparse.validate``)."""
+    is what end-to-end validation uses to tighten a profile (``autosparse.search.validate``)."""
 
     model: nn.Module
     config: SearchConfig

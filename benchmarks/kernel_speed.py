@@ -1,6 +1,6 @@
 """GPU correctness check and timing table of the block-sparse attention kernel, in one command.
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernel_speed.py --out $OUT
 
 1. ceilings: a large bf16 matmul (TFLOP/s) and a device-to-device copy (TB/s), measured here;
 2. correctness: bf16 / fp16 / fp32 against ``dense_attention`` on float32-upcast inputs (GQA, causal,
