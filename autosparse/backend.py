@@ -45,7 +45,7 @@ import torch
 from torch import fx, nn
 
 from autosparse import capture, runtime
-from autosparse.models import library
+from autosparse.models import model_kind
 from autosparse.patch import _Patch, attach, patch_of
 from autosparse.profile import Profile
 
@@ -133,7 +133,7 @@ def _inner_compiler(inner: str | Callable[..., Any], mode: str | None) -> Callab
 
 
 def owning_model(gm: fx.GraphModule, example_inputs: list[Any], profile: Any = None) -> nn.Module | None:
-    """The outermost served model (``models.library``) owning the graph's parameters (inputs under
+    """The outermost served model (``models.model_kind``) owning the graph's parameters (inputs under
     Dynamo's default ``inline_inbuilt_nn_modules``, else attributes of ``gm``); with a ``Profile``,
     one of its class when several models do."""
     params = {id(t) for t in example_inputs if isinstance(t, nn.Parameter)} | {id(p) for p in gm.parameters()}
@@ -155,7 +155,7 @@ def _served(module: nn.Module) -> bool:
     if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):  # a wrapper: its _orig_mod is the model
         return False
     try:
-        library(module)
+        model_kind(module)
     except TypeError:
         return False
     return True
@@ -237,10 +237,10 @@ def _route(gm: fx.GraphModule, example_inputs: list[Any], model: nn.Module, patc
             routed.dense["dense in profile"] += 1
         else:
             anchors[call] = anchor
-    if not calls and patch.library == "transformers":
+    if not calls and not patch.kind.hooked:
         _say_once(f"no SDPA call in a compiled graph of {type(model).__name__} (attn_implementation="
                   f"{model.config._attn_implementation!r}); autosparse serves 'sdpa'")
-    if patch.library != "transformers":  # hook route: the family reads the call's context
+    if patch.kind.hooked:  # the family reads the call's context
         _read_context(gm, example_inputs, model, patch, routed)
     _index(model)
     rewrite_sdpa(gm, anchors)

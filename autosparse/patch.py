@@ -18,7 +18,7 @@ from torch import nn
 
 from autosparse import capture, runtime
 from autosparse.guard import Guard, GuardConfig
-from autosparse.models import attention_layers, library
+from autosparse.models import ModelKind, attention_layers, model_kind
 from autosparse.profile import Profile
 from autosparse.runtime import AttentionStats, LayerPlan, PatchState
 
@@ -36,7 +36,7 @@ class _Patch:
     model patched on its own (new layer ids, its own counts and caches)."""
 
     state: PatchState
-    library: str
+    kind: ModelKind
     modules: list[nn.Module]
     plans: list[LayerPlan]
     profile: Profile
@@ -51,10 +51,10 @@ class _Patch:
         for module, plan in zip(self.modules, self.plans):
             setattr(module, capture.LAYER_ATTR, runtime.register(plan))
         if self.route == "eager":
-            if self.library == "transformers":
-                capture.register_transformers()
-            else:
+            if self.kind.hooked:
                 capture.count_hooked(+1)
+            else:
+                capture.register_transformers()
 
 
 def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool = False,
@@ -78,10 +78,10 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
     compiling.
     """
     patch = attach(model, profile, strict=strict, guard=guard, route="eager")
-    if patch.library == "transformers":
-        patch.state.original_implementation = capture.attach_transformers(model, patch.modules)
-    else:
+    if patch.kind.hooked:
         patch.handles = capture.attach_hooks(model, patch.state, patch.modules)
+    else:
+        patch.state.original_implementation = capture.attach_transformers(model, patch.modules)
     return model
 
 
@@ -101,7 +101,7 @@ def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, rou
     plans = [LayerPlan(layer.name, layer.index, layer.num_heads, profile, state) for layer in layers]
     for layer, plan in zip(layers, plans):
         setattr(layer.module, capture.LAYER_ATTR, runtime.register(plan))
-    patch = _Patch(state, library(model), [layer.module for layer in layers], plans, profile, route)
+    patch = _Patch(state, model_kind(model), [layer.module for layer in layers], plans, profile, route)
     setattr(model, _STATE_ATTR, patch)
     return patch
 
@@ -114,10 +114,10 @@ def patch_of(model: nn.Module) -> _Patch | None:
 def unpatch_model(model: nn.Module) -> nn.Module:
     """Undo ``patch_model``: the original attention, no autosparse attributes or hooks."""
     patch = _patch_of(model)
-    if patch.route == "eager" and patch.library == "transformers":
-        capture.detach_transformers(model, patch.state.original_implementation)
-    elif patch.route == "eager":
+    if patch.route == "eager" and patch.kind.hooked:
         capture.detach_hooks(model, patch.handles)
+    elif patch.route == "eager":
+        capture.detach_transformers(model, patch.state.original_implementation)
     else:  # compile backend: its graphs refuse to run from now on (they name the reason)
         for handle in patch.handles:
             handle.remove()

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from autosparse.kernels.block_sparse_op import BLOCK_SIZES
-from autosparse.models import AttentionLayer, attention_layers, library, model_signature, signature_fingerprint
+from autosparse.models import AttentionLayer, attention_layers, call_traits, model_signature, signature_fingerprint
 from autosparse.patterns import Dense, Pattern, pattern_from_spec
 from autosparse.patterns.geometry import TOKEN_ORDERS
 
@@ -251,20 +251,6 @@ def _sorted_steps(steps: tuple[StepRange, ...]) -> tuple[StepRange, ...]:
     return tuple(steps[i] for i in order)
 
 
-def _layer_calls(model: nn.Module, layer: AttentionLayer) -> tuple[bool, int | None, str]:
-    """What every call of ``layer`` is like, as far as the model says before any call: (causal,
-    token-grid rank or None, a description for error messages). transformers attention: causal as
-    the module says, never a grid. Hook route (diffusers, VGGT): non-causal, the family's grid."""
-    if library(model) == "transformers":
-        causal = bool(getattr(layer.module, "is_causal", True))
-        return causal, None, f"{'causal' if causal else 'non-causal'} attention of a transformers model, no token grid"
-    from autosparse.models.families import family_of
-
-    family = family_of(model)
-    grid = f"a {family.grid_rank}-D token grid" if family.grid_rank is not None else "no token grid"
-    return False, family.grid_rank, f"non-causal attention of the {family.name!r} family, {grid}"
-
-
 def _check_layers(layers: dict[str, LayerProfile], found: dict[str, AttentionLayer], where: str,
                   model: nn.Module) -> None:
     """Raise ValueError naming ``where[name]``'s first field that does not fit the model's layers,
@@ -278,12 +264,12 @@ def _check_layers(layers: dict[str, LayerProfile], found: dict[str, AttentionLay
             raise ValueError(f"{here}.num_heads: expected {layer.num_heads} (the model), found {entry.num_heads}")
         if entry.index != layer.index:
             raise ValueError(f"{here}.index: expected {layer.index} (the model), found {entry.index}")
-        causal, grid_rank, calls = _layer_calls(model, layer)
+        calls = call_traits(model, layer)
         for h, pattern in enumerate(entry.heads):
-            reason = pattern.unfit_layer(causal, grid_rank)
+            reason = pattern.unfit_layer(calls.causal, calls.grid_rank)
             if reason is not None:
                 raise ValueError(f"{here}.heads[{h}]: {pattern.short_str()} can never run on this layer "
-                                 f"({calls}): {reason}")
+                                 f"({calls.description}): {reason}")
 
 
 def _check_recorded_layers(layers: dict[str, LayerProfile], attention: dict[str, list], where: str) -> None:

@@ -21,7 +21,7 @@ import autosparse
 from autosparse.models.families import family_of
 from autosparse.kernels.reference import dense_attention
 from autosparse.layout import BlockLayout, block_mask, grid_order
-from autosparse.models import attention_layers, library, model_signature
+from autosparse.models import ModelKind, attention_layers, model_kind, model_signature
 from autosparse.patterns import BlockGeometry, Dense, pattern_from_spec
 from autosparse.runtime import LayerPlan
 from autosparse.patterns.geometry import TokenGeometry
@@ -129,7 +129,7 @@ def served_layouts(monkeypatch):
 
 def test_recognised_by_structure_global_attention_only():
     model = tiny_vggt()
-    assert library(model) == "module" and family_of(model).name == "vggt"
+    assert model_kind(model) is ModelKind.MODULE and family_of(model).name == "vggt"
     layers = attention_layers(model)
     assert [layer.name for layer in layers] == GLOBAL  # frame attention is not served
     assert all((layer.num_heads, layer.num_kv_heads, layer.head_dim) == (4, 4, 16) for layer in layers)
@@ -141,7 +141,7 @@ def test_recognised_by_structure_global_attention_only():
                                                                         "head_dim": 16, "patch_size": 14,
                                                                         "patch_start_idx": 5}
     with pytest.raises(TypeError, match="VGGT"):
-        library(nn.Sequential(nn.Linear(4, 4)))
+        model_kind(nn.Sequential(nn.Linear(4, 4)))
 
 
 @pytest.mark.parametrize("batch", [None, 2], ids=["4-D", "5-D"])

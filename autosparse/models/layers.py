@@ -1,11 +1,13 @@
-"""Find the attention layers of a model and describe the model for profile matching.
+"""Find the attention layers of a model, say what their calls are like, and describe the model for
+profile matching.
 
 Three kinds of model are served. transformers attention modules call a function looked up through
 ``AttentionInterface`` with the module as first argument (so the call knows its layer). diffusers
 attention modules (``AttentionModuleMixin``) call ``F.scaled_dot_product_attention`` themselves; which
 of them are served, and the token geometry of their calls, comes from the model's ``Family``. A plain
-``nn.Module`` that a family recognises by its structure (``"module"``, e.g. VGGT) is served the same
-way as diffusers models: its attention modules call ``F.scaled_dot_product_attention`` too.
+``nn.Module`` that a family recognises by its structure (``ModelKind.MODULE``, e.g. VGGT) is served
+the same way as diffusers models: its attention modules call ``F.scaled_dot_product_attention`` too.
+Everything here that differs by kind branches on ``model_kind`` (``autosparse.models.kind``).
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["AttentionLayer", "attention_layers", "attention_structure", "library", "model_signature",
-           "signature_fingerprint"]
+from autosparse.models.families import family_of
+from autosparse.models.kind import ModelKind, model_kind
+
+__all__ = ["AttentionLayer", "CallTraits", "attention_layers", "attention_structure", "call_traits",
+           "model_signature", "signature_fingerprint"]
 
 # Config fields that decide whether a profile fits: attention shapes and depth.
 _SIGNATURE_FIELDS = (
@@ -43,33 +48,6 @@ class AttentionLayer:
     module: nn.Module
 
 
-def library(model: nn.Module) -> str:
-    """Which capture route serves ``model``: ``"transformers"`` (its attention interface),
-    ``"diffusers"`` or ``"module"`` (a plain ``nn.Module`` a family recognises by its structure, e.g.
-    VGGT); the last two through hooks. TypeError otherwise."""
-    from autosparse.models.families import structural_family
-
-    if hasattr(model, "set_attn_implementation") and hasattr(model, "config"):
-        return "transformers"
-    if _is_diffusers_model(model):
-        return "diffusers"
-    if structural_family(model) is not None:
-        return "module"
-    raise TypeError(
-        f"autosparse patches transformers models (PreTrainedModel), diffusers models (ModelMixin, e.g. "
-        f"WanTransformer3DModel or pipeline.transformer) and modules of a known structure (\"module\": VGGT, "
-        f"or its aggregator); got {type(model).__name__}"
-    )
-
-
-def _is_diffusers_model(model: nn.Module) -> bool:
-    try:
-        from diffusers import ModelMixin
-    except ImportError:
-        return False
-    return isinstance(model, ModelMixin)
-
-
 def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     """The model's served attention modules, in registration order.
 
@@ -79,19 +57,17 @@ def attention_layers(model: nn.Module) -> list[AttentionLayer]:
     family adapter). module: modules with ``num_heads`` and ``head_dim`` (or a ``qkv`` projection)
     whose name the model's family serves (VGGT: global attention only).
     """
-    kind = library(model)
-    layers = _transformers_layers(model) if kind == "transformers" else _family_layers(model, kind)
+    kind = model_kind(model)
+    layers = _transformers_layers(model) if kind is ModelKind.TRANSFORMERS else _family_layers(model, kind)
     if not layers:
         raise TypeError(f"no attention modules found in {type(model).__name__}")
     return layers
 
 
-def _family_layers(model: nn.Module, kind: str) -> list[AttentionLayer]:
+def _family_layers(model: nn.Module, kind: ModelKind) -> list[AttentionLayer]:
     """Hook route: the attention modules whose name the model's family serves."""
-    from autosparse.models.families import family_of
-
     family = family_of(model)
-    heads_of = _diffusers_heads() if kind == "diffusers" else _module_heads
+    heads_of = _diffusers_heads() if kind is ModelKind.DIFFUSERS else _module_heads
     layers = []
     for name, module in model.named_modules():
         heads = heads_of(module) if family.serves(name) else None
@@ -140,6 +116,29 @@ def _transformers_layers(model: nn.Module) -> list[AttentionLayer]:
     return layers
 
 
+@dataclass(frozen=True)
+class CallTraits:
+    """What every call of one attention layer is like, as far as the model says before any call:
+    ``causal``, ``grid_rank`` (dims of its token grid; None: never a grid) and ``description``, the
+    two in words for error messages."""
+
+    causal: bool
+    grid_rank: int | None
+    description: str
+
+
+def call_traits(model: nn.Module, layer: AttentionLayer) -> CallTraits:
+    """transformers attention: causal as the module says, never a grid. Hook route (diffusers,
+    VGGT): non-causal, the family's grid."""
+    if model_kind(model) is ModelKind.TRANSFORMERS:
+        causal = bool(getattr(layer.module, "is_causal", True))
+        return CallTraits(causal, None, f"{'causal' if causal else 'non-causal'} attention of a transformers model, "
+                                        "no token grid")
+    family = family_of(model)
+    grid = f"a {family.grid_rank}-D token grid" if family.grid_rank is not None else "no token grid"
+    return CallTraits(False, family.grid_rank, f"non-causal attention of the {family.name!r} family, {grid}")
+
+
 def _config_field(config: Any, key: str) -> Any:
     """``config.key``, or None where the config has none or refuses one global value (per-layer
     fields of heterogeneous configs: the per-layer heads are in ``attention_structure`` anyway)."""
@@ -152,15 +151,13 @@ def _config_field(config: Any, key: str) -> Any:
 def model_signature(model: nn.Module) -> dict[str, Any]:
     """``{"class", "config", "attention", "fingerprint"}``: what a profile records to refuse the wrong
     model. ``config``: the config fields that shape attention, read as attributes (so transformers'
-    ``attribute_map`` applies: GPT-2's ``n_layer`` is ``num_hidden_layers``), or for a ``"module"``
-    model the family's fields read from its attributes. ``attention``: the served attention layers
-    (``attention_structure``), which decide which layers run which patterns. ``fingerprint``: a hash
-    of the three (``signature_fingerprint``)."""
-    if library(model) == "transformers":
+    ``attribute_map`` applies: GPT-2's ``n_layer`` is ``num_hidden_layers``), or for a hook-route
+    model the family's fields (from its config; for ``ModelKind.MODULE``, from its attributes).
+    ``attention``: the served attention layers (``attention_structure``), which decide which layers
+    run which patterns. ``fingerprint``: a hash of the three (``signature_fingerprint``)."""
+    if model_kind(model) is ModelKind.TRANSFORMERS:
         found = {key: _config_field(model.config, key) for key in _SIGNATURE_FIELDS}
     else:
-        from autosparse.models.families import family_of
-
         found = family_of(model).signature_fields(model)
     signature = {
         "class": type(model).__name__,

@@ -35,7 +35,7 @@ from autosparse.search.cost import LayerShape, relative_costs
 from autosparse.patterns.dynamic import BlockCdf, BlockTopK
 from autosparse.patterns.grid import Spatial, Stripes, Temporal
 from autosparse.layout import block_mask, grid_order
-from autosparse.models import AttentionLayer, attention_layers, library, model_signature
+from autosparse.models import AttentionLayer, attention_layers, model_kind, model_signature
 from autosparse.patterns.basic import BlockGeometry, Dense, Pattern, SinkLocal, Union, Window
 from autosparse.profile import DEFAULT_BLOCK_SIZE, LayerProfile, Profile, StepRange
 from autosparse.patterns.geometry import TokenGeometry
@@ -395,7 +395,7 @@ def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
     tokens = calibrator.tokens
     details = {
         "inputs": len(inputs),
-        **({"tokens": int(sum(x.shape[-1] for x in inputs))} if library(model) == "transformers" else
+        **({"tokens": int(sum(x.shape[-1] for x in inputs))} if model_kind(model).token_ids else
            {"grid": list(tokens.grid) if tokens else None,
             "text_tokens": tokens.text_tokens if tokens else 0,
             "dense_steps": config.dense_steps}),

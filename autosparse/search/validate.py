@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autosparse.models import library
+from autosparse.models import model_kind
 from autosparse.profile import Profile
 from autosparse.search.calibration import Calibration, output_tensor, run_model
 
@@ -54,7 +54,7 @@ def heldout_error(model: nn.Module, profile: Profile, reference: Reference) -> f
         patched = _outputs(model, reference.inputs)
     finally:
         unpatch_model(model)
-    if library(model) == "transformers":
+    if model_kind(model).token_ids:
         return math.exp(sum(patched) / len(patched) - sum(reference.dense) / len(reference.dense)) - 1.0
     return max(float((p - d).norm() / d.norm()) for p, d in zip(patched, reference.dense))
 
@@ -95,7 +95,7 @@ def fit_to_target(calibration: Calibration, heldout: Sequence[Any], target: floa
         else:
             missed = middle
     chosen = best if best is not None else profile
-    metric = ("perplexity change" if library(model) == "transformers"
+    metric = ("perplexity change" if model_kind(model).token_ids
               else "relative L2 error of the transformer output, worst step")
     chosen.search["validation"] = {"metric": metric, "target": target, "heldout_inputs": len(reference.inputs),
                                    "met": best is not None, "trials": trials}
@@ -110,7 +110,7 @@ def profile_density(profile: Profile) -> float:
 
 @torch.inference_mode()
 def _outputs(model: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor | float]:
-    if library(model) == "transformers":
+    if model_kind(model).token_ids:
         return [_mean_loss(output_tensor(run_model(model, x)), x) for x in inputs]
     return [output_tensor(run_model(model, x)).float() for x in inputs]
 
