@@ -46,9 +46,9 @@ if str(REPO_ROOT) not in sys.path:
 import autosparse  # noqa: E402
 from autosparse import BlockGeometry, Profile  # noqa: E402
 from autosparse.capture import LAYER_ATTR  # noqa: E402
-from autosparse.kernels.reference import dense_attention  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA, plan_of  # noqa: E402
+from autosparse.testing.reference import attention  # noqa: E402
 from autosparse.tools.timing import gpu_ms, median_ms  # noqa: E402
 
 PROFILE = False  # --profile-estimate: list the estimate's kernels
@@ -194,7 +194,7 @@ def check_correctness(model, device: str, dtype: torch.dtype, length: int) -> st
     out = torch.ops.autosparse.attention(q, k, v, layer, None, True, dim ** -0.5)
     autosparse.unpatch_model(model)
     assert layout.columns is not None, "expected gathered columns on these inputs"
-    expected = dense_attention(q.float(), k.float(), v.float(), layout.to_dense()[None], dim ** -0.5)
+    expected = attention(q, k, v, layout.to_dense()[None], scale=dim ** -0.5, dtype=torch.float32)
     err = rel(out, expected)
     line = (f"correctness S={length} {str(dtype)}: vertical_slash(64, 256), {layout.columns.shape[-1]} columns per head, "
             f"density {layout.density():.3f}: rel err vs fp32 dense on the layout's token mask {err:.2e}")

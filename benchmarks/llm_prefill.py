@@ -19,15 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import autosparse  # noqa: E402
 from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile  # noqa: E402
-from autosparse.kernels.reference import dense_attention  # noqa: E402
-from autosparse.layout import left_padded  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
+from autosparse.testing.reference import transformers_reference  # noqa: E402
 from autosparse.tools.timing import median_ms  # noqa: E402
 
 
@@ -45,25 +43,8 @@ def llama_8b_shaped(layers: int) -> LlamaForCausalLM:
 def reference_logits(model, profile: Profile, ids, mask=None) -> torch.Tensor:
     """float32 dense attention on the profile's token mask (with left padding, counted from each
     row's first real token, as the runtime serves it) and the model's own mask."""
-    heads = {layer.module: profile.layers[layer.name].heads for layer in attention_layers(model)}
-    first = [0] * len(ids) if mask is None else mask.int().argmax(1).tolist()
-
-    def attend(module, query, key, value, attn_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        geometry = BlockGeometry(query.shape[2], key.shape[2], *profile.block_size, causal=True)
-        allowed = left_padded(BlockLayout.from_patterns(heads[module], geometry, query.device).to_dense(), first)
-        if attn_mask is not None:
-            allowed = allowed & attn_mask
-        out = dense_attention(query.float(), key.float(), value.float(), mask=allowed, scale=scaling)
-        return out.to(query.dtype).transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register("bench_reference", attend)
-    AttentionMaskInterface.register("bench_reference", sdpa_mask)
-    model.set_attn_implementation("bench_reference")
-    try:
-        with torch.inference_mode():
-            return model(input_ids=ids, attention_mask=mask).logits.float()
-    finally:
-        model.set_attn_implementation("sdpa")
+    with transformers_reference(model, profile, mask, dtype=torch.float32), torch.inference_mode():
+        return model(input_ids=ids, attention_mask=mask).logits.float()
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

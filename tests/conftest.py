@@ -1,11 +1,8 @@
 """Shared fixtures: small random-weight transformers models (plumbing only: random weights have
 near-uniform attention, so sparsity quality is judged on the real SmolLM2 weights elsewhere)."""
 
-import contextlib
-
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
@@ -30,40 +27,11 @@ def llama():
     return tiny_llama()
 
 
-@contextlib.contextmanager
-def sdpa_per_layer(layers: dict, attend):
-    """Within the block, ``F.scaled_dot_product_attention`` is ``attend(layer, original, *args,
-    **kwargs)``: ``layer`` is the value ``layers`` maps the calling module to (hooks on its forward),
-    None for a call outside them; ``original`` is torch's function. The reference models of the hook
-    route (diffusers, VGGT) are built on it."""
-    current, original = [], F.scaled_dot_product_attention
-
-    def enter(module, args):
-        current.append(layers[module])
-
-    def leave(module, args, output):
-        current.pop()
-
-    def sdpa(*args, **kwargs):
-        return attend(current[-1] if current else None, original, *args, **kwargs)
-
-    handles = [hook for module in layers for hook in (module.register_forward_pre_hook(enter),
-                                                      module.register_forward_hook(leave))]
-    F.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        F.scaled_dot_product_attention = original
-        for handle in handles:
-            handle.remove()
-
-
 # -- the property / fuzz suite (tests/test_fuzz.py, tests/test_families.py) --------------------------
-# Shared by both files: the ``--long`` switch, float64 and FlexAttention oracles, the per-dtype
-# comparison, and a ledger of case classes that is printed at the end of the session.
+# Shared by both files: the ``--long`` switch, the per-dtype comparison, and a ledger of case
+# classes that is printed at the end of the session (the oracles: autosparse.testing.reference).
 
 import collections  # noqa: E402
-import math  # noqa: E402
 import re  # noqa: E402
 
 # torch's own SDPA, whatever replaces F.scaled_dot_product_attention later (the hook route does).
@@ -138,58 +106,6 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(LEDGER.summary())
         for kind, repro in LEDGER.examples.items():
             terminalreporter.write_line(f"-- first case of finding {kind!r}:\n{repro}")
-
-
-def attention64(q, k, v, allowed=None, bias=None, scale=None):
-    """Float64 masked attention: q ``[B, H, Sq, D]``, k/v ``[B, H, Sk, D|Dv]`` (already one KV head
-    per query head), ``allowed`` bool and ``bias`` float broadcastable to ``[B, H, Sq, Sk]``. A row
-    with no allowed key gives 0. Non-finite inputs propagate only from the keys a row attends (the
-    contract of a block-sparse kernel, which never reads the others)."""
-    q, k, v = q.double(), k.double(), v.double()
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = (q @ k.transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + bias.double()
-    if allowed is not None:
-        s = s.masked_fill(~allowed, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(-1, keepdim=True)
-    denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-    if allowed is None or bool(torch.isfinite(v).all()):
-        return (p @ v) / denom
-    keep = allowed.expand(p.shape)
-    rows = [torch.where(keep[b, h][..., None], p[b, h][..., None] * v[b, h][None], 0.0).sum(-2)
-            for b in range(p.shape[0]) for h in range(p.shape[1])]
-    return torch.stack(rows).view(*p.shape[:2], p.shape[2], v.shape[-1]) / denom
-
-
-def flex64(q, k, v, allowed, bias=None, scale=None):
-    """The second oracle: PyTorch FlexAttention (eager) in float64 with ``allowed`` (bool
-    ``[B, H, Sq, Sk]``) as its mask_mod and ``bias`` as a score_mod; k/v one head per query head."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    b, h, sq, _ = q.shape
-    sk = k.shape[2]
-    allowed = allowed.expand(b, h, sq, sk).contiguous()
-
-    def mask_mod(bi, hi, qi, ki):
-        return allowed[bi, hi, qi, ki]
-
-    score_mod = None
-    if bias is not None:
-        full = bias.double().expand(b, h, sq, sk).contiguous()
-
-        def score_mod(score, bi, hi, qi, ki):
-            return score + full[bi, hi, qi, ki]
-
-    block_mask = create_block_mask(mask_mod, b, h, sq, sk, device=q.device)
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return flex_attention(q.double(), k.double(), v.double(), score_mod=score_mod, block_mask=block_mask,
-                              scale=scale)
 
 
 def compare(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, free_rows: torch.Tensor | None = None) -> str | None:

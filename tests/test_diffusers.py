@@ -14,12 +14,11 @@ import torch.nn.functional as F
 import autosparse
 from autosparse.testing.dits import build_dit
 from autosparse.models.families import family_of
-from autosparse.kernels.reference import dense_attention
 from autosparse.layout import BlockLayout, grid_order
 from autosparse.models import attention_layers
 from autosparse.patterns import BlockGeometry, pattern_from_spec
 from autosparse.patterns.geometry import default_tile
-from conftest import sdpa_per_layer
+from autosparse.testing.reference import layout_mask, sdpa_attention, sdpa_per_layer
 
 BLOCKS = (16, 32)
 # Token shapes wide enough that tile order beats raster order (so the whole permutation path runs),
@@ -45,8 +44,7 @@ def _profile(model, spec):
 def _reference(dit, profile, inputs):
     """The unpatched model, each served call run as float64 attention on the layout's token mask."""
     model = dit.model
-    family = family_of(model)
-    tokens = family.geometry(model, inputs)
+    tokens = family_of(model).geometry(model, inputs)
     layers = {layer.module: layer for layer in attention_layers(model)}
 
     def masked(layer, original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -54,17 +52,9 @@ def _reference(dit, profile, inputs):
         if layer is None:
             return original(query, key, value, attn_mask=attn_mask, is_causal=is_causal, scale=scale)
         patterns = profile.patterns(layer.name, layer.num_heads)
-        tiled = grid_order(patterns, tokens, *BLOCKS) if any(p.needs_grid for p in patterns) else tokens
-        geometry = BlockGeometry(query.shape[2], key.shape[2], *BLOCKS, False, tiled)
-        mask = BlockLayout.from_patterns(patterns, geometry).to_dense()  # [H, S, S], kernel order
-        if tiled.tile is not None:
-            inverse = tiled.inverse_permutation()
-            mask = mask[:, inverse][:, :, inverse]
-        mask = mask[None]
-        if attn_mask is not None:  # HunyuanVideo: [B, 1, 1, S] text padding
-            mask = mask & attn_mask
-        out = dense_attention(query.double(), key.double(), value.double(), mask=mask, scale=scale)
-        return out.to(query.dtype)
+        claimed = layout_mask(patterns, tokens, query.shape[2], key.shape[2], BLOCKS)[None]
+        # attn_mask: HunyuanVideo's text padding, [B, 1, 1, S]
+        return sdpa_attention(query, key, value, attn_mask, is_causal, scale, allowed=claimed)
 
     with sdpa_per_layer(layers, masked), torch.no_grad():
         return model(**inputs).sample

@@ -5,14 +5,12 @@ import math
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import autosparse
 from autosparse import BlockCdf, BlockGeometry, BlockLayout, BlockTopK, VerticalSlash
 from autosparse.patterns.dynamic import _column_blocks, _diagonal_blocks, _sum_by_offset, always_kept
-from autosparse.kernels.reference import dense_attention
 from autosparse.patterns import pattern_from_spec
+from autosparse.testing.reference import attention, attention_function
 
 from conftest import tiny_llama
 
@@ -172,9 +170,6 @@ def test_diagonal_sums_equal_a_scatter_by_offset():
     torch.testing.assert_close(_sum_by_offset(attention).double(), expected, rtol=1e-6, atol=1e-6)
 
 
-_REFERENCE = "autosparse_test_dynamic_reference"
-
-
 @pytest.mark.parametrize("spec", [{"kind": "vertical_slash", "vertical": 40, "slash": 60},
                                   {"kind": "block_topk", "k": 3}, {"kind": "block_cdf", "mass": 0.8}],
                          ids=lambda s: s["kind"])
@@ -205,16 +200,11 @@ def test_patched_model_equals_dense_attention_on_the_estimated_layout(spec):
                 block = pattern.block_mask(geometry)
             masks.append(block)
         token = BlockLayout.from_block_mask(torch.stack(masks), geometry, columns).to_dense()[None]
-        out = dense_attention(query.double(), key.double(), value.double(), mask=token, scale=scaling)
-        return out.to(query.dtype).transpose(1, 2), None
+        return attention(query, key, value, token, scale=scaling).to(query.dtype).transpose(1, 2), None
 
     ids = torch.randint(0, 512, (2, 600), generator=torch.Generator().manual_seed(3))
-    AttentionInterface.register(_REFERENCE, reference)
-    AttentionMaskInterface.register(_REFERENCE, sdpa_mask)
-    model.set_attn_implementation(_REFERENCE)
-    with torch.no_grad():
+    with attention_function(model, reference), torch.no_grad():
         expected = model(ids, use_cache=False).logits
-    model.set_attn_implementation("sdpa")
     autosparse.patch_model(model, profile, strict=True)
     with torch.no_grad():
         got = model(ids, use_cache=False).logits

@@ -31,14 +31,12 @@ from collections import Counter
 import pytest
 import torch
 import transformers
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import autosparse
-from autosparse import BlockGeometry, BlockLayout, Profile
-from autosparse.layout import left_padded
+from autosparse import Profile
 from autosparse.models import attention_layers
-from conftest import LEDGER, attention64, compare
+from autosparse.testing.reference import layout_mask, sdpa_attention, sdpa_per_layer, transformers_reference
+from conftest import LEDGER, compare
 
 warnings.filterwarnings("ignore")
 
@@ -171,60 +169,13 @@ def classify_calls(calls: dict) -> tuple[set, Counter, Counter, str | None]:
 
 # -- the transformers oracle ----------------------------------------------------------------------------------
 
-_ORACLE = "autosparse_families_oracle"
-
 
 def transformers_oracle(model, inputs, sparse_modules: set, profile: Profile) -> torch.Tensor:
     """The unpatched model with float64 attention with its own semantics; in ``sparse_modules`` the
     layout's token mask as well (geometry: the module's causality, bottom-right, as the op builds it;
     causal rows of a left-padded sample count the pattern from their first real token)."""
-    names = {layer.module: layer.name for layer in attention_layers(model)}
-    padding = inputs.get("attention_mask")
-    first = [0] * len(inputs["input_ids"]) if padding is None else padding.int().argmax(1).tolist()
-
-    def attend(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, s_aux=None,
-               is_causal=None, **kwargs):
-        group = query.shape[1] // key.shape[1]
-        q, k, v = query.double(), key.double().repeat_interleave(group, 1), value.double().repeat_interleave(group, 1)
-        sq, sk = q.shape[2], k.shape[2]
-        scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
-        s = (q @ k.transpose(-1, -2)) * scaling
-        if softcap is not None:
-            s = torch.tanh(s / softcap) * softcap
-        if attention_mask is None:
-            causal = bool(getattr(module, "is_causal", True)) if is_causal is None else bool(is_causal)
-            allowed = torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq) if causal else torch.ones(sq, sk, dtype=torch.bool)
-            allowed = allowed[None, None]
-        elif attention_mask.dtype == torch.bool:
-            allowed = attention_mask
-        else:
-            allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
-        if module in sparse_modules:
-            patterns = profile.patterns(names[module], query.shape[1])
-            causal = bool(getattr(module, "is_causal", True))
-            geometry = BlockGeometry(sq, sk, *profile.block_size, causal)
-            layout = BlockLayout.from_patterns(patterns, geometry).to_dense()
-            allowed = allowed & (left_padded(layout, first) if causal and sq == sk else layout[None])
-        s = s.masked_fill(~allowed, float("-inf"))
-        if s_aux is not None:  # learned sinks: one more logit per head, dropped after the softmax
-            s = torch.cat([s, s_aux.double().reshape(1, -1, 1, 1).expand(*s.shape[:3], 1)], -1)
-        m = s.amax(-1, keepdim=True)
-        p = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-        denom = p.sum(-1, keepdim=True)
-        p = p / torch.where(denom > 0, denom, torch.ones_like(denom))
-        if s_aux is not None:
-            p = p[..., :-1]
-        out = p @ v
-        return out.to(query.dtype).transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register(_ORACLE, attend)
-    AttentionMaskInterface.register(_ORACLE, sdpa_mask)
-    original = model.config._attn_implementation
-    model.set_attn_implementation(_ORACLE)
-    try:
+    with transformers_reference(model, profile, inputs.get("attention_mask"), layers=sparse_modules):
         return _logits(model, inputs)
-    finally:
-        model.set_attn_implementation(original)
 
 
 def run_transformers(model, spec: dict, padded: bool) -> tuple[str, str | None, str | None]:
@@ -530,19 +481,17 @@ def dit_oracle(model, inputs, pattern, served: list[bool]) -> torch.Tensor:
     token geometry, tile order mapped back, text dense; without an adapter the 1-D layout over the
     call's own sequence, non-causal unless the call is causal) and the call's own mask; the others
     torch's SDPA."""
-    import torch.nn.functional as F
-
     from autosparse.models.families import family_of
-    from autosparse.layout import grid_order
 
     family = family_of(model)
     try:
         tokens = None if family.geometry is None else family.geometry(model, inputs)
     except (KeyError, ValueError, AttributeError):
         tokens = None
-    original, index = F.scaled_dot_product_attention, [0]
+    index = [0]
 
-    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    def sdpa(layer, original, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False):
         i = index[0]
         index[0] += 1
         if i >= len(served):
@@ -550,27 +499,12 @@ def dit_oracle(model, inputs, pattern, served: list[bool]) -> torch.Tensor:
         if not served[i]:
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
-        heads, length = query.shape[1], query.shape[2]
-        patterns = (pattern,) * heads
-        tiled = grid_order(patterns, tokens, *BLOCKS) if tokens is not None and pattern.needs_grid else tokens
-        geometry = BlockGeometry(length, length, *BLOCKS, bool(is_causal), tiled)
-        mask = BlockLayout.from_patterns(patterns, geometry).to_dense()
-        if tiled is not None and tiled.permuted:
-            inverse = tiled.inverse_permutation()
-            mask = mask[:, inverse][:, :, inverse]
-        mask = mask[None]
-        if attn_mask is not None:
-            mask = mask & attn_mask
-        group = heads // key.shape[1]
-        key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
-        return attention64(query, key, value, mask, None, scale).to(query.dtype)
+        length = query.shape[2]
+        claimed = layout_mask((pattern,) * query.shape[1], tokens, length, length, BLOCKS, bool(is_causal))[None]
+        return sdpa_attention(query, key, value, attn_mask, is_causal, scale, allowed=claimed)
 
-    F.scaled_dot_product_attention = sdpa
-    try:
-        with torch.no_grad():
-            out = _sample(model(**inputs))
-    finally:
-        F.scaled_dot_product_attention = original
+    with sdpa_per_layer({}, sdpa), torch.no_grad():
+        out = _sample(model(**inputs))
     if index[0] != len(served):
         raise AssertionError(f"the unpatched forward made {index[0]} SDPA calls, the patched one {len(served)}")
     return out

@@ -45,7 +45,8 @@ import autosparse
 from autosparse.layout import left_padded
 from autosparse import BlockGeometry, BlockLayout, LayerProfile, Profile, pattern_from_spec
 from autosparse.kernels.reference import layout_mask
-from conftest import LEDGER, TORCH_SDPA, attention64, compare, flex64
+from autosparse.testing.reference import attention, flex_attention, sdpa_rule
+from conftest import LEDGER, TORCH_SDPA, compare
 
 LAYER = "attn"
 CI_CASES = 300  # eager route, fixed seed
@@ -308,22 +309,23 @@ def _as4d(x: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
     return x.reshape(-1, *x.shape[-3:])
 
 
+def _torch_rule(case: Case, q: torch.Tensor, k: torch.Tensor, kwargs: dict) -> tuple:
+    """(bool allowed ``[B', H, Sq, Sk]``, float64 bias ``[B', H, Sq, Sk]`` or None): what torch's SDPA
+    means by the case's arguments (attn_mask, top-left is_causal), over the broadcast batch dims."""
+    lead = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3]))
+    full = (*lead, case.hq, case.sq, case.sk)
+    allowed, bias = sdpa_rule(case.sq, case.sk, kwargs.get("attn_mask"), case.causal)
+    if bias is not None:
+        bias = bias.double().expand(full).reshape(-1, *full[-3:])
+    return allowed.expand(full).reshape(-1, *full[-3:]), bias
+
+
 def oracle_mask(case: Case, profile: Profile, q: torch.Tensor, k: torch.Tensor, kwargs: dict) -> tuple:
     """(bool allowed ``[B', H, Sq, Sk]``, float bias or None): torch's rule for these arguments
     (attn_mask, top-left is_causal) AND the layout's token mask (as the op would build it)."""
     lead = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3]))
+    allowed, bias = _torch_rule(case, q, k, kwargs)
     sq, sk = case.sq, case.sk
-    allowed = torch.ones(sq, sk, dtype=torch.bool)
-    bias = None
-    if case.causal:
-        allowed = allowed.tril()  # torch's is_causal: top-left
-    mask = kwargs.get("attn_mask")
-    full = (*lead, case.hq, sq, sk)
-    if mask is not None and mask.dtype == torch.bool:
-        allowed = allowed & mask.expand(full)
-    elif mask is not None:
-        bias = mask.double().expand(full).reshape(-1, case.hq, sq, sk)
-    allowed = allowed.expand(full).reshape(-1, case.hq, sq, sk)
     patterns = profile.patterns(LAYER, case.hq)
     # A sparse call's token positions are torch's (top-left): with more keys than queries, the keys
     # after the last query are seen by no causal query, and the layout covers the first Sq keys.
@@ -447,7 +449,7 @@ def _served_outcome(case, profile, q, k, v, kwargs, got, want, before, after):
         group = case.hq // case.hkv
         k4, v4 = k4.repeat_interleave(group, 1), v4.repeat_interleave(group, 1)
         scale = case.scale if case.scale is not None else case.d ** -0.5
-        ref = attention64(q4, k4, v4, allowed, bias, scale)
+        ref = attention(q4, k4, v4, allowed, bias=bias, scale=scale)
         if want is not None and tuple(got.shape) != tuple(want.shape):
             return "FINDING", None, f"served sparse: output shape {tuple(got.shape)}, torch gives {tuple(want.shape)}"
         free = None
@@ -467,7 +469,7 @@ def _served_outcome(case, profile, q, k, v, kwargs, got, want, before, after):
         if diff is not None:
             return "FINDING", None, f"served sparse != float64 oracle: {diff}"
         if case.nonfinite == "none" and case.dv is None:
-            diff = compare(got.reshape(ref.shape), flex64(q4, k4, v4, allowed, bias, scale), q.dtype)
+            diff = compare(got.reshape(ref.shape), flex_attention(q4, k4, v4, allowed, bias=bias, scale=scale), q.dtype)
             if diff is not None:
                 return "FINDING", None, f"served sparse != FlexAttention oracle: {diff}"
         return "sparse", None, None
@@ -487,21 +489,12 @@ def _documented(case: Case, q, k, v, kwargs) -> torch.Tensor | None:
     for arguments torch's kernels refuse; None where the arguments mean nothing (shapes)."""
     try:
         lead = tuple(torch.broadcast_shapes(q.shape[:-3], k.shape[:-3]))
-        group = case.hq // case.hkv
         q4, k4, v4 = (_as4d(x.detach(), lead) for x in (q, k, v))
-        k4, v4 = k4.repeat_interleave(group, 1), v4.repeat_interleave(group, 1)
-        allowed = torch.ones(case.sq, case.sk, dtype=torch.bool)
-        allowed = allowed.tril() if case.causal else allowed
-        mask, bias, full = kwargs.get("attn_mask"), None, (*lead, case.hq, case.sq, case.sk)
-        if mask is not None and mask.dtype == torch.bool:
-            allowed = allowed & mask.expand(full)
-        elif mask is not None:
-            bias = mask.double().expand(full).reshape(-1, case.hq, case.sq, case.sk)
-        allowed = allowed.expand(full).reshape(-1, case.hq, case.sq, case.sk)
+        allowed, bias = _torch_rule(case, q, k, kwargs)
         scale = case.scale if case.scale is not None else case.d ** -0.5
         # torch gives NaN rows where nothing is allowed on the math path, 0 on its fused ones: 0 here.
-        return attention64(q4, k4, v4, allowed, bias, scale).reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
-    except RuntimeError:
+        return attention(q4, k4, v4, allowed, bias=bias, scale=scale).reshape(*q.shape[:-1], v.shape[-1]).to(q.dtype)
+    except (RuntimeError, ValueError):  # ValueError: query heads not a multiple of key/value heads
         return None
 
 

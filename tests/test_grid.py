@@ -19,7 +19,8 @@ import torch
 from autosparse import (BlockGeometry, BlockLayout, Dense, Global, Neighborhood, Spatial, Stripes, Temporal,
                         TokenGeometry, Union, Window, default_tile, pattern_from_spec)
 from autosparse.patterns.grid import window_mask
-from autosparse.kernels import block_sparse_attention_torch, dense_attention
+from autosparse.kernels import block_sparse_attention_torch
+from autosparse.testing.reference import attention, in_model_order
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -456,9 +457,8 @@ def run_in_kernel_order(kernel, q, k, v) -> torch.Tensor:
 
 def dense_oracle(q, k, v) -> torch.Tensor:
     """float64 dense attention on the brute-force token masks, in the model's order."""
-    inverse = KERNEL_GEOMETRY.tokens.inverse_permutation()
-    masks = torch.stack([expected_kernel_mask(p, KERNEL_GEOMETRY)[inverse][:, inverse] for p in KERNEL_HEADS])
-    return dense_attention(q.double(), k.double(), v.double(), masks[None])
+    masks = torch.stack([expected_kernel_mask(p, KERNEL_GEOMETRY) for p in KERNEL_HEADS])
+    return attention(q, k, v, in_model_order(masks, KERNEL_GEOMETRY.tokens)[None])
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")

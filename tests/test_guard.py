@@ -34,9 +34,9 @@ from autosparse import guard
 from autosparse.guard import (Guard, GuardConfig, GuardVerdict, check, compare_rows, exact_rows, hashed_rows,
                               kv_heads_for, log_line, rows_key, sample_rows)
 from autosparse.kernels import block_sparse_attention
-from autosparse.kernels.reference import dense_attention
 from autosparse.layout import BlockLayout
 from autosparse.patterns import BlockGeometry, Dense, SinkLocal, Window
+from autosparse.testing.reference import attention, causal_mask
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def _allowed(b, sq, sk, causal, kv_valid):
     """bool [B, 1, Sq, Sk]: the kernel's token rule (bottom-right causal, key padding)."""
     mask = torch.ones(b, 1, sq, sk, dtype=torch.bool)
     if causal:
-        mask &= torch.ones(sq, sk, dtype=torch.bool).tril(sk - sq)
+        mask &= causal_mask(sq, sk)
     if kv_valid is not None:
         mask &= kv_valid[:, None, None, :]
     return mask
@@ -66,7 +66,7 @@ def _allowed(b, sq, sk, causal, kv_valid):
 def _exact(q, k, v, causal, scale, kv_valid=None):
     """float64 dense attention with the kernel's rule (empty rows: 0), in q's dtype."""
     mask = _allowed(q.shape[0], q.shape[2], k.shape[2], causal, kv_valid)
-    return dense_attention(q.double(), k.double(), v.double(), mask=mask, scale=scale).to(q.dtype)
+    return attention(q, k, v, mask, scale=scale).to(q.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ CORRECT = [  # (name, b, hq, hkv, s, d, causal, padding, dtype)
 
 
 @pytest.mark.parametrize("case", CORRECT, ids=[c[0] for c in CORRECT])
-@pytest.mark.parametrize("via", ["sdpa", "dense_attention"])
+@pytest.mark.parametrize("via", ["sdpa", "reference"])
 def test_correct_output_passes(case, via):
     name, b, hq, hkv, s, d, causal, padding, dtype = case
     q, k, v = _qkv(b, hq, hkv, s, d, dtype, seed=len(name))
@@ -132,7 +132,7 @@ def test_exact_rows_at_long_length_use_no_s_by_s_memory():
     got = exact_rows(q, k, v, pos, causal=True, scale=0.25, impl="torch")
     rows = q.gather(2, pos[:, None, :, None].expand(1, 2, 8, d))
     allowed = (torch.arange(s)[None, :] <= pos[0, :, None])[None, None]  # [1, 1, R, S]
-    ref = dense_attention(rows.double(), k.double(), v.double(), mask=allowed, scale=0.25)
+    ref = attention(rows, k, v, allowed, scale=0.25)
     torch.testing.assert_close(got, ref.float(), rtol=1e-5, atol=1e-5)
 
 

@@ -3,14 +3,11 @@ honoured, unservable calls counted as dense fallbacks, unpatch restores the mode
 
 import pytest
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import autosparse
-from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile, SinkLocal, Window
-from autosparse.kernels.reference import dense_attention
-from autosparse.layout import left_padded
+from autosparse import BlockLayout, Dense, LayerProfile, Profile, SinkLocal, Window
 from autosparse.models import attention_layers
+from autosparse.testing.reference import transformers_reference
 
 BLOCKS = (32, 16)
 
@@ -27,26 +24,8 @@ def mixed_profile(model) -> Profile:
 def reference_logits(model, profile: Profile, input_ids, attention_mask=None) -> torch.Tensor:
     """The model run with float64 dense attention on (pattern mask AND the model's own mask); with
     left padding, a row's pattern counts from its first real token."""
-    heads = {layer.module: profile.layers[layer.name].heads for layer in attention_layers(model)}
-    first = [0] * len(input_ids) if attention_mask is None else attention_mask.int().argmax(1).tolist()
-
-    def attend(module, query, key, value, mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-        geometry = BlockGeometry(query.shape[2], key.shape[2], *profile.block_size, causal=True)
-        allowed = left_padded(BlockLayout.from_patterns(heads[module], geometry).to_dense(), first)
-        if mask is not None:
-            allowed = allowed & mask
-        out = dense_attention(query.double(), key.double(), value.double(), mask=allowed, scale=scaling)
-        return out.to(query.dtype).transpose(1, 2).contiguous(), None
-
-    AttentionInterface.register("autosparse_test_reference", attend)
-    AttentionMaskInterface.register("autosparse_test_reference", sdpa_mask)
-    original = model.config._attn_implementation
-    model.set_attn_implementation("autosparse_test_reference")
-    try:
-        with torch.no_grad():
-            return model(input_ids=input_ids, attention_mask=attention_mask).logits
-    finally:
-        model.set_attn_implementation(original)
+    with transformers_reference(model, profile, attention_mask):
+        return logits(model, input_ids, attention_mask)
 
 
 def logits(model, input_ids, attention_mask=None):

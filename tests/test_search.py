@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from autosparse import BlockGeometry, BlockLayout, Dense, Profile, Window, SinkLocal
-from autosparse.kernels.reference import dense_attention
 from autosparse.models import AttentionLayer, attention_layers
 from autosparse.search.calibration import SearchConfig, _Calibrator, calibrate, search_profile
+from autosparse.testing.reference import attention
 
 
 def positional_qkv(length: int, seed: int):
@@ -31,9 +31,8 @@ def positional_qkv(length: int, seed: int):
 
 def exact_error(pattern, q, k, v, geometry) -> float:
     """Relative output error of one head's pattern over ALL rows, from the dense reference."""
-    dense = dense_attention(q.double(), k.double(), v.double(), mask=BlockLayout.from_patterns([Dense()], geometry).to_dense()[None])
-    mask = BlockLayout.from_patterns([pattern], geometry).to_dense()[None]
-    approx = dense_attention(q.double(), k.double(), v.double(), mask=mask)
+    dense = attention(q, k, v, BlockLayout.from_patterns([Dense()], geometry).to_dense()[None])
+    approx = attention(q, k, v, BlockLayout.from_patterns([pattern], geometry).to_dense()[None])
     return float((approx - dense).norm() / dense.norm())
 
 
@@ -139,8 +138,8 @@ def test_grid_candidates_scored_in_tile_order():
     tiled = tokens.with_tile(default_tile(3, 64))
     geometry = BlockGeometry(tokens.length, tokens.length, 32, 64, False, tiled)
     mask = BlockLayout.from_patterns([local], geometry).to_dense_model_order()[None]  # [1, 1, S, S]
-    dense = dense_attention(q[:, :1].double(), k[:, :1].double(), v[:, :1].double())
-    approx = dense_attention(q[:, :1].double(), k[:, :1].double(), v[:, :1].double(), mask=mask)
+    dense = attention(q[:, :1], k[:, :1], v[:, :1])
+    approx = attention(q[:, :1], k[:, :1], v[:, :1], mask)
     rows = slice(tokens.prefix, tokens.prefix + tokens.grid_tokens)
     true_error = float((approx - dense)[:, :, rows].norm() / dense[:, :, rows].norm())
     assert true_error <= 1.5 * budget
@@ -305,8 +304,8 @@ def test_dynamic_candidates_win_where_attention_follows_content():
     assert without.choose(layer).measured[0]["density"] > calibrator.choose(layer).measured[0]["density"]
     mask = chosen.estimate(q, k, geometry, 0.125)[0]
     token = BlockLayout.from_block_mask(mask, geometry).to_dense()[None]
-    dense = dense_attention(q.double(), k.double(), v.double(), scale=0.125)
-    approx = dense_attention(q.double(), k.double(), v.double(), mask=token, scale=0.125)
+    dense = attention(q, k, v, scale=0.125)
+    approx = attention(q, k, v, token, scale=0.125)
     true_error = float((approx - dense).norm() / dense.norm())
     assert calibrator.choose(layer).measured[0]["error"] == pytest.approx(true_error, rel=1e-3, abs=1e-6)
 

@@ -19,13 +19,12 @@ from torch import nn
 
 import autosparse
 from autosparse.models.families import family_of
-from autosparse.kernels.reference import dense_attention
 from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.models import ModelKind, attention_layers, model_kind, model_signature
 from autosparse.patterns import BlockGeometry, Dense, pattern_from_spec
 from autosparse.runtime import LayerPlan
 from autosparse.patterns.geometry import TokenGeometry
-from conftest import sdpa_per_layer
+from autosparse.testing.reference import in_model_order, sdpa_attention, sdpa_per_layer
 from test_backend import ATTENTION, Inner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # examples/ importable
@@ -100,8 +99,8 @@ def reference(model: nn.Module, profile: autosparse.Profile, x: torch.Tensor):
                             scale=scale)
         layout = reference_layout(profile.patterns(layer.name, layer.num_heads), tokens, query, key)
         layouts.append(layout)
-        mask = layout.to_dense_model_order()[None]
-        return dense_attention(query.double(), key.double(), value.double(), mask=mask).to(query.dtype)
+        claimed = in_model_order(layout.to_dense(), layout.geometry.tokens)[None]
+        return sdpa_attention(query, key, value, attn_mask, is_causal, scale, allowed=claimed)
 
     with sdpa_per_layer(layers, masked):
         return outputs(model, x), layouts, others[0]
