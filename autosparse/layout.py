@@ -1,4 +1,4 @@
-"""BlockLayout: the data a block-sparse kernel runs on, built once per (patterns, shape, device).
+"""BlockLayout: the data a block-sparse kernel runs on, built from patterns or a block mask.
 
 Per (head, query block) the list of key blocks to visit and its length, the format of
 ``autosparse.kernels.block_sparse_attention``. Modelled on FlexAttention's ``BlockMask``: the layout
@@ -8,9 +8,8 @@ is data, with ``density()``, ``to_dense()``, ``to(device)``, ``[head]`` indexing
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +46,6 @@ class BlockLayout:
     columns: torch.Tensor | None = None
     column_counts: torch.Tensor | None = None
     listed: torch.Tensor | None = None
-    _schedules: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_block_mask(cls, block_mask: torch.Tensor, geometry: BlockGeometry, columns: torch.Tensor | None = None,
@@ -83,9 +81,11 @@ class BlockLayout:
     def from_patterns(
         cls, patterns: Sequence[Pattern], geometry: BlockGeometry, device: torch.device | str = "cpu"
     ) -> BlockLayout:
-        """One pattern per head; cached per (patterns, geometry, device), so steady-state calls
-        cost a dictionary lookup. Text tokens of ``geometry.tokens`` are dense in every head."""
-        return _cached_layout(tuple(patterns), geometry, str(torch.device(device)))
+        """One pattern per head (identical heads share one mask computation). Text tokens of
+        ``geometry.tokens`` are dense in every head. The runtime builds a layer's layout once per
+        call shape and keeps it in its call plan (``autosparse.runtime.plan``)."""
+        masks = {p: block_mask(p, geometry, device) for p in set(patterns)}
+        return cls.from_block_mask(torch.stack([masks[p] for p in patterns]), geometry)
 
     @property
     def num_heads(self) -> int:
@@ -96,12 +96,9 @@ class BlockLayout:
         return self.kv_indices.device
 
     def schedule(self, group: int = 1) -> torch.Tensor:
-        """The kernel's program order for this layout (heaviest rows first, GQA groups together),
-        built once per ``group`` (query heads per KV head) on the layout's device."""
-        if group not in self._schedules:
-            work = work_counts(self.kv_counts, self.column_counts, self.geometry.kv_block)
-            self._schedules[group] = row_schedule(work, group)
-        return self._schedules[group]
+        """The kernel's program order for this layout (heaviest rows first, the ``group`` query
+        heads of a KV head together), on the layout's device; callers keep it with the layout."""
+        return row_schedule(work_counts(self.kv_counts, self.column_counts, self.geometry.kv_block), group)
 
     def density(self) -> float:
         """Computed key blocks over those dense (causal-aware) attention computes, all heads."""
@@ -149,7 +146,7 @@ class BlockLayout:
     def __getitem__(self, head: int | slice) -> BlockLayout:
         heads = slice(head, head + 1) if isinstance(head, int) else head
         layout = self._map(lambda t: t[:, heads].contiguous())
-        return dataclasses.replace(layout, head_density=self.head_density[heads], _schedules={})
+        return dataclasses.replace(layout, head_density=self.head_density[heads])
 
     def _map(self, fn) -> BlockLayout:
         """``fn`` applied to every per-head tensor the kernel reads (head density and geometry kept)."""
@@ -220,13 +217,6 @@ def block_mask(pattern: Pattern, geometry: BlockGeometry, device: torch.device |
     return mask if text is None else mask | text
 
 
-@functools.lru_cache(maxsize=256)
-def _cached_layout(patterns: tuple[Pattern, ...], geometry: BlockGeometry, device: str) -> BlockLayout:
-    # Identical heads share one mask computation; most layers use a handful of distinct patterns.
-    masks = {p: block_mask(p, geometry, device) for p in set(patterns)}
-    return BlockLayout.from_block_mask(torch.stack([masks[p] for p in patterns]), geometry)
-
-
 # Tile order must save 5% of the blocks to pay for permuting q/k/v and the output.
 _TILE_GAIN = 0.95
 
@@ -239,7 +229,7 @@ def grid_order(patterns: Sequence[Pattern], tokens: TokenGeometry, q_block: int,
     ``"auto"``: tile order unless raster order needs about as few blocks. Tiles make blocks compact
     boxes, which usually saves blocks, but a small window on some grids touches fewer raster strips
     than tiles. Dynamic heads (their blocks are not known before a call) do not vote. ``"auto"``
-    costs two layout builds (and a device sync): callers cache the answer per shape."""
+    costs two layout builds (and a device sync): callers keep the answer per shape."""
     if order not in TOKEN_ORDERS:
         raise ValueError(f"order: expected one of {list(TOKEN_ORDERS)}, found {order!r}")
     tiled = tokens.with_tile(default_tile(len(tokens.grid), kv_block))

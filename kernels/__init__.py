@@ -35,14 +35,16 @@ if __name__ == "kernels":
         _spec.loader.exec_module(_module)
 else:
     from . import tuning
-    from .block_sparse_op import block_sparse_attention, block_sparse_attention_op, supports
+    from .block_sparse_op import KernelCall, block_sparse_attention, block_sparse_attention_op, call_reason, supports
     from .reference import block_sparse_attention_torch, dense_attention, layout_mask
     from .schedule import row_schedule
     from .tile_config import TileConfig, default_config
 
     __all__ = [
+        "KernelCall",
         "block_sparse_attention",
         "block_sparse_attention_op",
+        "call_reason",
         "supports",
         "TileConfig",
         "default_config",

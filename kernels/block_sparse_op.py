@@ -21,16 +21,18 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from . import reference
+from .launch import Relauncher
 from .schedule import row_schedule, work_counts
 from .tile_config import TileConfig, default_config
 
-__all__ = ["block_sparse_attention", "supports", "TileConfig", "default_config", "row_schedule"]
+__all__ = ["KernelCall", "block_sparse_attention", "call_reason", "supports", "TileConfig", "default_config", "row_schedule"]
 
 HEAD_DIMS = (16, 32, 64, 128)
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -60,6 +62,11 @@ def _is_pow2_block(x) -> bool:
 
 def _capability_reason(q: Tensor, k: Tensor, v: Tensor, q_block, kv_block) -> Optional[str]:
     """Why the backend that would run cannot serve these inputs (None if it can)."""
+    return _shape_reason(q, k, v, q_block, kv_block) or _stride_reason(q, k, v)
+
+
+def _shape_reason(q: Tensor, k: Tensor, v: Tensor, q_block, kv_block) -> Optional[str]:
+    """The capability rules that hold for every call of one shape, dtype and device."""
     if not _is_pow2_block(q_block):
         return f"q_block {q_block!r} not supported (expected one of {BLOCK_SIZES})"
     if not _is_pow2_block(kv_block):
@@ -80,9 +87,20 @@ def _capability_reason(q: Tensor, k: Tensor, v: Tensor, q_block, kv_block) -> Op
             return f"dtype {str(q.dtype).replace('torch.', '')} not supported"
         if d not in HEAD_DIMS:
             return f"head_dim {d} not supported (expected one of {HEAD_DIMS})"
+    return None
+
+
+def _stride_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    if _uses_triton(q.device):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.numel() > 0 and t.stride(-1) != 1:
                 return f"{name} last dim not contiguous (stride {t.stride(-1)})"
+    return None
+
+
+def _grad_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "requires_grad"
     return None
 
 
@@ -92,10 +110,15 @@ def supports(q: Tensor, k: Tensor, v: Tensor, q_block: int, kv_block: int) -> Op
     Reasons include ``"requires_grad"`` (the op has no backward), ``"dtype float64 not supported"``
     and ``"head_dim 80 not supported ..."`` (Triton path only: the CPU PyTorch path accepts any
     floating dtype and head_dim). Callers fall back to dense attention and count the reason.
+    Callers that check many calls of one shape ask ``supports`` once and ``call_reason`` per call.
     """
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return "requires_grad"
-    return _capability_reason(q, k, v, q_block, kv_block)
+    return _grad_reason(q, k, v) or _capability_reason(q, k, v, q_block, kv_block)
+
+
+def call_reason(q: Tensor, k: Tensor, v: Tensor) -> Optional[str]:
+    """The part of :func:`supports` that can differ between calls of one shape, dtype and device
+    (gradients, strides); None if the call is servable as far as those go."""
+    return _grad_reason(q, k, v) or _stride_reason(q, k, v)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,7 +297,9 @@ def _descriptor(t: Tensor, rows: int):
 
 def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
             config: TileConfig | None, q_rows: Tensor | None = None, columns: Tensor | None = None,
-            column_counts: Tensor | None = None, listed: Tensor | None = None):
+            column_counts: Tensor | None = None, listed: Tensor | None = None, prepared: tuple | None = None):
+    """``prepared``: a ``KernelCall``'s key of everything fixed across its calls; the launch key is
+    then that plus what each call's q, k, v, out and key padding can change (strides, alignment)."""
     b, hq, sq, d = q.shape
     hkv, sk = k.shape[1], k.shape[2]
     bl, _, nq, maxk = kv_indices.shape
@@ -306,7 +331,6 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
     cols_strides = (columns.stride(0) if bl > 1 else 0, columns.stride(1),
                     column_counts.stride(0) if bl > 1 else 0, column_counts.stride(1),
                     listed.stride(0) if bl > 1 else 0, listed.stride(1), listed.stride(2)) if has_cols else (0,) * 7
-    kernel = _kernel(q.device)
     grid = (hq * nq * q_split, b)
     args = (q, k, v, out, lse_arg, kv_indices, kv_counts, valid_arg, schedule, q_rows_arg, *cols_args, *descs,
             q.stride(0), q.stride(1), q.stride(2),
@@ -323,10 +347,25 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
                 HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(use_tma),
                 HAS_Q_ROWS=q_rows is not None, HAS_COLS=has_cols, num_warps=config.num_warps, num_stages=config.num_stages)
+    launch = _relauncher(q.device)
+    key = None
+    if prepared is not None:
+        key = (prepared, q.stride(), k.stride(), v.stride(), out.stride(), *(t.data_ptr() % 16 for t in (q, k, v, out)),
+               None if kv_valid is None else kv_valid.data_ptr() % 16)
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):
-            return kernel[grid](*args, **meta)  # the compiled kernel (n_regs, n_spills, metadata)
-    return kernel[grid](*args, **meta)
+            return launch(grid, args, meta, q.device, key)  # the compiled kernel (n_regs, n_spills, metadata)
+    return launch(grid, args, meta, q.device, key)
+
+
+_RELAUNCHERS: dict[str, Relauncher] = {}  # per device type: the compiled kernel (cuda) or the interpreted one (cpu)
+
+
+def _relauncher(device: torch.device) -> Relauncher:
+    launch = _RELAUNCHERS.get(device.type)
+    if launch is None:
+        launch = _RELAUNCHERS[device.type] = Relauncher(_kernel(device))
+    return launch
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,6 +437,13 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
     if check_grad and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise NotImplementedError("block_sparse_attention has no backward: q/k/v require grad "
                                   "(call it under torch.no_grad() or fall back to dense attention)")
+    return _run(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, return_lse, q_block, kv_block, causal, scale,
+                config, q_rows, columns, column_counts, listed)
+
+
+def _run(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, return_lse, q_block, kv_block, causal, scale,
+         config, q_rows, columns, column_counts, listed, prepared=None):
+    """The checked call: the PyTorch path, or the output (and lse) allocated and the kernel launched."""
     if not _uses_triton(q.device):
         return reference.block_sparse_attention_torch(q, k, v, kv_indices, kv_counts, q_block=q_block,
                                                       kv_block=kv_block, causal=causal, scale=scale,
@@ -415,8 +461,71 @@ def _block_sparse_attention(q, k, v, kv_indices, kv_counts, *, q_block, kv_block
                 lse.fill_(float("-inf"))
         else:
             _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_block, kv_block, causal, scale,
-                    config, q_rows, columns, column_counts, listed)
+                    config, q_rows, columns, column_counts, listed, prepared)
     return (out, lse) if return_lse else out
+
+
+@dataclass(frozen=True, eq=False)
+class KernelCall:
+    """One layout's kernel call, checked once (``KernelCall.prepare``): the layout, program order,
+    query order, block sizes, causality and scale, for q/k/v of one shape, dtype and device. ``run``
+    then takes each call's q, k, v (any strides with a contiguous last dim), key padding and output
+    tensor: checking and binding the arguments is not repeated per call (FlashInfer's plan/run)."""
+
+    q_shape: torch.Size
+    kv_shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+    kv_indices: Tensor
+    kv_counts: Tensor
+    schedule: Tensor
+    q_block: int
+    kv_block: int
+    causal: bool
+    scale: float
+    q_rows: Optional[Tensor] = None
+    columns: Optional[Tensor] = None
+    column_counts: Optional[Tensor] = None
+    listed: Optional[Tensor] = None
+    # What its launches share, by value (shapes, strides, dtypes and alignment of the layout tensors,
+    # block sizes, causality, scale): with each call's strides and alignment, the kernel's launch key.
+    launch_key: tuple = ()
+
+    @classmethod
+    def prepare(cls, q: Tensor, k: Tensor, v: Tensor, kv_indices: Tensor, kv_counts: Tensor, *, q_block: int,
+                kv_block: int, causal: bool, scale: float | None = None, schedule: Tensor | None = None,
+                q_rows: Tensor | None = None, columns: Tensor | None = None, column_counts: Tensor | None = None,
+                listed: Tensor | None = None) -> KernelCall:
+        """Check the call as :func:`block_sparse_attention` does, on tensors shaped like the later ones."""
+        scale = _check_args(q, k, v, kv_indices, kv_counts, q_block, kv_block, causal, scale, None, schedule, None,
+                            q_rows, columns, column_counts, listed)
+        if schedule is None:
+            schedule = row_schedule(work_counts(kv_counts, column_counts, kv_block), q.shape[1] // k.shape[1])
+        fixed = (kv_indices, kv_counts, schedule, q_rows, columns, column_counts, listed)
+        launch_key = (tuple(q.shape), tuple(k.shape), q.dtype, str(q.device), q_block, kv_block, causal, scale,
+                      *(None if t is None else (tuple(t.shape), t.stride(), t.dtype, t.data_ptr() % 16) for t in fixed))
+        return cls(q.shape, k.shape, q.dtype, q.device, kv_indices, kv_counts, schedule, q_block, kv_block, causal,
+                   scale, q_rows, columns, column_counts, listed, launch_key)
+
+    def run(self, q: Tensor, k: Tensor, v: Tensor, kv_valid: Tensor | None = None,
+            out: Tensor | None = None) -> Tensor:
+        """The prepared call on these q, k, v (``block_sparse_attention``'s result); ValueError if
+        they differ from the prepared ones in shape, dtype or device, or lack a contiguous last dim."""
+        if (q.shape != self.q_shape or k.shape != self.kv_shape or v.shape != self.kv_shape or q.dtype != self.dtype
+                or k.dtype != self.dtype or v.dtype != self.dtype or q.device != self.device
+                or k.device != self.device or v.device != self.device):
+            raise ValueError(f"KernelCall prepared for q {tuple(self.q_shape)}, k/v {tuple(self.kv_shape)} "
+                             f"{self.dtype} on {self.device}; got q {tuple(q.shape)} {q.dtype} on {q.device}, "
+                             f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+        reason = _stride_reason(q, k, v)
+        if reason is not None:
+            raise ValueError(f"KernelCall.run: {reason}")
+        if kv_valid is not None and (kv_valid.dtype != torch.bool or kv_valid.shape != (q.shape[0], k.shape[2])):
+            raise ValueError(f"kv_valid must be bool [B={q.shape[0]}, Sk={k.shape[2]}], got "
+                             f"{kv_valid.dtype} {tuple(kv_valid.shape)}")
+        return _run(q, k, v, self.kv_indices, self.kv_counts, kv_valid, self.schedule, out, False, self.q_block,
+                    self.kv_block, self.causal, self.scale, None, self.q_rows, self.columns, self.column_counts,
+                    self.listed, self.launch_key)
 
 
 # ----------------------------------------------------------------------------------------------------

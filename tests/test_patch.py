@@ -138,6 +138,7 @@ def test_patch_from_path_checks_the_model(llama, tmp_path):
 
 def test_layouts_are_built_once_per_shape_and_bounded(llama, monkeypatch):
     from autosparse import runtime
+    from autosparse.runtime import plan as plans
 
     built = []
     original = BlockLayout.from_patterns.__func__
@@ -147,15 +148,33 @@ def test_layouts_are_built_once_per_shape_and_bounded(llama, monkeypatch):
         return original(cls, patterns, geometry, device)
 
     monkeypatch.setattr(BlockLayout, "from_patterns", classmethod(counting))
-    monkeypatch.setattr(runtime, "_MAX_LAYOUTS_PER_LAYER", 3)
+    monkeypatch.setattr(plans, "MAX_CALL_PLANS", 3)
+    runtime.clear_call_plans()
     autosparse.patch_model(llama, mixed_profile(llama))
     for length in (40, 40, 41, 42, 43, 40):
         logits(llama, random_ids(1, length, seed=length))
-    # one sparse layer: a layout per new length; 40 was forgotten (bound 3) and rebuilt at the end
+    # one sparse layer: a call plan (and layout) per new length; 40 was forgotten (bound 3) and rebuilt at the end
     assert built == [40, 41, 42, 43, 40]
     plan = runtime.plan_of(next(layer.module for layer in attention_layers(llama) if layer.index == 0)._autosparse_layer)
-    assert [key[1].q_len for key in plan._layouts] == [42, 43, 40]
+    heads = plan.heads_at(None)
+    assert [key[1][2] for key in plans._CALL_PLANS if key[0] is heads] == [42, 43, 40]
     assert autosparse.stats(llama).sparse == 6
+
+
+def test_layers_with_the_same_patterns_share_one_call_plan(llama, monkeypatch):
+    """One layout per (patterns, shape): every layer of a uniform profile runs on the same call plan."""
+    from autosparse import runtime
+
+    built = []
+    original = BlockLayout.from_patterns.__func__
+    monkeypatch.setattr(BlockLayout, "from_patterns",
+                        classmethod(lambda cls, *a, **k: built.append(a[1].q_len) or original(cls, *a, **k)))
+    runtime.clear_call_plans()
+    autosparse.patch_model(llama, Profile.uniform(llama, {"kind": "sink_local", "sinks": 4, "window": 16},
+                                                  block_size=(16, 16)))
+    logits(llama, random_ids(1, 48, seed=1))
+    logits(llama, random_ids(1, 48, seed=2))
+    assert built == [48] and autosparse.stats(llama).sparse == 2 * len(attention_layers(llama))
 
 
 def test_dense_heads_of_a_mixed_layer_run_through_sdpa(llama, monkeypatch):
@@ -170,7 +189,7 @@ def test_dense_heads_of_a_mixed_layer_run_through_sdpa(llama, monkeypatch):
         seen.append((q.shape[1], k.shape[1]))
         return sdpa(q, k, v, **kw)
 
-    monkeypatch.setattr(runtime, "ORIGINAL_SDPA", spy)
+    monkeypatch.setattr(runtime.dense, "ORIGINAL_SDPA", spy)
     profile = mixed_profile(llama)
     ids = random_ids(1, 97, seed=5)
     expected = reference_logits(llama, profile, ids)

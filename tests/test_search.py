@@ -327,7 +327,7 @@ def test_the_runtime_lays_grids_out_in_the_profiles_token_order(tmp_path, order)
     autosparse.patch_model(dit.model, loaded)
     with torch.no_grad():
         dit.model(**dit.inputs())
-    plans = [runtime.plan_of(m._autosparse_layer) for m in autosparse.patch.patch_of(dit.model).modules]
-    orders = [tokens for plan in plans for tokens in plan._orders.values()]
+    heads = {runtime.plan_of(m._autosparse_layer).heads_at(None) for m in autosparse.patch.patch_of(dit.model).modules}
+    orders = [plan.geometry.tokens for key, plan in runtime.plan._CALL_PLANS.items() if key[0] in heads and key[-1] == order]
     autosparse.unpatch_model(dit.model)
     assert orders and all((tokens.tile is not None) == (order == "tile") for tokens in orders)

@@ -22,7 +22,7 @@ from autosparse.models.families import family_of
 from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.models import ModelKind, attention_layers, model_kind, model_signature
 from autosparse.patterns import BlockGeometry, Dense, pattern_from_spec
-from autosparse.runtime import LayerPlan
+from autosparse.runtime import CallPlan
 from autosparse.patterns.geometry import TokenGeometry
 from autosparse.testing.reference import in_model_order, sdpa_attention, sdpa_per_layer
 from test_backend import ATTENTION, Inner
@@ -110,16 +110,15 @@ def reference(model: nn.Module, profile: autosparse.Profile, x: torch.Tensor):
 def served_layouts(monkeypatch):
     """Every layout the runtime serves a call with, in call order."""
     seen = []
-    for name in ("layout", "dynamic_layout"):
-        method = getattr(LayerPlan, name)
+    method = CallPlan.layout_for
 
-        @functools.wraps(method)
-        def recorded(*args, _method=method, **kwargs):
-            layout = _method(*args, **kwargs)
-            seen.append(layout)
-            return layout
+    @functools.wraps(method)
+    def recorded(*args, **kwargs):
+        layout = method(*args, **kwargs)
+        seen.append(layout)
+        return layout
 
-        monkeypatch.setattr(LayerPlan, name, recorded)
+    monkeypatch.setattr(CallPlan, "layout_for", recorded)
     return seen
 
 

@@ -64,7 +64,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         _current.called = True
         reason = sdpa_reason(query, key, value, dropout_p, scale, enable_gqa)
         if reason is None:
-            return torch.ops.autosparse.attention(query, key, value, layer, attn_mask, is_causal, scale)
+            return runtime.attention(query, key, value, layer, attn_mask, is_causal, scale)
         runtime.count_unserved(layer, reason)
     return ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                          scale=scale, enable_gqa=enable_gqa)

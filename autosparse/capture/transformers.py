@@ -124,7 +124,7 @@ def transformers_attention(
                                                        scaling=scaling, is_causal=is_causal, **kwargs)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and query.shape[2] > 1 and attention_mask is None
-    out = torch.ops.autosparse.attention(query, key, value, layer, attention_mask, causal, scaling)
+    out = runtime.attention(query, key, value, layer, attention_mask, causal, scaling)
     return out.transpose(1, 2), None
 
 

@@ -1,0 +1,42 @@
+"""The dense answer: ``F.scaled_dot_product_attention`` as torch defines it, in the op's output layout."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ORIGINAL_SDPA", "dense", "dense_heads", "empty_output", "softmax_scale"]
+
+# F.scaled_dot_product_attention as torch defines it: the hook capture (diffusers, VGGT) replaces the module
+# attribute, and every dense call here must reach the real one.
+ORIGINAL_SDPA = F.scaled_dot_product_attention
+
+
+def empty_output(query: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``[B, H, S, Dv]`` backed by ``[B, S, H, Dv]`` memory: what the kernel writes, and what every
+    path returns (a compiled graph plans for one layout)."""
+    b, h, s, _ = query.shape
+    return query.new_empty(b, s, h, value.shape[-1]).transpose(1, 2)
+
+
+def dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+          is_causal: bool, scale: float | None) -> torch.Tensor:
+    """The call exactly as ``F.scaled_dot_product_attention`` answers it, in the op's output layout."""
+    out = empty_output(query, value)
+    out.copy_(ORIGINAL_SDPA(query, key, value, attn_mask=mask, is_causal=is_causal, scale=scale,
+                            enable_gqa=query.shape[1] != key.shape[1]))
+    return out
+
+
+def dense_heads(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: torch.Tensor,
+                kv_heads: torch.Tensor, causal: bool, scale: float) -> None:
+    """Write SDPA's answer for query ``heads`` (reading KV ``kv_heads``) into ``out``: the dense heads
+    of a mixed layer (cuDNN/flash beat the block-sparse kernel at density 1)."""
+    answer = ORIGINAL_SDPA(query.index_select(1, heads), key.index_select(1, kv_heads), value.index_select(1, kv_heads),
+                           is_causal=causal, scale=scale)
+    out.transpose(1, 2).index_copy_(2, heads, answer.transpose(1, 2))
+
+
+def softmax_scale(query: torch.Tensor, scale: float | None) -> float:
+    """SDPA's scale: the given one, else 1 / sqrt(head_dim)."""
+    return scale if scale is not None else query.shape[-1] ** -0.5

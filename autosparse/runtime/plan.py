@@ -1,0 +1,252 @@
+"""The call plan: what a sparse call runs on, built once and kept in one bounded cache.
+
+A plan is keyed by the layer's patterns at this step (a ``HeadSet``, shared by every layer with the
+same patterns), the q/k/v shapes, dtype and device, causality, softmax scale, token geometry,
+whether key padding applies, and the profile's block size and token order. It holds the token
+order the grid patterns run in and its permutation, the layout and its prepared kernel launch
+(``KernelCall``), the dense heads of a mixed layer (sent to SDPA), and for dynamic heads what their
+per-call estimate starts from; or the reason no call of that key can be laid out. Building a plan
+is the one place serving does device work beyond the call itself (layouts, index tensors, a device
+sync for list widths); a steady-state call costs a dictionary lookup. Plans are never mutated.
+
+Also here: the layer registry (the op receives a layer id; the ``LayerPlan`` lives here).
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from autosparse.kernels import KernelCall, row_schedule, supports
+from autosparse.layout import BlockLayout, block_mask, grid_order
+from autosparse.patterns import BlockGeometry, Pattern
+from autosparse.profile import Profile
+from autosparse.runtime.classify import Call
+from autosparse.runtime.dense import dense_heads
+from autosparse.runtime.heads import HeadSet
+from autosparse.runtime.state import PatchState
+
+__all__ = ["CallPlan", "LayerPlan", "call_plan", "clear_call_plans", "is_registered", "plan_of",
+           "register", "unregister"]
+
+MAX_CALL_PLANS = 1024  # plans kept, all layers together; the oldest goes first (many prompt lengths)
+_CALL_PLANS: dict[tuple, CallPlan] = {}
+_CALL_PLANS_LOCK = threading.Lock()  # threads serving models share the cache
+
+
+@dataclass(frozen=True, eq=False)
+class _Estimate:
+    """What a dynamic layout is estimated from per call: the static heads' blocks (dynamic heads'
+    rows all reachable: overwritten), text blocks (dense in every head), each dynamic pattern's
+    heads as device index tensors (query heads, their KV heads), the list widths (no device sync
+    per call) and, causal, the program order of the reachable blocks."""
+
+    static: torch.Tensor
+    text: torch.Tensor | None
+    groups: tuple[tuple[Pattern, torch.Tensor, torch.Tensor], ...]
+    max_columns: int
+    row_order: torch.Tensor | None
+
+
+@dataclass(frozen=True, eq=False)
+class CallPlan:
+    """Everything one sparse call runs on but q, k, v and key padding; ``fallback``: why no call of
+    this key can be laid out (then nothing else is set)."""
+
+    fallback: str | None = None
+    geometry: BlockGeometry | None = None
+    order: torch.Tensor | None = None  # K/V (and key padding) into the kernel's token order; None: as they are
+    q_rows: torch.Tensor | None = None  # where the kernel reads each query and writes its output
+    layout: BlockLayout | None = None  # static heads (None: estimated per call)
+    kernel: KernelCall | None = None  # the static layout's prepared launch
+    dense_heads: tuple[torch.Tensor, torch.Tensor] | None = None  # (query heads, their KV heads) sent to SDPA
+    skipped: tuple[int, ...] = ()  # heads the kernel leaves to SDPA
+    estimate: _Estimate | None = None
+
+    def layout_for(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> BlockLayout:
+        """This call's layout (q and k in the kernel's order): the static one, or with dynamic heads
+        their blocks (and key columns, for vertical_slash) estimated from q and k (union over the
+        batch; text tokens dense), the static heads' blocks as planned."""
+        if self.estimate is None:
+            return self.layout
+        est, geometry = self.estimate, self.geometry
+        mask, columns = est.static.clone(), None
+        for pattern, index, kv_index in est.groups:
+            if len(index) == query.shape[1]:  # every head: q and the unexpanded GQA keys as they are
+                blocks, cols = pattern.select(query, key, geometry, scale)
+            else:
+                blocks, cols = pattern.select(query.index_select(1, index), key.index_select(1, kv_index), geometry,
+                                              scale)
+            mask[index] = blocks.any(0) if est.text is None else blocks.any(0) | est.text
+            if cols is not None:
+                if columns is None:
+                    columns = torch.zeros(query.shape[1], key.shape[2], dtype=torch.bool, device=query.device)
+                columns[index] = cols.any(0)
+        # Sized without looking at the estimate (no device sync): the host runs ahead of the GPU.
+        layout = BlockLayout.from_block_mask(mask, geometry, columns, max_columns=est.max_columns, sync=False)
+        return layout.with_heads_skipped(self.skipped) if self.skipped else layout
+
+    def run(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_valid: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+        """One block-sparse launch for every head (dense heads of a mixed layer on SDPA). In tile
+        order K/V (and key padding) are permuted; the kernel reads each query from, and writes its
+        output to, the token's place in the model's order (``q_rows``): q and the output never move."""
+        k, v = _permute(key, self.order), _permute(value, self.order)
+        # Dynamic heads are estimated on q/k in the order the kernel lays the blocks out.
+        layout = self.layout_for(query if self.estimate is None else _permute(query, self.order), k, scale)
+        kernel = self.kernel or self._prepare(layout, query, k, v, scale)
+        if kv_valid is not None:
+            kv_valid = kv_valid.expand(query.shape[0], -1)
+            kv_valid = kv_valid if self.order is None else kv_valid.index_select(1, self.order)
+        out = kernel.run(query, k, v, kv_valid)
+        if self.dense_heads is not None:
+            dense_heads(out, query, key, value, *self.dense_heads, self.geometry.causal, scale)
+        return out
+
+    def _prepare(self, layout: BlockLayout, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                 scale: float) -> KernelCall:
+        """The launch of a layout estimated for this call."""
+        est, g = self.estimate, self.geometry
+        schedule = est.row_order if est.row_order is not None else layout.schedule(query.shape[1] // key.shape[1])
+        return KernelCall.prepare(query, key, value, layout.kv_indices, layout.kv_counts, q_block=g.q_block,
+                                  kv_block=g.kv_block, causal=g.causal, scale=scale, schedule=schedule,
+                                  q_rows=self.q_rows, columns=layout.columns, column_counts=layout.column_counts,
+                                  listed=layout.listed)
+
+
+def _permute(x: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Reorder the sequence of ``[B, H, S, D]`` ``x`` into the kernel's order; the result is backed
+    by ``[B, S, H, D]`` memory (whole token rows move together: contiguous H*D runs)."""
+    if order is None:
+        return x
+    return x.transpose(1, 2).index_select(1, order).transpose(1, 2)
+
+
+def call_plan(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, key: torch.Tensor,
+              value: torch.Tensor) -> CallPlan:
+    """The plan of this call (``key``/``value``: the keys it keeps), from the cache or built."""
+    cache_key = (heads, query.shape, key.shape, value.shape, query.dtype, query.device, call.causal, call.scale,
+                 call.tokens, call.kv_valid is None, profile.block_size, profile.token_order)
+    plan = _CALL_PLANS.get(cache_key)
+    if plan is None:
+        plan = _build(heads, profile, call, query, key, value)
+        with _CALL_PLANS_LOCK:
+            if len(_CALL_PLANS) >= MAX_CALL_PLANS:
+                del _CALL_PLANS[next(iter(_CALL_PLANS))]
+            _CALL_PLANS[cache_key] = plan
+    return plan
+
+
+def clear_call_plans() -> None:
+    """Forget every call plan (their layouts and index tensors on the GPU); later calls build anew."""
+    with _CALL_PLANS_LOCK:
+        _CALL_PLANS.clear()
+
+
+def _build(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, key: torch.Tensor,
+           value: torch.Tensor) -> CallPlan:
+    device, (q_block, kv_block) = query.device, profile.block_size
+    tokens = call.tokens
+    if tokens is not None and heads.needs_grid:
+        tokens = grid_order(heads.patterns, tokens, q_block, kv_block, device, profile.token_order)
+    q_len = query.shape[2]
+    geometry = BlockGeometry(q_len, q_len, q_block, kv_block, call.causal, tokens)
+    reasons = (p.unfit(geometry) for p in heads.patterns)
+    reason = next((r for r in reasons if r is not None), None) or supports(query, key, value, q_block, kv_block)
+    if reason is not None:
+        return CallPlan(fallback=reason)
+    # Dense heads of a mixed layer go to SDPA (cuDNN/flash: faster than our kernel at density 1),
+    # unless key padding must be applied (SDPA would then leave its fused kernels).
+    skipped = heads.dense_heads if call.kv_valid is None else ()
+    group = query.shape[1] // key.shape[1]
+    dense_heads = None
+    if skipped:
+        dense_heads = (torch.tensor(skipped, device=device), torch.tensor([h // group for h in skipped], device=device))
+    order = tokens.permutation(device) if tokens is not None else None
+    q_rows = tokens.query_rows(device) if order is not None else None
+    common = dict(geometry=geometry, order=order, q_rows=q_rows, dense_heads=dense_heads, skipped=skipped)
+    if heads.dynamic_heads:
+        return CallPlan(estimate=_estimate(heads, geometry, query.shape[0], query.shape[1], group, device), **common)
+    layout = BlockLayout.from_patterns(heads.patterns, geometry, device)
+    layout = layout.with_heads_skipped(skipped) if skipped else layout
+    kernel = KernelCall.prepare(query, _permute(key, order), _permute(value, order), layout.kv_indices,
+                                layout.kv_counts, q_block=q_block, kv_block=kv_block, causal=call.causal,
+                                scale=call.scale, schedule=layout.schedule(group), q_rows=q_rows,
+                                columns=layout.columns, column_counts=layout.column_counts, listed=layout.listed)
+    return CallPlan(layout=layout, kernel=kernel, **common)
+
+
+def _estimate(heads: HeadSet, geometry: BlockGeometry, batch: int, num_heads: int, group: int,
+              device: torch.device) -> _Estimate:
+    """What each call's dynamic layout starts from. The program order of a causal layout is
+    ``row_schedule`` of the blocks every row may reach (later query blocks first: they have more to
+    do), made once: ordering by each call's own counts costs a few sorts per call (0.15 ms of
+    block_topk's 0.84 at 32K on the H200); without a causal triangle the reachable blocks say
+    nothing about the work, and the per-call order is 3-5 % faster on VGGT's global attention."""
+    static = torch.stack([geometry.reachable(device) if p.is_dynamic else block_mask(p, geometry, device)
+                          for p in heads.patterns])
+    groups = tuple((p, torch.tensor(hs, device=device), torch.tensor([h // group for h in hs], device=device))
+                   for p, hs in heads.dynamic_heads.items())
+    row_order = None
+    if geometry.causal:
+        reachable = geometry.reachable(device).sum(-1, dtype=torch.int32)
+        row_order = row_schedule(reachable.expand(1, num_heads, -1), group)
+    return _Estimate(static, geometry.text_block_mask(device), groups,
+                     max(p.max_columns for p in heads.dynamic_heads) * batch, row_order)
+
+
+@dataclass(eq=False)
+class LayerPlan:
+    """How one attention module is served: its name and place among the served layers, its profile
+    entry, and the model's state; the call plans it uses live in the shared cache."""
+
+    name: str
+    index: int  # among the model's served layers: one forward calls them in increasing order
+    num_heads: int
+    profile: Profile
+    state: PatchState
+    _head_sets: dict[Any, HeadSet] = field(default_factory=dict, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the plan, not its memo
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)
+
+    def heads_at(self, step: int | None) -> HeadSet:
+        heads = self._head_sets.get(step)
+        if heads is None:
+            heads = self._head_sets[step] = HeadSet.of(self.profile.patterns(self.name, self.num_heads, step))
+        return heads
+
+
+# -- layer registry: the op receives a layer id, the plan lives here ---------------------------------
+
+_PLANS: dict[int, LayerPlan] = {}
+_ids = itertools.count()
+
+
+def register(plan: LayerPlan) -> torch.Tensor:
+    """Give ``plan`` an id; returns the 0-d CPU int64 tensor the capture passes to the op."""
+    layer_id = next(_ids)
+    _PLANS[layer_id] = plan
+    return torch.tensor(layer_id, dtype=torch.int64)
+
+
+def unregister(layer: torch.Tensor) -> None:
+    _PLANS.pop(int(layer), None)
+
+
+def is_registered(layer: torch.Tensor) -> bool:
+    return int(layer) in _PLANS
+
+
+def plan_of(layer: torch.Tensor) -> LayerPlan:
+    plan = _PLANS.get(int(layer))
+    if plan is None:
+        raise RuntimeError(f"autosparse layer id {int(layer)} is not patched (was the model unpatched?)")
+    return plan
