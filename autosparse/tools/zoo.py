@@ -33,7 +33,7 @@ def load_causal_lm(
     """Load a causal LM and its tokenizer in eval mode with SDPA attention.
 
     ``name_or_path`` is :data:`SMOLLM2` or anything ``from_pretrained`` accepts (a model folder).
-    SMOLLM2 is read from the cache (``$AUTOSPARSE_CACHE/smollm2-135m``, default
+    SMOLLM2 is read from the cache (``$AUTOSPARSE_CACHE_DIR/smollm2-135m``, default
     ``~/.cache/autosparse/smollm2-135m``), which the first call fills from the GGUF file, so every
     call returns the same kind of plain, unquantised model.
     """
@@ -70,8 +70,10 @@ def token_splits(
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("AUTOSPARSE_CACHE") or Path.home() / ".cache" / "autosparse"
-    return Path(root) / SMOLLM2
+    """Under ``$AUTOSPARSE_CACHE_DIR``, the one cache root (``AUTOSPARSE_CACHE``, the name 0.1 read
+    here, still counts when the first is unset)."""
+    root = os.environ.get("AUTOSPARSE_CACHE_DIR") or os.environ.get("AUTOSPARSE_CACHE")
+    return Path(root or Path.home() / ".cache" / "autosparse") / SMOLLM2
 
 
 def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
