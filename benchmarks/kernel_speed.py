@@ -38,12 +38,8 @@ import torch.nn.functional as F
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-try:  # installed package (autosparse.kernels is this repo's kernels/ directory)
-    from autosparse.kernels import block_sparse_op as bso
-    from autosparse.kernels import dense_attention, layout_mask
-except Exception:  # noqa: BLE001 - not installed, or autosparse's own imports missing on this machine
-    from kernels import block_sparse_op as bso
-    from kernels import dense_attention, layout_mask
+from autosparse.kernels import block_sparse_op as bso  # noqa: E402  (this repo's kernels/ directory)
+from autosparse.kernels import dense_attention, layout_mask  # noqa: E402
 
 block_sparse_attention = bso.block_sparse_attention
 

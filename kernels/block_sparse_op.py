@@ -548,17 +548,7 @@ def _op_fake(q, k, v, kv_indices, kv_counts, kv_valid, schedule, q_block, kv_blo
     return q.new_empty((b, sq, hq, d)).transpose(1, 2)
 
 
-def _op_exists() -> bool:
-    try:
-        torch.ops.autosparse.block_sparse_attention  # noqa: B018
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-if _op_exists():
-    # This file was already imported under its other name (``kernels`` vs ``autosparse.kernels``).
-    block_sparse_attention_op = torch.ops.autosparse.block_sparse_attention
-else:
-    block_sparse_attention_op = torch.library.custom_op(_OP_NAME, mutates_args=(), schema=_OP_SCHEMA)(_op_impl)
-    block_sparse_attention_op.register_fake(_op_fake)
+# Registered once: this file is only ever ``autosparse.kernels.block_sparse_op`` (kernels/__init__.py
+# hands a top-level ``kernels`` import to the package of that name).
+block_sparse_attention_op = torch.library.custom_op(_OP_NAME, mutates_args=(), schema=_OP_SCHEMA)(_op_impl)
+block_sparse_attention_op.register_fake(_op_fake)
