@@ -46,7 +46,11 @@ class _Patch:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """A copy (deepcopy or unpickling): register its own plans under new layer ids, and route
-        its attention again (the modules' hooks and forwards came with them)."""
+        its attention again (the modules' hooks and forwards came with them). A copy saved by 0.1
+        names its model kind by the string it had then."""
+        if "library" in state:
+            state = {**state, "kind": ModelKind(state["library"])}
+            del state["library"]
         self.__dict__.update(state)
         for module, plan in zip(self.modules, self.plans):
             setattr(module, capture.LAYER_ATTR, runtime.register(plan))

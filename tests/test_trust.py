@@ -14,6 +14,7 @@ import transformers
 from conftest import tiny_llama
 
 import autosparse
+from autosparse.models import ModelKind
 from autosparse import Profile, capture, runtime
 from autosparse.testing.dits import build_dit
 
@@ -178,6 +179,33 @@ def test_deepcopy_is_independent_and_save_load_round_trips(llama):
     moved = loaded.to(torch.float64)
     got = _logits(moved, input_ids=ids, attention_mask=mask)
     torch.testing.assert_close(got.float(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_patched_model_saved_by_0_1_loads_patched(llama):
+    """0.1 recorded the model kind as a string (``library``); loading such a save serves it as before."""
+    ids = _ids(1, 40)
+    autosparse.patch_model(llama, Profile.uniform(llama, {"kind": "window", "window": 16}, block_size=BLOCKS))
+    expected = _logits(llama, input_ids=ids)
+    patch = autosparse.patch.patch_of(llama)
+    original = type(patch).__reduce_ex__
+
+    def as_saved_by_0_1(self, protocol):
+        reduced = original(self, protocol)
+        state = dict(reduced[2])
+        state["library"] = state.pop("kind").value
+        return (*reduced[:2], state, *reduced[3:])
+
+    type(patch).__reduce_ex__ = as_saved_by_0_1
+    try:
+        buffer = io.BytesIO()
+        torch.save(llama, buffer)
+    finally:
+        type(patch).__reduce_ex__ = original
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert autosparse.patch.patch_of(loaded).kind is ModelKind.TRANSFORMERS
+    torch.testing.assert_close(_logits(loaded, input_ids=ids), expected, rtol=0, atol=0)
+    assert autosparse.stats(loaded).sparse == 2 + 2
 
 
 def test_deepcopy_of_a_hooked_dit_is_independent():
