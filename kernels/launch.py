@@ -7,7 +7,8 @@ time). A call whose arguments specialise the same way runs the same compiled ker
 own (every integer by value, every tensor by dtype and 16-byte alignment, every tensor descriptor
 by all of its fields, the constexprs, the device) and launches it directly. The first call of a
 key, calls while a launch hook is active (profilers), Triton versions before 3.3 (whose launcher took
-a different argument list) and the interpreter all go through ``kernel[grid]`` unchanged.
+a different argument list) or without ``triton.knobs``, and the interpreter all go through
+``kernel[grid]`` unchanged.
 """
 
 from __future__ import annotations
@@ -22,9 +23,14 @@ _MAX_KEYS = 256  # compiled kernels kept per Relauncher; beyond it the oldest is
 
 
 def supported() -> bool:
-    """Whether this Triton launches a compiled kernel with the bound arguments (3.3 and later)."""
+    """Whether this Triton launches a compiled kernel with the bound arguments (3.3 and later) and
+    keeps its launch hooks in ``triton.knobs``."""
     import triton
 
+    try:
+        from triton import knobs  # noqa: F401
+    except ImportError:
+        return False
     major, minor = (int(x) for x in triton.__version__.split(".")[:2])
     return (major, minor) >= (3, 3)
 
@@ -61,8 +67,10 @@ class Relauncher:
         constexprs are added to it."""
         if self._direct is None:
             self._direct = device.type == "cuda" and supported()
+        if not self._direct:
+            return self.kernel[grid](*args, **meta)
         enter, leave = _launch_hooks()
-        if not self._direct or _active(enter) or _active(leave):
+        if _active(enter) or _active(leave):
             return self.kernel[grid](*args, **meta)
         key = (device.index, tuple(meta.items()), tuple(map(_spec, args)) if key is None else key)
         entry = self._compiled.get(key)
