@@ -13,6 +13,7 @@ a different argument list) or without ``triton.knobs``, and the interpreter all 
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import torch
@@ -27,12 +28,8 @@ def supported() -> bool:
     keeps its launch hooks in ``triton.knobs``."""
     import triton
 
-    try:
-        from triton import knobs  # noqa: F401
-    except ImportError:
-        return False
     major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    return (major, minor) >= (3, 3)
+    return (major, minor) >= (3, 3) and importlib.util.find_spec("triton.knobs") is not None
 
 
 def _spec(arg: Any) -> Any:
