@@ -11,9 +11,16 @@ blocks listed for its layout row in a look-up table (``kv_indices[b, h, i, :kv_c
 Only ``@triton.jit`` code lives here; the launcher, checks, schedule and tile configuration are in
 ``block_sparse_op.py``.
 
-* The key tile is the layout's key block (BLOCK_N = kv_block). The query tile is the layout's query
-  block or a power-of-two fraction of it (BLOCK_M = q_block / Q_SPLIT): the Q_SPLIT tiles of one
-  layout row share its key list and run next to each other, so they share its K/V tiles in L2.
+* The key tile is the layout's key block (KV_BLOCK = kv_block) or a power-of-two fraction of it
+  (BLOCK_N), visited sub-tile by sub-tile: at head_dim 256 the K and V tiles of a 128-key block
+  (64 KB each in 16 bits) would leave room for one program per SM. The query tile is the layout's
+  query block or a power-of-two fraction of it (BLOCK_M = q_block / Q_SPLIT): the Q_SPLIT tiles of
+  one layout row share its key list and run next to each other, so they share its K/V tiles in L2.
+* Head dims that are not powers of two (80, 96) run padded to HEAD_DIM_PAD (the next power of two,
+  the width ``tl.arange`` and ``tl.dot`` need): pointer loads mask the columns past HEAD_DIM to 0
+  and stores skip them; tensor descriptors keep the real width as their shape, so the hardware
+  zero-fills those columns on load and drops them on store. Zero columns add 0 to every q.k, so
+  the result is exactly that of the real width.
 * Programs are dealt out by a schedule (``Sched``, one entry per layout row, heaviest rows first) so a
   launch whose heads differ 10x in work does not end on a tail of long programs.
 * Element masks (causal diagonal, ragged last key block, key padding, bad block index) are applied
@@ -33,41 +40,63 @@ import triton.language as tl
 
 
 @triton.jit
-def _key_block(Idx_row, it, stride_ik, NK, BLOCK_N: tl.constexpr):
+def _key_block(Idx_row, it, stride_ik, NK, KV_BLOCK: tl.constexpr):
     """First key of the ``it``-th listed block, and whether its index is valid (a bad index is read as
     block 0 and fully masked)."""
     blk = tl.load(Idx_row + it * stride_ik)
     in_range = (blk >= 0) & (blk < NK)
-    return tl.where(in_range, blk, 0) * BLOCK_N, in_range
+    return tl.where(in_range, blk, 0) * KV_BLOCK, in_range
 
 
 @triton.jit
-def _gather_rows(base, rows, stride_row, offs_d, row_ok):
-    """[BLOCK_M, HEAD_DIM] tile whose i-th row is row ``rows[i]`` of the matrix at ``base`` (rows
+def _load(ptrs, row_ok, d_ok, ROWS: tl.constexpr, PAD_D: tl.constexpr):
+    """``tl.load(ptrs)`` with rows masked by ``row_ok`` (when ROWS) and the padding columns by
+    ``d_ok`` (when PAD_D); both masks broadcast to the tile, masked entries read as 0. The masks are
+    chosen at compile time so power-of-two widths keep their unmasked loads."""
+    if ROWS and PAD_D:
+        x = tl.load(ptrs, mask=row_ok & d_ok, other=0.0)
+    elif ROWS:
+        x = tl.load(ptrs, mask=row_ok, other=0.0)
+    elif PAD_D:
+        x = tl.load(ptrs, mask=d_ok, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store(ptrs, tile, row_ok, d_ok, PAD_D: tl.constexpr):
+    """``tl.store`` of the rows with ``row_ok`` and, when PAD_D, only the real columns ``d_ok``."""
+    if PAD_D:
+        tl.store(ptrs, tile, mask=row_ok & d_ok)
+    else:
+        tl.store(ptrs, tile, mask=row_ok)
+
+
+@triton.jit
+def _gather_rows(base, rows, stride_row, offs_d, row_ok, d_ok, PAD_D: tl.constexpr):
+    """[BLOCK_M, HEAD_DIM_PAD] tile whose i-th row is row ``rows[i]`` of the matrix at ``base`` (rows
     ``stride_row`` apart, last dim contiguous); rows with ``row_ok`` False read as 0."""
-    return tl.load(base + rows[:, None] * stride_row + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    return _load(base + rows[:, None] * stride_row + offs_d[None, :], row_ok[:, None], d_ok[None, :], True, PAD_D)
 
 
 @triton.jit
-def _scatter_rows(base, rows, stride_row, offs_d, row_ok, tile):
+def _scatter_rows(base, rows, stride_row, offs_d, row_ok, d_ok, tile, PAD_D: tl.constexpr):
     """Write the i-th row of ``tile`` to row ``rows[i]`` of the matrix at ``base`` (rows with
     ``row_ok`` False are not written)."""
-    tl.store(base + rows[:, None] * stride_row + offs_d[None, :], tile, mask=row_ok[:, None])
+    _store(base + rows[:, None] * stride_row + offs_d[None, :], tile, row_ok[:, None], d_ok[None, :], PAD_D)
 
 
 @triton.jit
-def _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,  #
-            BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_N: tl.constexpr,  #
+def _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d, d_ok,  #
+            BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAD_D: tl.constexpr, EVEN_N: tl.constexpr,  #
             DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """q @ k^T for the key block starting at ``start_n`` (unscaled, fp32)."""
+    """q @ k^T for the key tile starting at ``start_n`` (unscaled, fp32)."""
     if USE_TMA:
-        k = k_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        k = k_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
         return tl.dot(q, k.T, input_precision=DOT_PRECISION)
     k_ptrs = K_head + start_n.to(tl.int64) * stride_kn + offs_n[None, :] * stride_kn + offs_d[:, None]
-    if EVEN_N:
-        kT = tl.load(k_ptrs)
-    else:
-        kT = tl.load(k_ptrs, mask=(start_n + offs_n)[None, :] < Sk, other=0.0)
+    kT = _load(k_ptrs, (start_n + offs_n)[None, :] < Sk, d_ok[:, None], not EVEN_N, PAD_D)
     return tl.dot(q, kT, input_precision=DOT_PRECISION)
 
 
@@ -90,11 +119,11 @@ def _online_softmax(acc, l_i, m_i, qk, qk_scale):
 @triton.jit
 def _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,  #
                 V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,  #
-                q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,  #
-                BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
+                q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d, d_ok,  #
+                BLOCK_N: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAD_D: tl.constexpr,  #
                 CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
                 DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """Fold one key block's scores into the running (acc, l_i, m_i): mask, online softmax, P @ V."""
+    """Fold one key tile's scores into the running (acc, l_i, m_i): mask, online softmax, P @ V."""
     # -- element mask, only on blocks that need one -----------------------------------------------
     needs_mask = ~in_range
     if not EVEN_N:
@@ -115,22 +144,19 @@ def _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,  #
     p, acc, l_i, m_i = _online_softmax(acc, l_i, m_i, qk, qk_scale)
     # -- P @ V ------------------------------------------------------------------------------------
     if USE_TMA:
-        v = v_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = v_desc.load([off_b, off_hkv, start_n, 0]).reshape(BLOCK_N, HEAD_DIM_PAD)
     else:
         v_ptrs = V_head + start_n.to(tl.int64) * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :]
-        if EVEN_N:
-            v = tl.load(v_ptrs)
-        else:
-            v = tl.load(v_ptrs, mask=(start_n + offs_n)[:, None] < Sk, other=0.0)
+        v = _load(v_ptrs, (start_n + offs_n)[:, None] < Sk, d_ok[None, :], not EVEN_N, PAD_D)
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 
 @triton.jit
 def _attn_fwd_columns(acc, l_i, m_i, q, K_head, V_head, KvValid_row, Cols_head, ncols, Listed_row,  #
-                      stride_kn, stride_vn, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,  #
-                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr,  #
-                      DOT_PRECISION: tl.constexpr):
+                      stride_kn, stride_vn, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d, d_ok,  #
+                      BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, PAD_D: tl.constexpr, CAUSAL: tl.constexpr,  #
+                      HAS_KV_VALID: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Visit the first ``ncols`` of the head's key columns (ascending key positions), BLOCK_N at a
     time, gathering their K/V rows: scattered keys (vertical lines) cost their tokens, not their
     blocks. A column inside a key block the row already visited (``Listed_row[block]``) is skipped,
@@ -139,8 +165,9 @@ def _attn_fwd_columns(acc, l_i, m_i, q, K_head, V_head, KvValid_row, Cols_head, 
         slot = c0 + offs_n
         cols = tl.load(Cols_head + slot, mask=slot < ncols, other=-1)
         in_range = (cols >= 0) & (cols < Sk)  # padding and bad entries are skipped
-        take = in_range & (tl.load(Listed_row + cols // BLOCK_N, mask=in_range, other=1) == 0)
-        kT = tl.load(K_head + cols.to(tl.int64)[None, :] * stride_kn + offs_d[:, None], mask=take[None, :], other=0.0)
+        take = in_range & (tl.load(Listed_row + cols // KV_BLOCK, mask=in_range, other=1) == 0)
+        kT = _load(K_head + cols.to(tl.int64)[None, :] * stride_kn + offs_d[:, None], take[None, :], d_ok[:, None],
+                   True, PAD_D)
         qk = tl.dot(q, kT, input_precision=DOT_PRECISION)
         keep = take[None, :]
         if CAUSAL:
@@ -148,7 +175,8 @@ def _attn_fwd_columns(acc, l_i, m_i, q, K_head, V_head, KvValid_row, Cols_head, 
         if HAS_KV_VALID:
             keep = keep & (tl.load(KvValid_row + cols, mask=take, other=0) != 0)[None, :]
         p, acc, l_i, m_i = _online_softmax(acc, l_i, m_i, tl.where(keep, qk, float("-inf")), qk_scale)
-        v = tl.load(V_head + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], mask=take[:, None], other=0.0)
+        v = _load(V_head + cols.to(tl.int64)[:, None] * stride_vn + offs_d[None, :], take[:, None], d_ok[None, :],
+                  True, PAD_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
@@ -159,26 +187,30 @@ def _attn_fwd_inner(acc, l_i, m_i, q,  #
                     KvValid_row, Idx_row, count,  #
                     stride_kn, stride_vn, stride_ik,  #
                     q_start, causal_shift, Sk, qk_scale,  #
-                    offs_m, offs_n, offs_d,  #
-                    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,  #
+                    offs_m, offs_n, offs_d, d_ok,  #
+                    BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, PAD_D: tl.constexpr,  #
                     CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, EVEN_N: tl.constexpr,  #
                     DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """Visit the ``count`` listed key blocks of one query tile; returns (acc, l_i, m_i).
+    """Visit the ``count`` listed key blocks of one query tile, each in KV_BLOCK // BLOCK_N key tiles;
+    returns (acc, l_i, m_i). A tile past the sequence end is fully masked like any ragged tile.
 
     The loop is deliberately plain (one stage, no score prefetch, no conditional rescale): on the
     H200 three or four resident programs per SM overlap each other's loads, softmax and tensor-core
     work better than deeper pipelines, prefetched scores or branches, which all cost registers and
     so resident programs (benchmarks/NOTES.md, runs 4-9).
     """
-    NK = tl.cdiv(Sk, BLOCK_N)
+    NK = tl.cdiv(Sk, KV_BLOCK)
     for it in range(0, count):
-        start_n, in_range = _key_block(Idx_row, it, stride_ik, NK, BLOCK_N)
-        qk = _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d,
-                     BLOCK_N, HEAD_DIM, EVEN_N, DOT_PRECISION, USE_TMA)
-        acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
-                                    V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
-                                    q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d,
-                                    BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
+        start_blk, in_range = _key_block(Idx_row, it, stride_ik, NK, KV_BLOCK)
+        for sub in tl.static_range(KV_BLOCK // BLOCK_N):
+            start_n = start_blk + sub * BLOCK_N
+            qk = _scores(q, start_n, K_head, k_desc, off_b, off_hkv, stride_kn, Sk, offs_n, offs_d, d_ok,
+                         BLOCK_N, HEAD_DIM_PAD, PAD_D, EVEN_N, DOT_PRECISION, USE_TMA)
+            acc, l_i, m_i = _softmax_pv(acc, l_i, m_i, qk, start_n, in_range,
+                                        V_head, v_desc, off_b, off_hkv, KvValid_row, stride_vn,
+                                        q_start, causal_shift, Sk, qk_scale, offs_m, offs_n, offs_d, d_ok,
+                                        BLOCK_N, HEAD_DIM_PAD, PAD_D, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION,
+                                        USE_TMA)
     return acc, l_i, m_i
 
 
@@ -195,17 +227,20 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows, Cols, ColC
               stride_valid_b,  #
               stride_colb, stride_colh, stride_ccb, stride_cch, stride_lib, stride_lih, stride_liq,  #
               sm_scale, GROUP, Sq, Sk, MAXK, NQ,  #
-              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, Q_SPLIT: tl.constexpr,  #
+              HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr,  #
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KV_BLOCK: tl.constexpr, Q_SPLIT: tl.constexpr,  #
               CAUSAL: tl.constexpr, HAS_KV_VALID: tl.constexpr, STORE_LSE: tl.constexpr,  #
               EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, USE_TMA: tl.constexpr,  #
               HAS_Q_ROWS: tl.constexpr, HAS_COLS: tl.constexpr):
     """One program = one query tile (BLOCK_M rows) of one layout row (head h, query block i) of one
     batch entry; the row comes from the schedule: ``Sched[program_id(0) // Q_SPLIT] = h * NQ + i``.
 
-    Q [B, Hq, Sq, HEAD_DIM], K/V [B, Hkv, Sk, HEAD_DIM] (last dim contiguous), Out like Q,
+    Q [B, Hq, Sq, HEAD_DIM], K/V [B, Hkv, Sk, HEAD_DIM] (last dim contiguous), Out like Q; tiles are
+    HEAD_DIM_PAD wide (the next power of two), keys KV_BLOCK (the layout's) in tiles of BLOCK_N,
     Lse fp32 [B, Hq, Sq], KvIdx int32 [Bl, Hq, NQ, MAXK], KvCnt int32 [Bl, Hq, NQ] (stride_ib/cb = 0
     when Bl = 1), KvValid uint8 [B, Sk], Sched int32 [Hq * NQ]. Query head h reads KV head h // GROUP.
-    With USE_TMA the four descriptors cover Q/K/V/Out as 4-D [B, H, S, HEAD_DIM] tensors.
+    With USE_TMA the four descriptors cover Q/K/V/Out as 4-D [B, H, S, HEAD_DIM] tensors, in blocks
+    [1, 1, rows, HEAD_DIM_PAD].
 
     HAS_Q_ROWS: QRows int32 [Sq], a permutation of [0, Sq). The query at kernel position p (the
     position the layout, causal rule and K/V order speak of) is row QRows[p] of Q, and its output
@@ -217,9 +252,11 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows, Cols, ColC
     the row lists (Listed uint8 [Bl, Hq, NQ, NK], the layout's blocks as a mask).
     """
     tl.static_assert(BLOCK_M >= 16, "BLOCK_M must be >= 16 for tl.dot")
-    tl.static_assert(BLOCK_N >= 16, "BLOCK_N (kv_block) must be >= 16 for tl.dot")
-    tl.static_assert(HEAD_DIM >= 16, "HEAD_DIM must be >= 16 for tl.dot")
-    tl.static_assert((HEAD_DIM & (HEAD_DIM - 1)) == 0, "HEAD_DIM must be a power of two")
+    tl.static_assert(BLOCK_N >= 16, "BLOCK_N (key tile) must be >= 16 for tl.dot")
+    tl.static_assert(KV_BLOCK % BLOCK_N == 0, "BLOCK_N must divide KV_BLOCK")
+    tl.static_assert(HEAD_DIM_PAD >= 16, "HEAD_DIM_PAD must be >= 16 for tl.dot")
+    tl.static_assert((HEAD_DIM_PAD & (HEAD_DIM_PAD - 1)) == 0, "HEAD_DIM_PAD must be a power of two")
+    tl.static_assert((HEAD_DIM <= HEAD_DIM_PAD) & (2 * HEAD_DIM > HEAD_DIM_PAD), "HEAD_DIM_PAD: next power of two")
 
     pid = tl.program_id(0)
     off_b = tl.program_id(1)
@@ -238,7 +275,8 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows, Cols, ColC
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_mb = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, HEAD_DIM_PAD)
+    d_ok = offs_d < HEAD_DIM  # the real columns (all of them unless HEAD_DIM is padded)
     row_ok = offs_m < Sq
 
     # -- load the query tile once ------------------------------------------------------------------
@@ -246,19 +284,20 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows, Cols, ColC
         # the tile's queries are scattered over Q (caller's order): gather them row by row
         q_rows = tl.load(QRows + offs_m, mask=row_ok, other=0).to(tl.int64)
         Q_head = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh
-        q = _gather_rows(Q_head, q_rows, stride_qm, offs_d, row_ok)
+        q = _gather_rows(Q_head, q_rows, stride_qm, offs_d, row_ok, d_ok, HEAD_DIM < HEAD_DIM_PAD)
     elif USE_TMA:
-        q = q_desc.load([off_b, off_h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM)
+        q = q_desc.load([off_b, off_h, q_start, 0]).reshape(BLOCK_M, HEAD_DIM_PAD)
     else:
         q_base = Q + off_b.to(tl.int64) * stride_qb + off_h.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qm
-        q = tl.load(q_base + offs_mb[:, None] * stride_qm + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        q = _load(q_base + offs_mb[:, None] * stride_qm + offs_d[None, :], row_ok[:, None], d_ok[None, :], True,
+                  HEAD_DIM < HEAD_DIM_PAD)
 
     count = tl.load(cnt_ptr)
     count = tl.minimum(tl.maximum(count, 0), MAXK)  # never read padding or past the row
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     qk_scale = sm_scale * 1.44269504088896340736  # 1 / ln(2): exp(x) = exp2(x * log2(e))
     causal_shift = Sk - Sq  # bottom-right aligned causal: key k allowed for query q iff k <= q + shift
 
@@ -267,9 +306,9 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows, Cols, ColC
                                     KvValid_row, Idx_row, count,  #
                                     stride_kn, stride_vn, stride_ik,  #
                                     q_start, causal_shift, Sk, qk_scale,  #
-                                    offs_m, offs_n, offs_d,  #
-                                    BLOCK_N, HEAD_DIM, CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION,  #
-                                    USE_TMA)
+                                    offs_m, offs_n, offs_d, d_ok,  #
+                                    BLOCK_N, KV_BLOCK, HEAD_DIM_PAD, HEAD_DIM < HEAD_DIM_PAD,  #
+                                    CAUSAL, HAS_KV_VALID, EVEN_N, DOT_PRECISION, USE_TMA)
     if HAS_COLS:
         off_bl_c = off_b.to(tl.int64) * stride_colb + off_h.to(tl.int64) * stride_colh
         ncols = tl.load(ColCnt + off_b.to(tl.int64) * stride_ccb + off_h.to(tl.int64) * stride_cch + block_m)
@@ -277,7 +316,8 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows, Cols, ColC
             + block_m.to(tl.int64) * stride_liq
         acc, l_i, m_i = _attn_fwd_columns(acc, l_i, m_i, q, K_head, V_head, KvValid_row, Cols + off_bl_c, ncols,
                                           Listed_row, stride_kn, stride_vn, causal_shift, Sk, qk_scale,
-                                          offs_m, offs_n, offs_d, BLOCK_N, CAUSAL, HAS_KV_VALID, DOT_PRECISION)
+                                          offs_m, offs_n, offs_d, d_ok, BLOCK_N, KV_BLOCK, HEAD_DIM < HEAD_DIM_PAD,
+                                          CAUSAL, HAS_KV_VALID, DOT_PRECISION)
 
     # epilogue: rows with no attended key (l_i == 0) give 0 and lse = -inf
     has_any = l_i > 0.0
@@ -291,13 +331,14 @@ def _attn_fwd(Q, K, V, Out, Lse, KvIdx, KvCnt, KvValid, Sched, QRows, Cols, ColC
         # this load differ from the first, so the compiler cannot merge the two.
         q_rows = tl.load(QRows + offs_m, mask=row_ok, other=0, cache_modifier=".cg").to(tl.int64)
         O_head = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh
-        _scatter_rows(O_head, q_rows, stride_om, offs_d, row_ok, acc.to(Out.type.element_ty))
+        _scatter_rows(O_head, q_rows, stride_om, offs_d, row_ok, d_ok, acc.to(Out.type.element_ty),
+                      HEAD_DIM < HEAD_DIM_PAD)
     elif USE_TMA:
-        o_desc.store([off_b, off_h, q_start, 0], acc.to(Out.type.element_ty).reshape(1, 1, BLOCK_M, HEAD_DIM))
+        o_desc.store([off_b, off_h, q_start, 0], acc.to(Out.type.element_ty).reshape(1, 1, BLOCK_M, HEAD_DIM_PAD))
     else:
         o_base = Out + off_b.to(tl.int64) * stride_ob + off_h.to(tl.int64) * stride_oh + q_start.to(tl.int64) * stride_om
-        tl.store(o_base + offs_mb[:, None] * stride_om + offs_d[None, :], acc.to(Out.type.element_ty),
-                 mask=row_ok[:, None])
+        _store(o_base + offs_mb[:, None] * stride_om + offs_d[None, :], acc.to(Out.type.element_ty), row_ok[:, None],
+               d_ok[None, :], HEAD_DIM < HEAD_DIM_PAD)
     if STORE_LSE:
         lse = tl.where(has_any, (m_i + tl.math.log2(l_safe)) * 0.69314718055994530942, float("-inf"))
         lse_head = Lse + off_b.to(tl.int64) * stride_lb + off_h.to(tl.int64) * stride_lh

@@ -34,7 +34,7 @@ from .tile_config import TileConfig, default_config
 
 __all__ = ["KernelCall", "block_sparse_attention", "call_reason", "supports", "TileConfig", "default_config", "row_schedule"]
 
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 80, 96, 128, 256)  # 80 and 96 run padded to 128 (block_sparse.py)
 BLOCK_SIZES = (16, 32, 64, 128)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_GRID_YZ = 65535  # CUDA limit of grid dim 1 (batch)
@@ -274,7 +274,7 @@ _DESCRIPTOR_TEMPLATES: dict[tuple, object] = {}
 
 
 def _descriptor(t: Tensor, rows: int):
-    """4-D descriptor over [B, H, S, D] moving [1, 1, rows, D] tiles.
+    """4-D descriptor over [B, H, S, D] moving [1, 1, rows, D rounded up to a power of two] tiles.
 
     Validated once per (shape, strides, dtype, rows) by Triton's constructor, which costs more host
     time than a small kernel; later calls copy that template with their own base. The template keeps
@@ -284,7 +284,7 @@ def _descriptor(t: Tensor, rows: int):
     key = (t.shape, t.stride(), t.dtype, rows)
     template = _DESCRIPTOR_TEMPLATES.get(key)
     if template is None:
-        template = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+        template = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, 1 << (t.shape[-1] - 1).bit_length()])
         template.base = None
         if len(_DESCRIPTOR_TEMPLATES) > 1024:
             _DESCRIPTOR_TEMPLATES.clear()
@@ -315,13 +315,17 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
         raise ValueError(f"config.block_m must be a power of two in {BLOCK_SIZES} and <= q_block {q_block}, "
                          f"got {block_m}")
     q_split = q_block // block_m
+    block_n = config.block_n or kv_block
+    if block_n not in BLOCK_SIZES or block_n > kv_block:
+        raise ValueError(f"config.block_n must be a power of two in {BLOCK_SIZES} and <= kv_block {kv_block}, "
+                         f"got {block_n}")
     if schedule is None:
         schedule = row_schedule(work_counts(kv_counts, column_counts, kv_block), hq // hkv)
     descs = (None,) * 4
     if use_tma and q_rows is not None:
-        descs = (None, _descriptor(k, kv_block), _descriptor(v, kv_block), None)
+        descs = (None, _descriptor(k, block_n), _descriptor(v, block_n), None)
     elif use_tma:
-        descs = (_descriptor(q, block_m), _descriptor(k, kv_block), _descriptor(v, kv_block),
+        descs = (_descriptor(q, block_m), _descriptor(k, block_n), _descriptor(v, block_n),
                  _descriptor(out, block_m))
     valid_arg = kv_valid.contiguous().view(torch.uint8) if kv_valid is not None else kv_counts
     lse_arg = lse if lse is not None else out
@@ -343,7 +347,8 @@ def _launch(q, k, v, kv_indices, kv_counts, kv_valid, schedule, out, lse, q_bloc
             valid_arg.stride(0) if kv_valid is not None else 0,
             *cols_strides,
             scale, hq // hkv, sq, sk, maxk, nq)
-    meta = dict(HEAD_DIM=d, BLOCK_M=block_m, BLOCK_N=kv_block, Q_SPLIT=q_split, CAUSAL=causal,
+    meta = dict(HEAD_DIM=d, HEAD_DIM_PAD=1 << (d - 1).bit_length(), BLOCK_M=block_m, BLOCK_N=block_n, KV_BLOCK=kv_block,
+                Q_SPLIT=q_split, CAUSAL=causal,
                 HAS_KV_VALID=kv_valid is not None, STORE_LSE=lse is not None, EVEN_N=(sk % kv_block == 0),
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", USE_TMA=bool(use_tma),
                 HAS_Q_ROWS=q_rows is not None, HAS_COLS=has_cols, num_warps=config.num_warps, num_stages=config.num_stages)

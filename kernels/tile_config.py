@@ -28,7 +28,8 @@ class TileConfig:
     """Launch parameters of the kernel.
 
     ``block_m`` is the query tile (None: the layout's q_block; smaller powers of two split each layout
-    row into q_block // block_m programs). The key tile is always the layout's kv_block.
+    row into q_block // block_m programs). ``block_n`` is the key tile (None: the layout's kv_block;
+    smaller powers of two visit each listed key block in kv_block // block_n tiles).
     ``use_tma``: None picks tensor descriptors whenever the GPU (sm_90+) and the tensors' strides allow.
     """
 
@@ -36,6 +37,7 @@ class TileConfig:
     num_stages: int
     block_m: Optional[int] = None
     use_tma: Optional[bool] = None
+    block_n: Optional[int] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,11 +59,22 @@ def default_config(q_block: int, kv_block: int, head_dim: int, dtype: torch.dtyp
     pipelines. Pointer loads need more registers (64-row, 1-stage tiles spill there), so they keep
     v1's rule: 8 warps for q_block 128 at head_dim 128, else 4, and as many stages (4, 3, 2) as fit in
     shared memory. fp32 (ieee dots, there for accuracy): 1 stage.
+
+    Head dims 80 and 96 run padded to 128 wide tiles, so they take 128's rule. At 256 the K and V
+    tiles of a 128-key block take 64 KB each in 16 bits (128 KB in fp32) of the H200's 227 KB: query
+    tiles of at most 64 rows, key tiles of at most 64 (32 in fp32), 4 warps, one stage: 239
+    registers, no spills, 64 KB of shared memory. Measured on the H200 at 32K tokens
+    (benchmarks/NOTES.md, head_dim 256): 3.1x faster than 8 warps; 128-key tiles with 4 warps read
+    8 % faster once but sit at 255 registers, with no headroom for key padding or columns.
     """
     tuned = lookup(device, q_block, kv_block, head_dim, dtype, tma)
     if tuned is not None:
         return tuned
     elt = dtype.itemsize
+    head_dim = 1 << (head_dim - 1).bit_length()  # the padded tile width
+    if head_dim > 128:
+        return TileConfig(num_warps=4, num_stages=1, block_m=min(64, q_block), use_tma=tma,
+                          block_n=min(64 if elt <= 2 else 32, kv_block))
     if tma and elt <= 2:
         return TileConfig(num_warps=4, num_stages=1, block_m=min(64, q_block), use_tma=True)
     big = q_block >= 128 and head_dim >= 128

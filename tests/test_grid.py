@@ -8,10 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +18,8 @@ from autosparse import (BlockGeometry, BlockLayout, Dense, Global, Neighborhood,
 from autosparse.patterns.grid import window_mask
 from autosparse.kernels import block_sparse_attention_torch
 from autosparse.testing.reference import attention, in_model_order
+from autosparse.testing.interpreter import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def geometry(tokens: TokenGeometry, q_block: int, kv_block: int) -> BlockGeometry:
@@ -487,14 +484,9 @@ def test_triton_kernel_on_tiled_layout(tmp_path):
     """The Triton kernel under its interpreter (float32), in a worker process: TRITON_INTERPRET must
     be set before Triton is first imported (see tests/test_kernels.py)."""
     pytest.importorskip("triton")
-    path = tmp_path / "out.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, __file__, "--interpret-worker", str(path)], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = run_interpreted(__file__, tmp_path / "out.pt", timeout=300)
     q, k, v = kernel_inputs(torch.float32, seed=12)
-    torch.testing.assert_close(torch.load(path).double(), dense_oracle(q, k, v), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(out.double(), dense_oracle(q, k, v), rtol=2e-5, atol=2e-5)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--interpret-worker"]:

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -37,8 +35,8 @@ from autosparse.kernels import block_sparse_attention
 from autosparse.layout import BlockLayout
 from autosparse.patterns import BlockGeometry, Dense, SinkLocal, Window
 from autosparse.testing.reference import attention, causal_mask
+from autosparse.testing.interpreter import run_interpreted
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -429,13 +427,7 @@ def _interpret_worker(path: str) -> None:
 
 def test_triton_path_matches_torch_path(tmp_path):
     pytest.importorskip("triton")
-    path = tmp_path / "guard_triton.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret-worker", str(path)],
-                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    results = torch.load(path)
+    results = run_interpreted(__file__, tmp_path / "guard_triton.pt", timeout=600)
     for name in TRITON_CASES:
         q, k, v, pos, causal, kv_valid = _triton_inputs(name)
         ref = exact_rows(q, k, v, pos, causal=causal, scale=0.2, kv_valid=kv_valid, impl="torch")

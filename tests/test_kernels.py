@@ -17,10 +17,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import subprocess
 import sys
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +31,7 @@ try:  # installed package
 except ImportError:  # repository root on sys.path
     from kernels import block_sparse_attention, block_sparse_attention_torch, dense_attention, layout_mask, supports
     from kernels import reference as reference_mod
+from autosparse.testing.interpreter import run_interpreted
 
 TOL = {  # (atol, rtol) against the float64 oracle
     torch.float64: (1e-10, 1e-10),
@@ -181,7 +180,6 @@ def check(case: Case, out, lse, ref, ref_lse):
 # --------------------------------------------------------------------------------------------------
 # interpreter worker: every Triton launch of this file, run once in a TRITON_INTERPRET=1 process
 # --------------------------------------------------------------------------------------------------
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def _interpret_jobs():
@@ -293,14 +291,7 @@ def _interpret_worker(path: str) -> None:
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     pytest.importorskip("triton")
-    path = tmp_path_factory.mktemp("interpreter") / "results.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--interpret-worker", str(path)],
-                          env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"interpreter worker failed (rc={proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return torch.load(path)
+    return run_interpreted(__file__, tmp_path_factory.mktemp("interpreter") / "results.pt", timeout=900)
 
 
 @pytest.fixture
@@ -557,12 +548,12 @@ def test_supports_reasons(monkeypatch):
     with torch.no_grad():
         assert supports(q, k, v, 16, 16) is None
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton path: the kernel's own limits
-    q80 = torch.randn(1, 2, 32, 80)
-    assert supports(q80, q80, q80, 16, 16).startswith("head_dim 80 not supported")
+    q72 = torch.randn(1, 2, 32, 72)  # 80, 96 and 256 are served; 72 is not
+    assert supports(q72, q72, q72, 16, 16).startswith("head_dim 72 not supported")
     assert supports(q.detach().double(), k.double(), v.double(), 16, 16) == "dtype float64 not supported"
-    with pytest.raises(NotImplementedError, match="head_dim 80 not supported"):
+    with pytest.raises(NotImplementedError, match="head_dim 72 not supported"):
         idx = torch.zeros(1, 2, 2, 1, dtype=torch.int32)
-        block_sparse_attention(q80, q80, q80, idx, idx[..., 0], q_block=16, kv_block=16, causal=False)
+        block_sparse_attention(q72, q72, q72, idx, idx[..., 0], q_block=16, kv_block=16, causal=False)
 
 
 def test_custom_op_matches_and_fake_strides(no_interpret):
