@@ -4,7 +4,8 @@
 Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), else the block-sparse PyTorch path;
 ``supports(...)`` says why a call cannot be served; ``torch.ops.autosparse.block_sparse_attention`` is
 the same function as an opaque custom op. ``reference`` holds the dense oracle and layout helpers;
-``schedule`` the program order; ``tile_config`` the launch parameters; ``tuning`` times tile configs
+``schedule`` the program order; ``tile_config`` the launch parameters; ``backends`` who runs a
+prepared call (Triton, PyTorch, FlashAttention-4), chosen by measurement; ``tuning`` times tile configs
 on this GPU and caches the fastest (``autosparse tune``) through ``cache``.
 
 A leaf: these modules import torch, triton and the standard library, nothing of autosparse
@@ -34,7 +35,7 @@ if __name__ == "kernels":
     if _spec.loader is not None:
         _spec.loader.exec_module(_module)
 else:
-    from . import tuning
+    from . import backends, tuning
     from .block_sparse_op import KernelCall, block_sparse_attention, block_sparse_attention_op, call_reason, supports
     from .reference import block_sparse_attention_torch, dense_attention, layout_mask
     from .schedule import row_schedule
@@ -50,6 +51,7 @@ else:
         "default_config",
         "row_schedule",
         "tuning",
+        "backends",
         "block_sparse_attention_torch",
         "dense_attention",
         "layout_mask",

@@ -3,9 +3,9 @@
 A plan is keyed by the layer's patterns at this step (a ``HeadSet``, shared by every layer with the
 same patterns), the q/k/v shapes, dtype and device, causality, softmax scale, token geometry,
 whether key padding applies, and the profile's block size and token order. It holds the token
-order the grid patterns run in and its permutation, the layout and its prepared kernel launch
-(``KernelCall``), the dense heads of a mixed layer (sent to SDPA), and for dynamic heads what their
-per-call estimate starts from; or the reason no call of that key can be laid out. Building a plan
+order the grid patterns run in and its permutation, the layout, its prepared kernel launch
+(``KernelCall``) and the backend that runs it (``kernels.backends.choose_backend``), the dense heads
+of a mixed layer (sent to SDPA), and for dynamic heads what their per-call estimate starts from; or the reason no call of that key can be laid out. Building a plan
 is the one place serving does device work beyond the call itself (layouts, index tensors, a device
 sync for list widths); a steady-state call costs a dictionary lookup. Plans are never mutated.
 
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from autosparse.kernels import KernelCall, row_schedule, supports
+from autosparse.kernels.backends import Backend, choose_backend
 from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.profile import Profile
@@ -63,6 +64,7 @@ class CallPlan:
     q_rows: torch.Tensor | None = None  # where the kernel reads each query and writes its output
     layout: BlockLayout | None = None  # static heads (None: estimated per call)
     kernel: KernelCall | None = None  # the static layout's prepared launch
+    backend: Backend | None = None  # what runs it: the fastest that can, measured once (kernels.backends)
     dense_heads: tuple[torch.Tensor, torch.Tensor] | None = None  # (query heads, their KV heads) sent to SDPA
     skipped: tuple[int, ...] = ()  # heads the kernel leaves to SDPA
     estimate: _Estimate | None = None
@@ -98,11 +100,13 @@ class CallPlan:
         k, v = _permute(key, self.order), _permute(value, self.order)
         # Dynamic heads are estimated on q/k in the order the kernel lays the blocks out.
         layout = self.layout_for(query if self.estimate is None else _permute(query, self.order), k, scale)
-        kernel = self.kernel or self._prepare(layout, query, k, v, scale)
         if kv_valid is not None:
             kv_valid = kv_valid.expand(query.shape[0], -1)
             kv_valid = kv_valid if self.order is None else kv_valid.index_select(1, self.order)
-        out = kernel.run(query, k, v, kv_valid)
+        if self.kernel is not None:
+            out = self.backend.run(query, k, v, self.kernel, kv_valid)
+        else:  # a layout estimated for this call: the portable kernel (nothing to measure once)
+            out = self._prepare(layout, query, k, v, scale).run(query, k, v, kv_valid)
         if self.dense_heads is not None:
             dense_heads(out, query, key, value, *self.dense_heads, self.geometry.causal, scale)
         return out
@@ -173,11 +177,13 @@ def _build(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, ke
         return CallPlan(estimate=_estimate(heads, geometry, query.shape[0], query.shape[1], group, device), **common)
     layout = BlockLayout.from_patterns(heads.patterns, geometry, device)
     layout = layout.with_heads_skipped(skipped) if skipped else layout
-    kernel = KernelCall.prepare(query, _permute(key, order), _permute(value, order), layout.kv_indices,
-                                layout.kv_counts, q_block=q_block, kv_block=kv_block, causal=call.causal,
-                                scale=call.scale, schedule=layout.schedule(group), q_rows=q_rows,
-                                columns=layout.columns, column_counts=layout.column_counts, listed=layout.listed)
-    return CallPlan(layout=layout, kernel=kernel, **common)
+    key, value = _permute(key, order), _permute(value, order)
+    kernel = KernelCall.prepare(query, key, value, layout.kv_indices, layout.kv_counts, q_block=q_block,
+                                kv_block=kv_block, causal=call.causal, scale=call.scale,
+                                schedule=layout.schedule(group), q_rows=q_rows, columns=layout.columns,
+                                column_counts=layout.column_counts, listed=layout.listed)
+    backend = choose_backend(kernel, query, key, value, key_padding=call.kv_valid is not None)
+    return CallPlan(layout=layout, kernel=kernel, backend=backend, **common)
 
 
 def _estimate(heads: HeadSet, geometry: BlockGeometry, batch: int, num_heads: int, group: int,
