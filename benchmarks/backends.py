@@ -158,8 +158,6 @@ def run_case(case: Case, device: torch.device, time_fn) -> dict[str, Any]:
         if reason is not None:
             result["rows"][b.name] = dict(error=f"cannot run: {reason}")
             continue
-        if b is backends.TORCH and device.type == "cuda":
-            continue  # the CPU backend
         try:
             out = torch.full_like(q, float("nan"))
             out.copy_(b.run(q, k, v, call))

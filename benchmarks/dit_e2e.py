@@ -65,15 +65,18 @@ REAL = {
     "wan": ({}, None),  # 480p/81f: latent 21x60x104 -> grid 21x30x52, 30 layers
     "hunyuan_video": ({}, 6),  # 720p/129f: latent 33x90x160 -> grid 33x45x80 (+256 text), 2 dual + 4 single
     "flux": ({"height": 128, "width": 128}, None),  # 2048²: 128x128 tokens (+512 text), 19 double + 38 single
+    "flux_4k": ({"height": 256, "width": 256}, None),  # 4096²: 256x256 tokens (+512 text)
     "cogvideox": ({}, None),  # CogVideoX1.5-5B: latent 22x96x170 -> grid 11x48x85 (+226 text), 42 layers
 }
 SMOKE = {
     "wan": ({"frames": 16, "height": 32, "width": 64}, None),
     "hunyuan_video": ({"frames": 8, "height": 32, "width": 32}, None),
     "flux": ({"height": 48, "width": 48}, None),
+    "flux_4k": ({"height": 64, "width": 64}, None),
     "cogvideox": ({"frames": 8, "height": 32, "width": 32}, None),
 }
-FULL_DEPTH = {"wan": 30, "hunyuan_video": 60, "flux": 57, "cogvideox": 42}  # served attention layers at full depth
+FULL_DEPTH = {"wan": 30, "hunyuan_video": 60, "flux": 57, "flux_4k": 57, "cogvideox": 42}  # served layers, full depth
+BUILD = {"flux_4k": "flux"}  # benchmark rows that build another family's model at another shape
 
 
 def log(*parts: Any) -> None:
@@ -139,7 +142,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, dtyp
     """Build, choose the window, time dense vs patched, compare outputs, time attention alone."""
     shape, depth = (SMOKE if args.smoke else REAL)[family]
     layers = args.layers if args.layers is not None else depth
-    dit = build_dit(family, "tiny" if args.smoke else "real", device=device, dtype=dtype, layers=layers, **shape)
+    dit = build_dit(BUILD.get(family, family), "tiny" if args.smoke else "real", device=device, dtype=dtype, layers=layers, **shape)
     model, inputs = dit.model, dit.inputs()
     served = attention_layers(model)
     if args.compile:  # what diffusers recommends: one compiled graph per repeated block (inductor)

@@ -401,9 +401,9 @@ def sage_dense(inputs: Inputs) -> Callable[[], Tensor]:
 
 
 def fa4_sparse(inputs: Inputs) -> Callable[[], Tensor]:
-    flash_attn_func, tensors = _fa4()
-    cnt, idx, block_size = fa4_block_sparse(inputs.layout)
-    blocks = tensors(cnt, idx, full_block_cnt=None, full_block_idx=None, block_size=block_size)
+    from autosparse.kernels.backends import fa4_tensors
+    flash_attn_func, _ = _fa4()
+    blocks = fa4_tensors(*fa4_block_sparse(inputs.layout))
     return lambda: _out(flash_attn_func(inputs.q, inputs.k, inputs.v, softmax_scale=inputs.scale,
                                         causal=inputs.causal, block_sparse_tensors=blocks))
 

@@ -18,7 +18,8 @@ scale, checked once). The layout travels as that one object. Three backends:
 :func:`choose_backend` returns the fastest backend that can run a call. It runs each candidate
 on the call's own q/k/v once, checks it against the portable backend's output (so a wrong answer
 never wins), and times it. The answer is kept per (GPU, library versions, shapes, dtype, blocks,
-causality, layout features, density to 0.05), in memory and in ``$AUTOSPARSE_CACHE_DIR/backends.json``,
+causality, layout features, density to 0.05), in memory and, when no candidate failed or disagreed
+(a failure may be an install or code fixed later), in ``$AUTOSPARSE_CACHE_DIR/backends.json``,
 like the tile configs (NATTEN's ``choose_backend`` keyed by problem shape). ``AUTOSPARSE_BACKEND=name``
 forces a backend wherever it can run.
 """
@@ -43,7 +44,8 @@ from .block_sparse_op import KernelCall, _uses_triton
 log = logging.getLogger("autosparse")
 
 __all__ = ["BACKENDS", "Backend", "FA4Backend", "TorchBackend", "TritonBackend", "backend", "choose_backend",
-           "fa4_block_sparse", "forget_choices"]
+           "fa4_block_sparse", "fa4_tensors", "forget_choices",
+           "reblocks_to_128"]
 
 CACHE = "backends.json"  # the file in $AUTOSPARSE_CACHE_DIR
 DENSITY_STEP = 0.05  # layouts whose densities round to the same step share one measured choice
@@ -96,22 +98,30 @@ def fa4_block_sparse(call: KernelCall) -> tuple[Tensor, Tensor, tuple[int, int]]
     2i+1, e.g. windows and sinks counted in 128-key blocks) is re-blocked to 128 rows. That is
     exact: the same token mask, the causal rule applied per token either way. Otherwise it stays
     at 64 rows. One device sync, at plan time."""
-    counts, indices = call.kv_counts, call.kv_indices
+    counts, indices = call.kv_counts, _zero_padding(call)
     _, heads, nq, width = indices.shape
     nk = -(-call.kv_shape[2] // call.kv_block)
-    live = torch.arange(width, device=indices.device) < counts[..., None]
-    indices = torch.where(live, indices, 0)
     q_rows = call.q_block
-    if call.q_block == 64 and nq > 1 and _pairs_agree(counts, indices):
+    if reblocks_to_128(call):
         counts, indices, q_rows = counts[:, :, ::2], indices[:, :, ::2], 128
     idx = torch.zeros(1, heads, counts.shape[2], nk, dtype=torch.int32, device=indices.device)
     idx[..., :width] = indices
     return counts.contiguous(), idx, (q_rows, call.kv_block)
 
 
-def _pairs_agree(counts: Tensor, indices: Tensor) -> bool:
-    """Whether query blocks 2i and 2i+1 list the same key blocks (padding zeroed) for every head."""
-    even = counts.shape[2] // 2 * 2
+def _zero_padding(call: KernelCall) -> Tensor:
+    """The call's key-block lists with the entries past each row's count set to 0."""
+    live = torch.arange(call.kv_indices.shape[-1], device=call.kv_indices.device) < call.kv_counts[..., None]
+    return torch.where(live, call.kv_indices, 0)
+
+
+def reblocks_to_128(call: KernelCall) -> bool:
+    """Whether FA4 runs this 64-row layout as 128-row blocks: query blocks 2i and 2i+1 list the
+    same key blocks for every head (one device sync)."""
+    counts = call.kv_counts
+    if call.q_block != 64 or counts.shape[2] < 2:
+        return False
+    indices, even = _zero_padding(call), counts.shape[2] // 2 * 2
     same_counts = torch.equal(counts[:, :, 0:even:2], counts[:, :, 1:even:2])
     return same_counts and torch.equal(indices[:, :, 0:even:2], indices[:, :, 1:even:2])
 
@@ -185,10 +195,18 @@ class FA4Backend:
         return out.transpose(1, 2)
 
     def _prepare(self, call: KernelCall) -> tuple:
-        _, tensors = _fa4()
-        counts, indices, block_size = fa4_block_sparse(call)
         inverse = None if call.q_rows is None else torch.argsort(call.q_rows)
-        return tensors(mask_block_cnt=counts, mask_block_idx=indices, block_size=block_size), inverse
+        return fa4_tensors(*fa4_block_sparse(call)), inverse
+
+
+def fa4_tensors(counts: Tensor, indices: Tensor, block_size: tuple[int, int]) -> Any:
+    """FA4's ``BlockSparseTensorsTorch``: every block a "mask" block (causal and sequence-end
+    masks applied there; no mask_mod), and an empty "full" list. The list must be given: FA4
+    4.0.0b36's sm_90 forward compiles a branch that reads it even when every count is 0
+    (``block_sparse_utils.load_block_list`` on None: TypeError)."""
+    _, tensors = _fa4()
+    return tensors(mask_block_cnt=counts, mask_block_idx=indices, full_block_cnt=torch.zeros_like(counts),
+                   full_block_idx=torch.zeros_like(indices), block_size=block_size)
 
 
 TRITON, TORCH, FA4 = TritonBackend(), TorchBackend(), FA4Backend()
@@ -240,15 +258,22 @@ def choose_backend(call: KernelCall, q: Tensor, k: Tensor, v: Tensor, key_paddin
     chosen = next((b for b in able if b.name == name), None)
     if chosen is None:
         chosen, times = _measure(able, call, q, k, v, time_fn)
-        cache.store(CACHE, key, {"backend": chosen.name, "ms": times})
-        log.info("kernel backend for %s: %s (%s)", key, chosen.name, times)
+        failed = {name: t for name, t in times.items() if isinstance(t, str)}
+        if failed:  # kept for this process only: a fixed install or code must be measured again
+            log.warning("kernel backend for %s: %s; not cached on disk, as %s failed: %s", key, chosen.name,
+                        ", ".join(failed), failed)
+        else:
+            cache.store(CACHE, key, {"backend": chosen.name, "ms": times})
+            log.info("kernel backend for %s: %s (%s)", key, chosen.name, times)
     _CHOICES[key] = chosen.name
     return chosen
 
 
 def choice_key(call: KernelCall, key_padding: bool, candidates: Sequence[Backend]) -> str:
     """What a measured choice is kept under: GPU and versions, shapes, dtype, blocks, causality,
-    layout features and density (to ``DENSITY_STEP``), and the candidates."""
+    layout features (query order, columns, key padding, 64-row blocks agreeing in pairs: FA4 runs
+    those as 128-row blocks, 1.3x faster on the H200) and density (to ``DENSITY_STEP``), and the
+    candidates."""
     dev = call.device
     if dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
@@ -260,7 +285,7 @@ def choice_key(call: KernelCall, key_padding: bool, candidates: Sequence[Backend
     listed = float(call.kv_counts.sum()) / (call.kv_counts.numel() * nk)
     density = round(round(listed / DENSITY_STEP) * DENSITY_STEP, 2)
     features = "".join(f for f, on in (("+rows", call.q_rows is not None), ("+cols", call.columns is not None),
-                                       ("+pad", key_padding)) if on)
+                                       ("+pad", key_padding), ("+pairs", reblocks_to_128(call))) if on)
     dt = str(call.dtype).replace("torch.", "")
     return (f"{gpu} | {versions} | q{tuple(call.q_shape)} kv{tuple(call.kv_shape)} {dt} "
             f"{call.q_block}x{call.kv_block} {'causal' if call.causal else 'full'}{features} d~{density} | "
