@@ -27,7 +27,8 @@ from autosparse.layout import BlockLayout, block_mask, grid_order
 from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.profile import Profile
 from autosparse.runtime.classify import Call
-from autosparse.runtime.dense import dense_heads
+from autosparse.runtime import speed
+from autosparse.runtime.dense import dense, dense_heads
 from autosparse.runtime.heads import HeadSet
 from autosparse.runtime.state import PatchState
 
@@ -56,9 +57,11 @@ class _Estimate:
 @dataclass(frozen=True, eq=False)
 class CallPlan:
     """Everything one sparse call runs on but q, k, v and key padding; ``fallback``: why no call of
-    this key can be laid out (then nothing else is set)."""
+    this key can be laid out, ``dense``: why it runs dense by design (measured not faster: then
+    nothing else is set either)."""
 
     fallback: str | None = None
+    dense: str | None = None
     geometry: BlockGeometry | None = None
     order: torch.Tensor | None = None  # K/V (and key padding) into the kernel's token order; None: as they are
     q_rows: torch.Tensor | None = None  # where the kernel reads each query and writes its output
@@ -138,11 +141,31 @@ def call_plan(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor,
     plan = _CALL_PLANS.get(cache_key)
     if plan is None:
         plan = _build(heads, profile, call, query, key, value)
+        if plan.fallback is None and speed.measuring(query.device) and not _faster_than_dense(plan, call, query, key,
+                                                                                              value, profile):
+            plan = CallPlan(dense=speed.DENSE_REASON)
         with _CALL_PLANS_LOCK:
             if len(_CALL_PLANS) >= MAX_CALL_PLANS:
                 del _CALL_PLANS[next(iter(_CALL_PLANS))]
             _CALL_PLANS[cache_key] = plan
     return plan
+
+
+def _faster_than_dense(plan: CallPlan, call: Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       profile: Profile) -> bool:
+    """Never slower: whether ``plan`` beats dense SDPA on this call's kind (``runtime.speed``; the
+    dense side without key padding, which would only slow it down)."""
+    if plan.estimate is not None:
+        dynamic = sorted({pattern.kind for pattern, _, _ in plan.estimate.groups})
+        layout = "dynamic " + ",".join(dynamic)
+    else:
+        layout = f"density {round(plan.layout.density() / 0.05) * 0.05:.2f}"
+    if plan.skipped:
+        layout += f" +{len(plan.skipped)} dense heads"
+    verdict = speed.verdict_key(query, key, call.causal, call.kv_valid is not None, profile.block_size, layout,
+                                plan.order is not None)
+    return speed.sparse_is_faster(verdict, lambda: plan.run(query, key, value, call.kv_valid, call.scale),
+                                  lambda: dense(query, key, value, None, call.causal, call.scale))
 
 
 def clear_call_plans() -> None:
