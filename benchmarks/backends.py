@@ -202,9 +202,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny cases on this machine's device (CPU: the code)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--budget-s", type=float, default=400.0, help="skip cases not started after this")
+    parser.add_argument("--match", default=None, help="only the cases whose name contains this text")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cases = quick_cases() if args.quick or device.type == "cpu" else gpu_cases()
+    cases = [c for c in cases if args.match is None or args.match in c.name]
     time_fn = gpu_ms if device.type == "cuda" else (lambda fn: _cpu_ms(fn))
     versions = (f"torch {torch.__version__}, triton {backends._version('triton')}, "
                 f"flash-attn-4 {backends._version('flash-attn-4')}, cuDNN {torch.backends.cudnn.version()}")
