@@ -22,6 +22,7 @@ from autosparse.patterns import (BlockCdf, BlockGeometry, Blocks, BlockTopK, Den
                                  Neighborhood, Pattern, SinkLocal, Spatial, Stripes, Temporal, TokenGeometry, Union,
                                  VerticalSlash, Window, default_tile, pattern_from_spec, register_pattern)
 from autosparse.profile import LayerProfile, Profile, StepRange
+from autosparse.runtime.decode import PageTopK, StaticDecode
 from autosparse.search import (Calibration, SearchConfig, calibrate, fit_to_target, record_inputs, search_profile,
                                structural_profile, tile_window)
 
@@ -40,11 +41,13 @@ __all__ = [
     "GuardConfig",
     "LayerProfile",
     "Neighborhood",
+    "PageTopK",
     "Pattern",
     "Profile",
     "SearchConfig",
     "SinkLocal",
     "Spatial",
+    "StaticDecode",
     "StepRange",
     "Stripes",
     "Temporal",

@@ -21,6 +21,7 @@ from autosparse.guard import Guard, GuardConfig
 from autosparse.models import ModelKind, attention_layers, model_kind
 from autosparse.profile import Profile
 from autosparse.runtime import AttentionStats, LayerPlan, PatchState
+from autosparse.runtime.decode import DecodePolicy, PageTopK, StaticDecode
 
 __all__ = ["AttentionStats", "patch_model", "unpatch_model", "stats"]
 
@@ -62,7 +63,8 @@ class _Patch:
 
 
 def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool = False,
-                guard: GuardConfig | dict[str, Any] | None = None) -> nn.Module:
+                guard: GuardConfig | dict[str, Any] | None = None,
+                decode: DecodePolicy | str | None = None) -> nn.Module:
     """Run ``model``'s attention with the per-head patterns of ``profile``; patches in place.
 
     Parameters:
@@ -76,12 +78,16 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
         guard: a ``GuardConfig`` (or its fields as a dict): on sampled query rows of every sparse
             call, compare with exact attention; over ``tol``, the call is recomputed dense and
             counted (``stats(model).fallback``), with a log line naming layer, heads and error.
+        decode: how decode steps (one query row over the KV cache) run: None (dense, as SDPA),
+            ``StaticDecode()`` / ``"static"`` (the profile's static patterns at the query's
+            position) or ``PageTopK(...)`` / ``"page_topk"`` (Quest's page selection); both read
+            only the kept keys (``autosparse.runtime.decode``).
 
     Returns the same model. Undo with ``unpatch_model``; counts are in ``stats(model)``. Works
     eagerly and under ``torch.compile`` (also ``compile_repeated_blocks``), patched before or after
     compiling.
     """
-    patch = attach(model, profile, strict=strict, guard=guard, route="eager")
+    patch = attach(model, profile, strict=strict, guard=guard, route="eager", decode=decode)
     if patch.kind.hooked:
         patch.handles = capture.attach_hooks(model, patch.state, patch.modules)
     else:
@@ -90,7 +96,7 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
 
 
 def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, route: str,
-           guard: GuardConfig | dict[str, Any] | None = None) -> _Patch:
+           guard: GuardConfig | dict[str, Any] | None = None, decode: DecodePolicy | str | None = None) -> _Patch:
     """Give every served attention module of ``model`` its plan and layer id (the capture route is
     the caller's: ``patch_model`` or the compile backend)."""
     if getattr(model, _STATE_ATTR, None) is not None:
@@ -100,7 +106,7 @@ def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, rou
     profile.check_model(model)
 
     config = GuardConfig.parse(guard)
-    state = PatchState(strict, None if config is None else Guard(config))
+    state = PatchState(strict, None if config is None else Guard(config), decode=_decode_policy(decode))
     layers = attention_layers(model)
     plans = [LayerPlan(layer.name, layer.index, layer.num_heads, profile, state) for layer in layers]
     for layer, plan in zip(layers, plans):
@@ -108,6 +114,15 @@ def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, rou
     patch = _Patch(state, model_kind(model), [layer.module for layer in layers], plans, profile, route)
     setattr(model, _STATE_ATTR, patch)
     return patch
+
+
+def _decode_policy(decode: DecodePolicy | str | None) -> DecodePolicy | None:
+    if decode is None or isinstance(decode, (StaticDecode, PageTopK)):
+        return decode
+    named = {"static": StaticDecode, "page_topk": PageTopK}
+    if isinstance(decode, str) and decode in named:
+        return named[decode]()
+    raise ValueError(f"decode must be None, 'static', 'page_topk', StaticDecode() or PageTopK(...), got {decode!r}")
 
 
 def patch_of(model: nn.Module) -> _Patch | None:

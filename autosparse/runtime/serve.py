@@ -21,6 +21,7 @@ import logging
 import torch
 
 from autosparse.guard import log_line
+from autosparse.runtime import decode
 from autosparse.runtime.classify import Call, classify
 from autosparse.runtime.dense import dense, empty_output, softmax_scale
 from autosparse.runtime.plan import LayerPlan, call_plan, plan_of
@@ -67,6 +68,12 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
         state.observer(plan, query, key, value, mask, is_causal, softmax_scale(query, scale))
     heads = plan.heads_at(state.context.step)
     call = classify(state.context, plan.index, heads, query, key, value, mask, is_causal, scale)
+    if state.pages and query.shape[2] > 1:  # a prefill or chunk: a new sequence for page statistics
+        decode.forget(state.pages, plan.name)
+    if call.dense == decode.DECODE_REASON and state.decode is not None:
+        out = decode.serve_decode(plan, heads, query, key, value, mask, is_causal, scale)
+        if out is not None:
+            return out
     if call.dense is not None:
         state.stats.dense[call.dense] += 1
         return dense(query, key, value, mask, is_causal, scale)

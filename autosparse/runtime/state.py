@@ -93,6 +93,10 @@ class PatchState:
     original_implementation: str | None = None
     # Calibration (autosparse.search): sees every served call's q/k/v before it is served.
     observer: Any = None
+    # Sparse decode (runtime.decode): the policy (None: decode runs dense) and, for page top-k, each
+    # layer's page statistics of the sequence being generated.
+    decode: Any = None
+    pages: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
     _local: _PerThread = field(default_factory=_PerThread, repr=False, compare=False)
 
     @property
@@ -100,10 +104,10 @@ class PatchState:
         return self._local.context
 
     def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: counts and settings, no call in flight
-        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "observer")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "observer", "pages")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, observer=None, _local=_PerThread())
+        self.__dict__.update(state, observer=None, pages={}, _local=_PerThread())
 
     def count_fallback(self, where: str, reason: str) -> None:
         if self.strict:
