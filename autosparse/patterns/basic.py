@@ -42,6 +42,10 @@ class BlockGeometry:
 
     With ``causal`` the query at row ``q`` sits at absolute position ``q + kv_len - q_len``
     (bottom-right alignment, as with a KV cache), and may attend keys at positions ``<=`` its own.
+    Query blocks start at row 0: for a chunk after a KV-cache prefix of ``kv_len - q_len`` tokens
+    they are a full prefill's query blocks (and a pattern's rows those of the same positions in a
+    full prefill) when the prefix is a multiple of ``q_block``; otherwise they straddle them, and
+    the pattern's rule is laid out on the chunk's own blocks.
 
     ``tokens`` describes a diffusion transformer's self-attention (text tokens and a token grid,
     non-causal, ``q_len == kv_len == tokens.length``): grid patterns need it, and the layout makes
@@ -318,7 +322,8 @@ class Global(Pattern):
     Global keys are ``[0, prefix)`` and ``[kv_len - suffix, kv_len)``; global queries are the same
     tokens in query positions, ``[0, prefix)`` and ``[end - suffix, end)`` where ``end`` is the
     absolute position after the last query: ``q_len``, or ``kv_len`` when causal (the queries are
-    then the last ``q_len`` tokens, so a later chunk holds no prefix queries). Block-granular as
+    then the last ``q_len`` tokens, so a later chunk holds no prefix queries; a ``suffix`` is then
+    ``unfit``: a chunk's end is not the sequence's). Block-granular as
     everywhere: a block pair is attended when ``inner`` attends it or it holds a causally allowed
     (query, key) pair with the key or the query global.
 
@@ -352,6 +357,9 @@ class Global(Pattern):
         return self.inner.is_dynamic  # False: a dynamic inner is refused (see _check_member)
 
     def unfit(self, geometry: BlockGeometry) -> str | None:
+        if self.suffix and geometry.causal and geometry.kv_len != geometry.q_len:
+            # A chunk's last queries are not the sequence's: their rows would differ from a full prefill's.
+            return "global.suffix counts from the sequence's end, unknown to a chunk after a KV-cache prefix"
         reason = self.inner.unfit(geometry)
         return None if reason is None else f"global.inner: {reason}"
 

@@ -22,7 +22,8 @@ __all__ = ["Call", "classify"]
 class Call(NamedTuple):
     """How one call runs: dense by design (``dense``: the reason), dense because the kernel cannot
     serve it exactly (``fallback``: the reason), or sparse (neither) with: the keys kept
-    (``keys``: a prefix), causality (bottom-right, square), the softmax scale, key padding
+    (``keys``: a prefix), causality (bottom-right: with ``keys`` > query length the earlier keys are
+    a KV-cache prefix, query i sits at position ``keys - Sq + i``), the softmax scale, key padding
     ``[B, keys]``, each row's left padding (``shift``, None without) and the model's token geometry."""
 
     dense: str | None = None
@@ -68,10 +69,14 @@ def classify(context: CallContext, layer: int, heads: HeadSet, query: torch.Tens
         if found.reason is not None:
             return Call(fallback=found.reason)
         causal, keys, kv_valid, shift = found.causal, found.keys, found.kv_valid, found.shift
-    if keys != q_len:
-        if causal:
-            return Call(fallback="query length != key length (KV cache)")
+    if keys != q_len and not causal:
         return Call(dense="cross-attention (query length != key length)")
+    if keys < q_len:
+        return Call(fallback="causal mask with fewer keys than queries")
+    if keys != q_len and shift is not None:
+        # Rows rolled to count each row's patterns from its first real token would move a chunk's
+        # queries off their bottom-right positions: not exact with a cache prefix.
+        return Call(fallback="left padding with a KV-cache prefix")
     tokens = context.tokens
     if tokens is not None and tokens.length != q_len:
         return Call(fallback=f"token geometry has {tokens.length} tokens, the call {q_len}")
@@ -116,8 +121,9 @@ def _mask_verdict(context: CallContext, layer: int, mask: torch.Tensor, batch: i
 
 def _classify_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> _MaskVerdict:
     """A mask the kernel applies exactly: boolean, broadcast over heads, and key padding alone (any
-    number of query rows) or bottom-right causal + key padding (``[B, 1, Sq, Sk]``), after dropping
-    the trailing keys no query sees.
+    number of query rows) or bottom-right causal + key padding (``[B, 1, Sq, Sk]``: with Sk > Sq
+    the first Sk - Sq keys are a KV-cache prefix, a chunked prefill's), after dropping the trailing
+    keys no query sees (never below Sq: a StaticCache's unwritten tail).
 
     One comparison with the mask the kernel would apply (two when the first reading fails), built
     from the keys the last query row may see: a long prefill's mask is S² booleans, so no other
@@ -130,8 +136,10 @@ def _classify_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> _
     if mask.shape[0] not in (1, batch) or mask.shape[2] not in (1, q_len):
         return _MaskVerdict(f"attention mask of shape {tuple(mask.shape)} does not broadcast to {batch} x {q_len} queries")
     keys = kv_len
-    if kv_len > q_len and not bool(mask[..., q_len:].any()):  # e.g. an empty StaticCache's tail
-        mask, keys = mask[..., :q_len], q_len
+    if kv_len > q_len:  # a StaticCache's unwritten tail: the keys after the last one any query sees
+        seen = mask[..., q_len:].any(dim=(0, 1, 2)).nonzero()  # the tail's columns any row sees
+        keys = q_len + (int(seen[-1]) + 1 if len(seen) else 0)
+        mask = mask[..., :keys]
     kv_valid = mask[:, 0, -1, :].clone()  # [B, Sk]; a copy: the verdict outlives the mask
     padded = not bool(kv_valid.all())
     pad_only = kv_valid[:, None, None, :].expand_as(mask)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
-__all__ = ["ORIGINAL_SDPA", "dense", "dense_heads", "empty_output", "softmax_scale"]
+__all__ = ["ORIGINAL_SDPA", "dense", "dense_heads", "empty_output", "kernel_causal", "softmax_scale"]
 
 # F.scaled_dot_product_attention as torch defines it: the hook capture (diffusers, VGGT) replaces the module
 # attribute, and every dense call here must reach the real one.
@@ -31,10 +32,22 @@ def dense(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: tor
 def dense_heads(out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: torch.Tensor,
                 kv_heads: torch.Tensor, causal: bool, scale: float) -> None:
     """Write SDPA's answer for query ``heads`` (reading KV ``kv_heads``) into ``out``: the dense heads
-    of a mixed layer (cuDNN/flash beat the block-sparse kernel at density 1)."""
+    of a mixed layer (cuDNN/flash beat the block-sparse kernel at density 1). ``causal`` is the
+    kernel's, bottom-right: with a KV-cache prefix (more keys than queries) torch's lower-right
+    causal bias (flash where it can), as SDPA's ``is_causal`` is top-left."""
+    mask, is_causal = kernel_causal(query, key, causal)
     answer = ORIGINAL_SDPA(query.index_select(1, heads), key.index_select(1, kv_heads), value.index_select(1, kv_heads),
-                           is_causal=causal, scale=scale)
+                           attn_mask=mask, is_causal=is_causal, scale=scale)
     out.transpose(1, 2).index_copy_(2, heads, answer.transpose(1, 2))
+
+
+def kernel_causal(query: torch.Tensor, key: torch.Tensor, causal: bool) -> tuple[torch.Tensor | None, bool]:
+    """SDPA's ``(attn_mask, is_causal)`` for the kernel's ``causal`` (bottom-right): ``is_causal``
+    (top-left) where queries and keys are as many, else torch's lower-right causal bias (a chunk
+    after a KV-cache prefix; flash where it can, no materialised mask)."""
+    if causal and key.shape[2] != query.shape[2]:
+        return causal_lower_right(query.shape[2], key.shape[2]), False
+    return None, causal
 
 
 def softmax_scale(query: torch.Tensor, scale: float | None) -> float:

@@ -28,7 +28,7 @@ from autosparse.patterns import BlockGeometry, Pattern
 from autosparse.profile import Profile
 from autosparse.runtime.classify import Call
 from autosparse.runtime import speed
-from autosparse.runtime.dense import dense, dense_heads
+from autosparse.runtime.dense import dense, dense_heads, kernel_causal
 from autosparse.runtime.heads import HeadSet
 from autosparse.runtime.state import PatchState
 
@@ -165,7 +165,7 @@ def _faster_than_dense(plan: CallPlan, call: Call, query: torch.Tensor, key: tor
     verdict = speed.verdict_key(query, key, call.causal, call.kv_valid is not None, profile.block_size, layout,
                                 plan.order is not None)
     return speed.sparse_is_faster(verdict, lambda: plan.run(query, key, value, call.kv_valid, call.scale),
-                                  lambda: dense(query, key, value, None, call.causal, call.scale))
+                                  lambda: dense(query, key, value, *kernel_causal(query, key, call.causal), call.scale))
 
 
 def clear_call_plans() -> None:
@@ -181,7 +181,7 @@ def _build(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, ke
     if tokens is not None and heads.needs_grid:
         tokens = grid_order(heads.patterns, tokens, q_block, kv_block, device, profile.token_order)
     q_len = query.shape[2]
-    geometry = BlockGeometry(q_len, q_len, q_block, kv_block, call.causal, tokens)
+    geometry = BlockGeometry(q_len, key.shape[2], q_block, kv_block, call.causal, tokens)  # causal: a KV-cache prefix
     reasons = (p.unfit(geometry) for p in heads.patterns)
     reason = next((r for r in reasons if r is not None), None) or supports(query, key, value, q_block, kv_block)
     if reason is not None:
