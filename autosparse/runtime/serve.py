@@ -22,17 +22,45 @@ import torch
 
 from autosparse.guard import log_line
 from autosparse.runtime import decode
+from autosparse.patterns.basic import Dense, Pattern, SinkLocal, Union, Window
 from autosparse.runtime.classify import Call, classify
 from autosparse.runtime.dense import dense, empty_output, softmax_scale
 from autosparse.runtime.plan import LayerPlan, call_plan, plan_of
 
-__all__ = ["GUARD_REASON", "HOST_SIDE_TAGS", "attention", "count_unserved", "serve"]
+__all__ = ["GUARD_REASON", "HOST_SIDE_TAGS", "LENGTH_FREE", "attention", "beyond_length", "count_unserved",
+           "scales_with_length", "serve"]
 
 log = logging.getLogger("autosparse")
 
 # Ops that decide on the host per call (step, layout): a CUDA graph must not capture them.
 HOST_SIDE_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
 GUARD_REASON = "accuracy guard: sampled rows over tolerance"
+
+# Patterns whose keys per query do not depend on the sequence length: a window (and sinks) keeps
+# the same keys relative to each query however long the sequence grows, so what a profile measured
+# for a query holds at any length (the StreamingLLM argument; the longer the sequence the larger the
+# share of attention mass it drops, but each query keeps the context it was validated with). Every
+# other kind (fixed blocks or global tokens, top-k or mass-fraction estimates, vertical-slash, grid
+# neighbourhoods) is defined at the lengths it was measured at: beyond a profile's recorded length a
+# layer with any of them runs dense (``beyond_length``).
+LENGTH_FREE: tuple[type[Pattern], ...] = (Dense, Window, SinkLocal)
+
+
+def scales_with_length(pattern: Pattern) -> bool:
+    """Whether ``pattern`` means the same attention per query at any sequence length
+    (``LENGTH_FREE``, or a union of such patterns)."""
+    if isinstance(pattern, Union):
+        return all(scales_with_length(member) for member in pattern.of)
+    return isinstance(pattern, LENGTH_FREE)
+
+
+def beyond_length(plan: LayerPlan, heads, keys: int) -> str | None:
+    """The reason a call with ``keys`` keys runs dense: longer than the profile's recorded length
+    (``Profile.length_limit``) while one of the layer's patterns does not scale with length; else None."""
+    limit = plan.profile.length_limit()
+    if limit is None or keys <= limit[0] or all(scales_with_length(p) for p in heads.patterns):
+        return None
+    return f"beyond the profile's {limit[1]} length {limit[0]}"
 
 
 @torch.library.custom_op("autosparse::attention", mutates_args=(), tags=HOST_SIDE_TAGS)
@@ -79,6 +107,13 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
         return dense(query, key, value, mask, is_causal, scale)
     if call.fallback is not None:
         state.count_fallback(plan.name, call.fallback)
+        return dense(query, key, value, mask, is_causal, scale)
+    longer = beyond_length(plan, heads, call.keys)
+    if longer is not None:  # the profile says nothing about this length: the model as it is
+        if not state.stats.dense[longer]:  # logged once per patched model and length
+            log.warning("autosparse: calls with %d keys run dense in the layers whose patterns do not scale "
+                        "with length (%s; first: %s)", call.keys, longer, plan.name)
+        state.stats.dense[longer] += 1
         return dense(query, key, value, mask, is_causal, scale)
     # Keys no query may see (an empty StaticCache's tail) are dropped: the call is then square.
     k, v = (key, value) if call.keys == key.shape[2] else (key[:, :, :call.keys], value[:, :, :call.keys])
@@ -131,10 +166,15 @@ def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 @torch._dynamo.disable
-def count_unserved(layer: torch.Tensor, reason: str) -> None:
+def count_unserved(layer: torch.Tensor, reason: str, *, keys: int | None = None, window: int | None = None) -> None:
     """Count a call a capture route ran dense before reaching the op (arguments the op does not
-    take: gradients, dropout, ...): by design if the layer is dense at this step anyway."""
+    take: gradients, dropout, a sliding window shorter than the ``keys``, ...): by design if the
+    layer is dense at this step anyway. While calibrating, the observer hears of it too
+    (``observer.unserved``): the layer stays with the model's own attention in the profile."""
     plan = plan_of(layer)
+    unserved = getattr(plan.state.observer, "unserved", None)
+    if unserved is not None:
+        unserved(plan, reason, keys=keys, window=window)
     if plan.heads_at(plan.state.context.step).is_dense:
         plan.state.stats.dense["dense in profile"] += 1
     else:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +46,7 @@ from autosparse.patterns.geometry import TokenGeometry
 SEARCH_ORDER = "tile"
 
 __all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "output_tensor", "record_inputs",
-           "run_model", "search_profile"]
+           "run_model", "search_profile", "window_density"]
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,25 @@ class _Calibrator:
         self.progress = progress
         self._costs: dict[LayerShape, list[float | None]] = {}  # layers of one shape share their cost table
         self._masks: dict[tuple[BlockGeometry, str], list[torch.Tensor | None]] = {}  # static candidates' blocks
+        # Calls the capture left to the model's own attention (a sliding window shorter than the
+        # keys, ...), per layer: reason -> calls, and the (window, keys) of a sliding one.
+        self.unserved: dict[str, Counter[str]] = {}
+        self.windows: dict[str, tuple[int, int]] = {}
+        self.key_lengths: list[int] = []  # [shortest, longest] keys of any call seen
+
+    def note_length(self, keys: int) -> None:
+        self.key_lengths = [min(self.key_lengths[0], keys), max(self.key_lengths[1], keys)] if self.key_lengths \
+            else [keys, keys]
+
+    def note_unserved(self, name: str, reason: str, keys: int | None, window: int | None) -> None:
+        """A call of layer ``name`` that ran the model's own attention for ``reason``."""
+        self.unserved.setdefault(name, Counter())[reason] += 1
+        if keys is not None:
+            self.note_length(keys)
+        if window is not None and keys is not None:
+            self.windows[name] = (window, keys)
+        if self.progress is not None:
+            self.progress.update(1)
 
     def _static_masks(self, geometry: BlockGeometry, device: torch.device) -> list[torch.Tensor | None]:
         """Each static candidate's ``[NQ, NK]`` blocks at ``geometry`` (None for dynamic ones), built
@@ -213,6 +233,7 @@ class _Calibrator:
         self._start(tokens)
         heads, q_len = query.shape[1:3]
         kv_len = key.shape[2]
+        self.note_length(kv_len)
         rows_from = q_len
         if tokens is not None:  # the kernel's order (the profile records it: the runtime runs this one)
             tokens = grid_order((), tokens, *self.config.block_size, query.device, SEARCH_ORDER)
@@ -273,11 +294,14 @@ class _Calibrator:
         """Per head: the cheapest candidate whose error is within ``budget`` (default: the
         config's); dense where none is cheaper than dense attention."""
         budget = self.config.budget if budget is None else budget
-        scores = self.ranges[step_range][layer.name]
-        errors = scores.relative_error()
-        if float(scores.blocks[0, -1]) == 0 or scores.cost is None:
+        scores = self.ranges[step_range][layer.name] if self.ranges else None
+        never = scores is None or float(scores.blocks[0, -1]) == 0 or scores.cost is None
+        if never and layer.name in self.unserved:  # only the model's own attention ran it
+            return self._model_owned(layer)
+        if never:
             raise ValueError(f"layer {layer.name} was never called during calibration"
                              + (f" in step range {step_range}" if len(self.ranges) > 1 else ""))
+        errors = scores.relative_error()
         density = scores.density()
         costs = scores.head_costs(density)
         heads, measured = [], []
@@ -293,6 +317,28 @@ class _Calibrator:
                              "density": round(float(density[h, c]), 6) if sparse else 1.0,
                              "cost": round(float(costs[h, c]), 4) if sparse else 1.0})
         return LayerProfile(layer.index, layer.num_heads, tuple(heads), tuple(measured))
+
+    def _model_owned(self, layer: AttentionLayer) -> LayerProfile:
+        """A layer whose calls ran the model's own attention (the capture does not serve them, e.g.
+        a sliding window shorter than the keys): dense in the profile, with the reason; a sliding
+        window's density is its real cost at the calibration length (``window_density``)."""
+        reason, calls = self.unserved[layer.name].most_common(1)[0]
+        density = 1.0
+        if layer.name in self.windows:
+            window, keys = self.windows[layer.name]
+            density = window_density(window, keys)
+        note = f"the model's own attention: {reason} ({calls} calibration call{'s' * (calls != 1)})"
+        measured = ({"error": 0.0, "density": round(density, 6), "cost": 1.0},) * layer.num_heads
+        return LayerProfile(layer.index, layer.num_heads, (Dense(),) * layer.num_heads, measured, dense_by_model=note)
+
+
+def window_density(window: int, keys: int) -> float:
+    """Key-query pairs a causal sliding window of ``window`` keys (``0 <= q - k < window``, as
+    transformers' ``sliding_window``) computes over ``keys`` tokens, relative to causal attention:
+    ``sum_i min(i + 1, window) / (keys (keys + 1) / 2)`` (about ``2 window / keys`` for a short window)."""
+    w = min(window, keys)
+    pairs = w * (w + 1) // 2 + (keys - w) * w
+    return pairs / (keys * (keys + 1) // 2)
 
 
 @dataclass
@@ -318,6 +364,7 @@ class Calibration:
             layers=layers,
             block_size=self.config.block_size,
             token_order=SEARCH_ORDER if calibrator.tokens is not None else "auto",
+            lengths={"calibrated": list(calibrator.key_lengths)} if calibrator.key_lengths else None,
             search={
                 "method": "calibrated",
                 "budget": budget,
@@ -390,8 +437,10 @@ def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
         unpatch_model(model)
         bar.close()
     if calibrator.candidates is None:
+        unserved = sorted({r for reasons in calibrator.unserved.values() for r in reasons})
         raise ValueError(f"no attention call was calibrated: {len(inputs)} inputs, dense_steps={config.dense_steps} "
-                         "(give inputs past the dense steps)")
+                         + (f"(every call ran the model's own attention: {unserved})" if unserved else
+                            "(give inputs past the dense steps)"))
     tokens = calibrator.tokens
     details = {
         "inputs": len(inputs),
@@ -449,6 +498,7 @@ def _save_checkpoint(path: str | Path, identity: dict[str, Any], done: int, cali
     snapshot = {
         "version": _CHECKPOINT_VERSION, "identity": identity, "done": done,
         "candidates": calibrator.candidates, "tokens": calibrator.tokens, "costs": calibrator._costs,
+        "unserved": calibrator.unserved, "windows": calibrator.windows, "key_lengths": calibrator.key_lengths,
         "ranges": [{name: vars(scores) for name, scores in scores_by_layer.items()}
                    for scores_by_layer in calibrator.ranges],
         "generator": calibrator.generator.get_state(),
@@ -481,6 +531,9 @@ def _resume(path: str | Path, identity: dict[str, Any], calibrator: _Calibrator,
                 scores.__dict__.update(fields)
                 by_layer[name] = scores
             calibrator.ranges.append(by_layer)
+    calibrator.unserved = snapshot.get("unserved", {})
+    calibrator.windows = snapshot.get("windows", {})
+    calibrator.key_lengths = snapshot.get("key_lengths", [])
     calibrator.generator.set_state(snapshot["generator"])
     state.context.step, state.context.timestep = snapshot["context"]
     return snapshot["done"]
@@ -494,13 +547,25 @@ def run_model(model: nn.Module, x: torch.Tensor | dict[str, Any]) -> Any:
     return model(input_ids=x.to(device), use_cache=False)
 
 
-def _observer(calibrator: _Calibrator, config: SearchConfig):
-    """Sees every served call before it runs dense: hands q/k/v, the call's geometry and key
-    padding to the calibrator (skipping the dense first steps)."""
+def _observer(calibrator: _Calibrator, config: SearchConfig) -> _Observer:
+    return _Observer(calibrator, config)
 
-    def observe(plan, query, key, value, mask, causal, scale) -> None:
+
+class _Observer:
+    """Sees every served call before it runs dense: hands q/k/v, the call's geometry and key
+    padding to the calibrator (skipping the dense first steps); ``unserved`` hears of the calls
+    the capture left to the model's own attention (``runtime.count_unserved``)."""
+
+    def __init__(self, calibrator: _Calibrator, config: SearchConfig) -> None:
+        self.calibrator, self.config = calibrator, config
+
+    def _skipped(self, plan) -> bool:
+        step = plan.state.context.step
+        return step is not None and step < self.config.dense_steps
+
+    def __call__(self, plan, query, key, value, mask, causal, scale) -> None:
         context = plan.state.context
-        if context.step is not None and context.step < config.dense_steps:
+        if self._skipped(plan):
             return
         if query.shape[2] != key.shape[2]:  # cross-attention: never sparse
             return
@@ -509,7 +574,9 @@ def _observer(calibrator: _Calibrator, config: SearchConfig):
             if context.tokens is None or mask.dtype != torch.bool or mask.shape[-2] != 1:
                 raise ValueError("calibration inputs must be unpadded single sequences (got an attention mask)")
             kv_valid = mask[:, 0, 0, :]
-        calibrator.observe(plan.name, query, key, value, causal, scale, tokens=context.tokens, kv_valid=kv_valid,
-                           step=context.step)
+        self.calibrator.observe(plan.name, query, key, value, causal, scale, tokens=context.tokens,
+                                kv_valid=kv_valid, step=context.step)
 
-    return observe
+    def unserved(self, plan, reason: str, *, keys: int | None = None, window: int | None = None) -> None:
+        if not self._skipped(plan):
+            self.calibrator.note_unserved(plan.name, reason, keys, window)

