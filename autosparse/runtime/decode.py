@@ -32,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from autosparse.patterns import BlockGeometry
 from autosparse.runtime.dense import ORIGINAL_SDPA, dense, empty_output
@@ -87,92 +88,133 @@ def attend(policy: DecodePolicy, pages: dict[str, _Pages], layer: str, heads: He
            scale: float) -> torch.Tensor:
     """The decode step's output ``[B, Hq, 1, Dv]`` (the op's layout) attending only the kept keys.
     ``key``/``value`` ``[B, Hkv, Sk, D]``: the whole cache up to and including this token; ``kv_valid``
-    ``[B, Sk]`` bool key padding or None; ``blocks``: the profile's (q_block, kv_block)."""
+    ``[B, Sk]`` bool key padding or None; ``blocks``: the profile's (q_block, kv_block).
+
+    The kept positions are exact (the last, partial block only up to the query), so without key
+    padding no mask is needed. With one kept list per KV head, a KV head's query heads run as its
+    query rows (``[B, Hkv, G, D]``, no mask, no GQA expansion): flash decoding's shape."""
+    b, hq, _, d = query.shape
+    hkv = key.shape[1]
     if isinstance(policy, PageTopK):
-        tokens, valid = _page_tokens(policy, pages, layer, query, key)
+        tokens, valid = _page_tokens(policy, pages, layer, query, key), None
+        index = _row_index(key, tokens, False, 1)
     else:
-        tokens, valid = _static_tokens(heads, blocks, query, key)
-    hq, hkv = query.shape[1], key.shape[1]
-    per_query_head = tokens.shape[1] == hq and hq != hkv
-    k, v = _gather(key, tokens, per_query_head, hq // hkv), _gather(value, tokens, per_query_head, hq // hkv)
+        tokens, valid, index = _static_tokens(heads, blocks, b, hq, key)
+    rows = tokens.shape[1]  # Hkv (one list per KV head) or Hq
+    same = value.stride()[:3] == key.stride()[:3]  # K and V of a cache share a layout
+    index_v = index if same else _row_index(value, tokens, rows != hkv, hq // hkv)
+    k, v = _rows(key, index, tokens.shape), _rows(value, index_v, tokens.shape)
     if kv_valid is not None:
-        valid = valid & kv_valid[:, None, :].expand(-1, tokens.shape[1], -1).gather(2, tokens)
-    mask = valid[:, :, None, :]
-    if not per_query_head and hq != hkv:
-        mask = mask.repeat_interleave(hq // hkv, dim=1)
+        padded = kv_valid[:, None, :].expand(-1, rows, -1).gather(2, tokens)
+        valid = padded if valid is None else valid & padded
+    q = query if rows != hkv else query.reshape(b, hkv, hq // hkv, d)
+    mask = None if valid is None else valid[:, :, None, :]
+    with sdpa_kernel(list(_BACKENDS)):  # not cuDNN: it builds a plan per new length, and decode's grows each step
+        answer = ORIGINAL_SDPA(q, k, v, attn_mask=mask, scale=scale)
     out = empty_output(query, value)
-    out.copy_(ORIGINAL_SDPA(query, k, v, attn_mask=mask, scale=scale, enable_gqa=not per_query_head and hq != hkv))
+    out.copy_(answer.reshape(b, hq, 1, -1))
     return out
 
 
-def _gather(x: torch.Tensor, tokens: torch.Tensor, per_query_head: bool, group: int) -> torch.Tensor:
-    """``x[b, h, tokens[b, h']]`` rows as ``[B, H', N, D]``: H' KV heads, or query heads (h = h' //
-    group) when ``per_query_head``. Reads the rows where they are (the cache is not copied)."""
-    b, hkv, s, d = x.shape
+_BACKENDS = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+def _row_index(x: torch.Tensor, tokens: torch.Tensor, per_query_head: bool, group: int) -> torch.Tensor:
+    """Flat row numbers of ``x[b, h, tokens[b, h']]`` in the row view of ``x``'s memory (``_rows``):
+    h = h' for KV-head lists, h' // group for query-head lists."""
+    b, hkv, s, _ = x.shape
     heads = torch.arange(tokens.shape[1], device=x.device) // (group if per_query_head else 1)
-    if x.stride(-1) == 1 and x.stride(0) % x.stride(2) == 0 and x.stride(1) % x.stride(2) == 0:
+    if _row_view_ok(x):
         step = x.stride(2)
-        rows = torch.as_strided(x, ((b - 1) * x.stride(0) // step + (hkv - 1) * x.stride(1) // step + s, d), (step, 1))
         first = (torch.arange(b, device=x.device)[:, None, None] * (x.stride(0) // step)
                  + heads[None, :, None] * (x.stride(1) // step))
-    else:  # an unusual cache layout: one copy of it
-        rows = x.contiguous().view(-1, d)
+    else:
         first = torch.arange(b, device=x.device)[:, None, None] * hkv * s + heads[None, :, None] * s
-    return rows.index_select(0, (first + tokens).reshape(-1)).view(b, tokens.shape[1], tokens.shape[2], d)
+    return (first + tokens).reshape(-1)
 
 
-def _static_tokens(heads: HeadSet, blocks: tuple[int, int], query: torch.Tensor,
-                   key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept token positions ``[B, H', N]`` and their validity for each head's static pattern at the
-    query's position; H' = KV heads when every group of query heads shares its pattern."""
-    b, hq, _, _ = query.shape
+def _row_view_ok(x: torch.Tensor) -> bool:
+    return x.stride(-1) == 1 and x.stride(0) % x.stride(2) == 0 and x.stride(1) % x.stride(2) == 0
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The rows ``index`` of ``x``'s memory seen as ``[rows, D]`` (a cache sliced or strided as caches
+    are: no copy of it; otherwise one), as ``[*shape, D]``."""
+    b, hkv, s, d = x.shape
+    if _row_view_ok(x):
+        step = x.stride(2)
+        rows = torch.as_strided(x, ((b - 1) * x.stride(0) // step + (hkv - 1) * x.stride(1) // step + s, d), (step, 1))
+    else:
+        rows = x.contiguous().view(-1, d)
+    return rows.index_select(0, index).view(*shape, d)
+
+
+_STATIC: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = {}  # the last step's lists (layers share them)
+
+
+def _static_tokens(heads: HeadSet, blocks: tuple[int, int], batch: int, hq: int,
+                   key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Kept token positions ``[B, H', N]`` for each head's static pattern at the query's position
+    (dense and dynamic heads: every key), their validity (None: all valid) and their rows in the
+    cache's memory (``_row_index``). H' = KV heads when every group of query heads shares its
+    pattern. Laid out on the host (no device sync) and shared by the layers of one step that have
+    the same patterns and cache layout."""
     hkv, sk, device = key.shape[1], key.shape[2], key.device
-    group, kv_block = hq // hkv, blocks[1]
-    geometry = BlockGeometry(1, sk, blocks[0], kv_block, True)
-    rows: dict[object, torch.Tensor] = {}
-    for pattern in set(heads.patterns):
-        if pattern.is_dense or pattern.is_dynamic:
-            rows[pattern] = geometry.reachable(device)[0]
-        else:
-            rows[pattern] = pattern.block_mask(geometry, device)[0]
-    shared = all(len(set(heads.patterns[g * group:(g + 1) * group])) == 1 for g in range(hkv))
-    chosen = [heads.patterns[h * group] for h in range(hkv)] if shared else list(heads.patterns)
-    blocks = torch.stack([rows[p] for p in chosen])  # [H', NK] bool
-    count = blocks.sum(-1)
-    width = int(count.max())  # one small sync per step: the gather's width
-    order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # kept blocks first
-    kept = torch.arange(width, device=device)[None, :] < count[:, None]
-    tokens = (order[:, :, None] * kv_block + torch.arange(kv_block, device=device)).reshape(len(chosen), -1)
-    valid = (kept[:, :, None].expand(-1, -1, kv_block).reshape(len(chosen), -1)) & (tokens < sk)
-    return tokens.clamp(max=sk - 1).expand(b, -1, -1), valid.expand(b, -1, -1)
+    cache_key = (heads, blocks, batch, hq, key.shape, key.stride(), device)
+    found = _STATIC.get(cache_key)
+    if found is None:
+        group, kv_block = hq // hkv, blocks[1]
+        geometry = BlockGeometry(1, sk, blocks[0], kv_block, True)
+        lists: dict[object, torch.Tensor] = {}
+        for pattern in set(heads.patterns):
+            kept = (geometry.reachable() if pattern.is_dense or pattern.is_dynamic else pattern.block_mask(geometry))[0]
+            first = kept.nonzero()[:, 0] * kv_block
+            tokens = (first[:, None] + torch.arange(kv_block)).flatten()
+            lists[pattern] = tokens[tokens < sk]
+        shared = all(len(set(heads.patterns[g * group:(g + 1) * group])) == 1 for g in range(hkv))
+        chosen = [lists[heads.patterns[h * group]] for h in range(hkv)] if shared else [lists[p] for p in heads.patterns]
+        width = max(len(t) for t in chosen)
+        tokens = torch.stack([torch.nn.functional.pad(t, (0, width - len(t))) for t in chosen])
+        valid = None
+        if any(len(t) != width for t in chosen):
+            valid = torch.stack([torch.arange(width) < len(t) for t in chosen]).to(device, non_blocking=True)
+        tokens = tokens.to(device, non_blocking=True).expand(batch, -1, -1)
+        valid = None if valid is None else valid.expand(batch, -1, -1)
+        found = (tokens, valid, _row_index(key, tokens, len(chosen) != hkv, group))
+        _STATIC.clear()
+        _STATIC[cache_key] = found
+    return found
 
 
 def _page_tokens(policy: PageTopK, pages: dict[str, _Pages], layer: str, query: torch.Tensor,
-                 key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kept token positions ``[B, Hkv, N]`` and validity: each KV head's highest-bound pages."""
+                 key: torch.Tensor) -> torch.Tensor:
+    """Kept token positions ``[B, Hkv, N]``, exact: each KV head's highest-bound full pages (with
+    the first ``sinks`` and last ``local`` forced in), then the partial page's keys, the same for every
+    head. No device sync: every count is known on the host."""
     b, hq, _, d = query.shape
     hkv, sk, ps = key.shape[1], key.shape[2], policy.page_size
     stats = _extended(pages, layer, key, ps)
-    full, total = stats.centre.shape[2], -(-sk // ps)
+    full = stats.centre.shape[2]
+    partial = sk - full * ps  # keys of the page the query is in, always kept
+    local = max(policy.local - (1 if partial else 0), 0)  # full pages still forced at the end
+    forced = sorted(set(range(min(policy.sinks, full))) | set(range(max(full - local, 0), full)))
+    keep = min(full, policy.pages + len(forced))
     q = query[:, :, 0].float().view(b, hkv, hq // hkv, d)
     bound = (q @ stats.centre.transpose(-1, -2) + q.abs() @ stats.radius.transpose(-1, -2)).amax(2)  # [B, Hkv, full]
-    bound = torch.cat([bound, bound.new_full((b, hkv, total - full), float("inf"))], dim=-1)  # the partial page
-    forced = torch.zeros(total, dtype=torch.bool, device=key.device)
-    forced[:policy.sinks] = True
-    forced[max(total - policy.local, 0):] = True
-    bound = bound.masked_fill(forced, float("inf"))
-    keep = min(total, policy.pages + int(forced.sum()))
-    page = torch.topk(bound, keep, dim=-1, sorted=False).indices  # [B, Hkv, keep]
+    if forced:
+        bound[..., forced] = float("inf")
+    page = torch.topk(bound, keep, dim=-1, sorted=False).indices if keep else bound.new_zeros(b, hkv, 0).long()
     tokens = (page[..., None] * ps + torch.arange(ps, device=key.device)).reshape(b, hkv, -1)
-    return tokens.clamp(max=sk - 1), tokens < sk
+    tail = torch.arange(full * ps, sk, device=key.device).expand(b, hkv, -1)
+    return torch.cat([tokens, tail], dim=-1)
 
 
 def _extended(pages: dict[str, _Pages], layer: str, key: torch.Tensor, ps: int) -> _Pages:
     """The layer's page statistics over every full page of ``key``: built, or extended by the pages
-    completed since the last step (rebuilt when the cache did not grow by appending)."""
+    completed since the last step (rebuilt when the cache shrank: another sequence)."""
     stats, sk = pages.get(layer), key.shape[2]
     full = sk // ps
-    if stats is None or stats.length >= sk or stats.centre.shape[:2] != key.shape[:2]:
+    if stats is None or stats.length > sk or stats.centre.shape[:2] != key.shape[:2]:
         stats = _Pages(key.new_zeros(*key.shape[:2], 0, key.shape[3], dtype=torch.float32),
                        key.new_zeros(*key.shape[:2], 0, key.shape[3], dtype=torch.float32), 0)
     done = stats.centre.shape[2]
