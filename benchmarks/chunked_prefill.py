@@ -7,6 +7,8 @@ context) is timed as a serving engine runs it, per layer:
 - dense: ``F.scaled_dot_product_attention`` with ``causal_lower_right`` (bottom-right causal,
   ``is_causal`` would be top-left) on K/V expanded to the query heads once, outside the timing, so
   that it runs on the flash kernel (with GQA heads torch may fall back to a materialised mask);
+  on Hopper also FA4 dense (``flash_attn.cute``, causal bottom-right, where it imports and its
+  sampled rows match exact attention: "-" otherwise), and the speedup against the faster of the two;
 - autosparse: ``autosparse.runtime.attention`` (the op every capture route calls) with the boolean
   mask transformers passes such a chunk (``[1, 1, C, T]``, bottom-right causal), served sparse.
   ``--layers`` served layers (32, as Llama-3.1-8B) are called in order with the same mask, as one
@@ -38,6 +40,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from autosparse import BlockGeometry, BlockLayout, Blocks, LayerProfile, Profile, SinkLocal, Union, Window  # noqa: E402
+from autosparse.kernels import backends  # noqa: E402
 from autosparse.runtime import LayerPlan, PatchState, attention, register, unregister  # noqa: E402
 from autosparse.tools.timing import median_ms  # noqa: E402
 
@@ -94,11 +97,15 @@ def token_rows(layout: BlockLayout, shape: Shape, rows: torch.Tensor) -> torch.T
     return tokens & causal
 
 
-def check(out: torch.Tensor, q, k, v, layout: BlockLayout, shape: Shape) -> float:
-    """Largest error of sampled rows (relative to the rows' scale) against float32 attention."""
-    chunk = layout.geometry.q_len
+def check(out: torch.Tensor, q, k, v, layout: BlockLayout, shape: Shape, dense: bool = False) -> float:
+    """Largest error of sampled rows (relative to the rows' scale) against float32 attention on the
+    layout's token mask (``dense``: on the bottom-right causal mask alone)."""
+    chunk, total = layout.geometry.q_len, layout.geometry.kv_len
     rows = torch.linspace(0, chunk - 1, min(CHECK_ROWS, chunk), device=shape.device).long().unique()
-    allowed = token_rows(layout, shape, rows)
+    if dense:
+        allowed = torch.arange(total, device=shape.device) <= (rows + total - chunk)[:, None]
+    else:
+        allowed = token_rows(layout, shape, rows)
     group = shape.heads // shape.kv_heads
     kk = k.float().repeat_interleave(group, 1)
     vv = v.float().repeat_interleave(group, 1)
@@ -137,13 +144,29 @@ def measure(kind: str, shape: Shape, chunk: int, total: int, where: str, args) -
             for layer in layers:
                 attention(q, k, v, layer, mask, False, None)
 
+        fa4_ms, fa4 = None, backends._fa4() if shape.device == "cuda" else ImportError("CPU")
+        if not isinstance(fa4, Exception):  # FA4 dense, bottom-right causal, GQA heads as they are
+            qt, kt, vt = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+            def fa4_dense():
+                for _ in layers:
+                    fa4[0](qt, kt, vt, causal=True)
+
+            try:
+                answer = fa4[0](qt, kt, vt, causal=True)
+            except Exception as err:  # noqa: BLE001 - a shape FA4 does not take: no FA4 column
+                print(f"FA4 dense at {chunk} x {context}: {type(err).__name__}: {err}", file=sys.stderr)
+            else:
+                answer = (answer[0] if isinstance(answer, tuple) else answer).transpose(1, 2)
+                if check(answer, q, k, v, layout, shape, dense=True) <= TOLERANCE[shape.dtype]:
+                    fa4_ms = median_ms(fa4_dense, args.reps, shape.device) / len(layers)
         dense_ms = median_ms(dense, args.reps, shape.device) / len(layers)
         sparse_ms = median_ms(sparse, args.reps, shape.device) / len(layers)
     finally:
         for layer in layers:
             unregister(layer)
     return dict(kind=kind, total=total, chunk=chunk, prefix=prefix, density=density, dense=dense_ms,
-                sparse=sparse_ms, first=first_ms, ok="ok" if error <= TOLERANCE[shape.dtype] else f"WRONG ({error:.2e})")
+                sparse=sparse_ms, fa4=fa4_ms, first=first_ms, ok="ok" if error <= TOLERANCE[shape.dtype] else f"WRONG ({error:.2e})")
 
 
 def table(rows: list[dict], shape: Shape) -> str:
@@ -151,12 +174,15 @@ def table(rows: list[dict], shape: Shape) -> str:
              f"{str(shape.dtype).replace('torch.', '')}, blocks {shape.blocks[0]}x{shape.blocks[1]}, "
              f"{shape.device}; per layer, median of the calls",
              "",
-             "| profile | context | chunk | prefix | block density | dense SDPA ms | autosparse ms | speedup "
-             "| ideal 1/d | first call ms | check |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| profile | context | chunk | prefix | block density | dense SDPA ms | dense FA4 ms | autosparse ms "
+             "| speedup vs SDPA | vs the fastest dense | ideal 1/d | first call ms | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        fastest = min(r["dense"], r["fa4"] or r["dense"])
+        fa4 = "-" if r["fa4"] is None else f"{r['fa4']:.3f}"
         lines.append(f"| {r['kind']} | {r['prefix'] + r['chunk']} | {r['chunk']} | {r['prefix']} | {r['density']:.3f} "
-                     f"| {r['dense']:.3f} | {r['sparse']:.3f} | {r['dense'] / r['sparse']:.2f} "
+                     f"| {r['dense']:.3f} | {fa4} | {r['sparse']:.3f} | {r['dense'] / r['sparse']:.2f} "
+                     f"| {fastest / r['sparse']:.2f} "
                      f"| {1 / r['density']:.2f} | {r['first']:.1f} | {r['ok']} |")
     return "\n".join(lines)
 

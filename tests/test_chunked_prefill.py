@@ -430,6 +430,15 @@ def test_benchmark_quick_run(capsys):
     rows = [line for line in text.splitlines() if line.startswith("| ") and "ms" not in line and "---" not in line]
     assert len(rows) == 2 * 2 * 2, text  # 2 totals x 2 chunk sizes x 2 profiles
     assert all("| ok |" in row for row in rows), text
+    # The gate FA4 dense passes before it is timed: bottom-right causal rows pass, top-left ones fail.
+    shape = module.Shape(4, 2, 32, torch.float32, "cpu", (32, 32))
+    q, k, v = (torch.randn(1, h, s, 32) for h, s in ((4, 64), (2, 256), (2, 256)))
+    layout = module.chunk_layout((Window(32),) * 4, shape, 64, 256)
+    k4, v4 = expanded(k, 4), expanded(v, 4)
+    bottom_right = F.scaled_dot_product_attention(q, k4, v4, attn_mask=causal_mask(64, 256))
+    top_left = F.scaled_dot_product_attention(q, k4, v4, is_causal=True)
+    assert module.check(bottom_right, q, k, v, layout, shape, dense=True) < 1e-5
+    assert module.check(top_left, q, k, v, layout, shape, dense=True) > 1e-2
 
 
 def test_the_guard_checks_chunks_bottom_right():
