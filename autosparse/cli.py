@@ -160,7 +160,8 @@ def _print_summary(profile: Profile) -> None:
         from autosparse.search.validate import chosen_trial
 
         rounds = validation["trials"]
-        saved = chosen_trial(validation)
+        budget = profile.search.get("budget")
+        saved = chosen_trial(validation, budget if isinstance(budget, (int, float)) else None)
         spread = saved.get("per_input") or []
         margin = (f"; per held-out input {min(spread):+.4f} .. {max(spread):+.4f}" if len(spread) > 1 else "")
         print(f"validated on {validation['heldout_inputs']} held-out inputs: {validation['metric']} "

@@ -157,6 +157,9 @@ def test_fit_records_the_chosen_round_margin_and_validated_lengths(capsys):
     assert f"{saved['error']:+.4f}" in shown and "+0.9000" not in shown
     assert f"round {validation['chosen'] + 1} of {len(validation['trials'])}" in shown
     assert "key lengths: calibrated 256-256, validated 384-384" in shown
+    # A profile saved before the round was recorded: the last round with the profile's budget.
+    del validation["chosen"]
+    assert chosen_trial(validation, profile.search["budget"]) == saved
 
 
 def test_window_density_is_the_share_of_causal_pairs():

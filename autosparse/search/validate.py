@@ -132,12 +132,15 @@ def fit_to_target(calibration: Calibration, heldout: Sequence[Any], target: floa
     return chosen
 
 
-def chosen_trial(validation: dict[str, Any]) -> dict[str, Any]:
-    """The validation round of the profile that was saved: ``validation["chosen"]`` (profiles from
-    before it recorded the round: the last round whose budget is the profile's)."""
+def chosen_trial(validation: dict[str, Any], budget: float | None = None) -> dict[str, Any]:
+    """The validation round of the profile that was saved: ``validation["chosen"]``; in profiles
+    from before it was recorded, the last round with the profile's ``budget`` (else the last round)."""
     trials = validation["trials"]
     index = validation.get("chosen")
-    return trials[index] if isinstance(index, int) and 0 <= index < len(trials) else trials[-1]
+    if isinstance(index, int) and 0 <= index < len(trials):
+        return trials[index]
+    same = [t for t in trials if budget is not None and t.get("budget") == round(budget, 6)]
+    return same[-1] if same else trials[-1]
 
 
 def profile_density(profile: Profile) -> float:
