@@ -45,7 +45,7 @@ log = logging.getLogger("autosparse")
 
 __all__ = ["BACKENDS", "Backend", "FA4Backend", "TorchBackend", "TritonBackend", "backend", "choose_backend",
            "fa4_block_sparse", "fa4_tensors", "forget_choices",
-           "reblocks_to_128"]
+           "length_bucket", "reblocks_to_128"]
 
 CACHE = "backends.json"  # the file in $AUTOSPARSE_CACHE_DIR
 DENSITY_STEP = 0.05  # layouts whose densities round to the same step share one measured choice
@@ -270,10 +270,10 @@ def choose_backend(call: KernelCall, q: Tensor, k: Tensor, v: Tensor, key_paddin
 
 
 def choice_key(call: KernelCall, key_padding: bool, candidates: Sequence[Backend]) -> str:
-    """What a measured choice is kept under: GPU and versions, shapes, dtype, blocks, causality,
-    layout features (query order, columns, key padding, 64-row blocks agreeing in pairs: FA4 runs
-    those as 128-row blocks, 1.3x faster on the H200) and density (to ``DENSITY_STEP``), and the
-    candidates."""
+    """What a measured choice is kept under: GPU and versions, shapes (lengths in 2 ** 0.5
+    buckets), dtype, blocks, causality, layout features (query order, columns, key padding, 64-row
+    blocks agreeing in pairs: FA4 runs those as 128-row blocks, 1.3x faster on the H200) and
+    density (to ``DENSITY_STEP``), and the candidates."""
     dev = call.device
     if dev.type == "cuda":
         major, minor = torch.cuda.get_device_capability(dev)
@@ -287,9 +287,17 @@ def choice_key(call: KernelCall, key_padding: bool, candidates: Sequence[Backend
     features = "".join(f for f, on in (("+rows", call.q_rows is not None), ("+cols", call.columns is not None),
                                        ("+pad", key_padding), ("+pairs", reblocks_to_128(call))) if on)
     dt = str(call.dtype).replace("torch.", "")
-    return (f"{gpu} | {versions} | q{tuple(call.q_shape)} kv{tuple(call.kv_shape)} {dt} "
+    q_shape = (*call.q_shape[:2], f"~{length_bucket(call.q_shape[2])}", call.q_shape[3])
+    kv_shape = (*call.kv_shape[:2], f"~{length_bucket(call.kv_shape[2])}", call.kv_shape[3])
+    return (f"{gpu} | {versions} | q{q_shape} kv{kv_shape} {dt} "
             f"{call.q_block}x{call.kv_block} {'causal' if call.causal else 'full'}{features} d~{density} | "
             + ",".join(b.name for b in candidates))
+
+
+def length_bucket(length: int) -> int:
+    """The lower edge of ``length``'s bucket: buckets grow by ``2 ** 0.5`` (1024, 1448, 2048, ...), so
+    a new prompt or chunk length is not measured again (``runtime.speed`` keys its verdicts so too)."""
+    return int(2 ** (math.floor(2 * math.log2(max(length, 1))) / 2))
 
 
 def _measure(able: Sequence[Backend], call: KernelCall, q: Tensor, k: Tensor, v: Tensor,

@@ -161,6 +161,27 @@ def test_layouts_are_built_once_per_shape_and_bounded(llama, monkeypatch):
     assert autosparse.stats(llama).sparse == 6
 
 
+def test_call_plans_are_bounded_by_their_bytes(llama, monkeypatch):
+    """The plan cache also keeps at most MAX_CALL_PLAN_BYTES of device tensors, oldest out first, and
+    its byte count stays the sum of the plans it holds."""
+    from autosparse import runtime
+    from autosparse.runtime import plan as plans
+
+    runtime.clear_call_plans()
+    autosparse.patch_model(llama, mixed_profile(llama))
+    logits(llama, random_ids(1, 40, seed=1))
+    one = max(p.nbytes() for p in plans._CALL_PLANS.values())
+    assert one > 0
+    runtime.clear_call_plans()
+    monkeypatch.setattr(plans, "MAX_CALL_PLAN_BYTES", int(2.5 * one))
+    for length in (40, 41, 42, 43):
+        logits(llama, random_ids(1, length, seed=length))
+        kept = list(plans._CALL_PLANS.values())
+        assert sum(p.nbytes() for p in kept) == plans._CALL_PLAN_BYTES[0] <= plans.MAX_CALL_PLAN_BYTES
+    assert [key[1][2] for key in plans._CALL_PLANS][-1] == 43 and len(plans._CALL_PLANS) <= 2
+    assert autosparse.stats(llama).sparse == 5  # the first forward and the four after it
+
+
 def test_layers_with_the_same_patterns_share_one_call_plan(llama, monkeypatch):
     """One layout per (patterns, shape): every layer of a uniform profile runs on the same call plan."""
     from autosparse import runtime

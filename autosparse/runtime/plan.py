@@ -36,7 +36,11 @@ __all__ = ["CallPlan", "LayerPlan", "call_plan", "clear_call_plans", "is_registe
            "register", "unregister"]
 
 MAX_CALL_PLANS = 1024  # plans kept, all layers together; the oldest goes first (many prompt lengths)
+# ... and at most this many bytes of their device tensors (a plan of a 128K prefill holds its block
+# lists: tens of MB; a server sees many prompt and chunk lengths).
+MAX_CALL_PLAN_BYTES = 1 << 30
 _CALL_PLANS: dict[tuple, CallPlan] = {}
+_CALL_PLAN_BYTES = [0]  # the plans' bytes in _CALL_PLANS
 _CALL_PLANS_LOCK = threading.Lock()  # threads serving models share the cache
 
 
@@ -71,6 +75,21 @@ class CallPlan:
     dense_heads: tuple[torch.Tensor, torch.Tensor] | None = None  # (query heads, their KV heads) sent to SDPA
     skipped: tuple[int, ...] = ()  # heads the kernel leaves to SDPA
     estimate: _Estimate | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of the device tensors this plan keeps (its share of the plan cache's budget)."""
+        tensors = [self.order, self.q_rows, *(self.dense_heads or ())]
+        for owner in (self.layout, self.kernel):
+            if owner is not None:
+                tensors += [getattr(owner, name, None) for name in ("kv_indices", "kv_counts", "schedule", "columns",
+                                                                    "column_counts", "listed")]
+        if self.estimate is not None:
+            tensors += [self.estimate.static, self.estimate.text, self.estimate.row_order]
+        seen: dict[int, int] = {}
+        for t in tensors:
+            if isinstance(t, torch.Tensor):
+                seen[t.data_ptr()] = t.untyped_storage().nbytes()  # a tensor shared by layout and launch: once
+        return sum(seen.values())
 
     def layout_for(self, query: torch.Tensor, key: torch.Tensor, scale: float) -> BlockLayout:
         """This call's layout (q and k in the kernel's order): the static one, or with dynamic heads
@@ -145,9 +164,12 @@ def call_plan(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor,
                                                                                               value, profile):
             plan = CallPlan(dense=speed.DENSE_REASON)
         with _CALL_PLANS_LOCK:
-            if len(_CALL_PLANS) >= MAX_CALL_PLANS:
-                del _CALL_PLANS[next(iter(_CALL_PLANS))]
+            size = plan.nbytes()
+            while _CALL_PLANS and (len(_CALL_PLANS) >= MAX_CALL_PLANS
+                                   or _CALL_PLAN_BYTES[0] + size > MAX_CALL_PLAN_BYTES):
+                _CALL_PLAN_BYTES[0] -= _CALL_PLANS.pop(next(iter(_CALL_PLANS))).nbytes()
             _CALL_PLANS[cache_key] = plan
+            _CALL_PLAN_BYTES[0] += size
     return plan
 
 
@@ -172,6 +194,7 @@ def clear_call_plans() -> None:
     """Forget every call plan (their layouts and index tensors on the GPU); later calls build anew."""
     with _CALL_PLANS_LOCK:
         _CALL_PLANS.clear()
+        _CALL_PLAN_BYTES[0] = 0
 
 
 def _build(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, key: torch.Tensor,

@@ -18,7 +18,6 @@ profile says.
 from __future__ import annotations
 
 import logging
-import math
 import os
 from collections.abc import Callable
 from typing import Any
@@ -26,6 +25,7 @@ from typing import Any
 import torch
 
 from autosparse.kernels import cache
+from autosparse.kernels.backends import length_bucket
 
 __all__ = ["DENSE_REASON", "forget_verdicts", "length_bucket", "sparse_is_faster", "verdict_key"]
 
@@ -42,11 +42,6 @@ _VERDICTS: dict[str, bool] = {}
 def forget_verdicts() -> None:
     """Forget this process's verdicts (the disk cache stays)."""
     _VERDICTS.clear()
-
-
-def length_bucket(length: int) -> int:
-    """The lower edge of ``length``'s bucket: buckets grow by ``2 ** 0.5`` (1024, 1448, 2048, ...)."""
-    return int(2 ** (math.floor(2 * math.log2(max(length, 1))) / 2))
 
 
 def measuring(device: torch.device) -> bool:
