@@ -115,7 +115,7 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
                         "with length (%s; first: %s)", call.keys, longer, plan.name)
         state.stats.dense[longer] += 1
         return dense(query, key, value, mask, is_causal, scale)
-    # Keys no query may see (an empty StaticCache's tail) are dropped: the call is then square.
+    # Keys no query may see (a StaticCache's unwritten tail) are dropped.
     k, v = (key, value) if call.keys == key.shape[2] else (key[:, :, :call.keys], value[:, :, :call.keys])
     planned = call_plan(heads, plan.profile, call, query, k, v)
     if planned.fallback is not None:
