@@ -10,6 +10,7 @@ caches, registered under a layer id); ``capture`` routes each call to
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,8 +132,13 @@ def patch_of(model: nn.Module) -> _Patch | None:
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo ``patch_model``: the original attention, no autosparse attributes or hooks."""
-    patch = _patch_of(model)
+    """Undo ``patch_model``: the original attention, no autosparse attributes or hooks. A model that
+    is not patched is returned as it is, with a warning."""
+    patch = patch_of(model)
+    if patch is None:
+        warnings.warn("autosparse.unpatch_model: this model is not patched by autosparse; nothing to undo",
+                      stacklevel=2)
+        return model
     if patch.route == "eager" and patch.kind.hooked:
         capture.detach_hooks(model, patch.handles)
     elif patch.route == "eager":
@@ -148,16 +154,16 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 
 def stats(model: nn.Module, *, reset: bool = False) -> AttentionStats:
-    """A snapshot of the attention call counts of a patched model."""
-    state = _patch_of(model).state
+    """A snapshot of the attention call counts of a patched model; empty counts, with a warning, for
+    a model that is not patched (every call there runs the model's own attention)."""
+    patch = patch_of(model)
+    if patch is None:
+        warnings.warn("autosparse.stats: this model is not patched by autosparse; no calls counted", stacklevel=2)
+        return AttentionStats()
+    state = patch.state
     snapshot = AttentionStats(state.stats.sparse, state.stats.dense.copy(), state.stats.fallback.copy())
     if reset:
         state.stats = AttentionStats()
     return snapshot
 
 
-def _patch_of(model: nn.Module) -> _Patch:
-    patch = patch_of(model)
-    if patch is None:
-        raise RuntimeError("this model is not patched by autosparse")
-    return patch

@@ -122,8 +122,11 @@ def test_unpatch_restores_exactly(llama):
     assert llama.config._attn_implementation == implementation
     assert not any(hasattr(m, "_autosparse_layer") for m in llama.modules())
     torch.testing.assert_close(logits(llama, ids), before, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="not patched"):
-        autosparse.stats(llama)
+    with pytest.warns(UserWarning, match="not patched by autosparse; no calls counted"):
+        assert autosparse.stats(llama) == autosparse.AttentionStats()
+    with pytest.warns(UserWarning, match="not patched by autosparse; nothing to undo"):
+        assert autosparse.unpatch_model(llama) is llama
+    torch.testing.assert_close(logits(llama, ids), before, rtol=0, atol=0)
 
 
 def test_patch_from_path_checks_the_model(llama, tmp_path):
