@@ -201,3 +201,26 @@ def test_the_decode_benchmark_runs_on_the_cpu(tmp_path):
     table = (tmp_path / "decode_speed.md").read_text()
     assert "| 600 | 1 |" in table and "| 600 | 2 |" in table
     assert '"static_calls": "AttentionStats(sparse=10)"' in proc.stdout  # 2 layers x (2 warm-up + 3 timed)
+
+
+@pytest.mark.parametrize("pattern,served", [({"kind": "sink_local", "sinks": 16, "window": 32}, True),
+                                            ({"kind": "blocks", "kv_blocks": [0, 1]}, False)])
+def test_static_decode_stays_within_the_profiles_validated_length(pattern, served):
+    """Beyond the length a profile was validated at, static decode runs dense (counted, with the
+    reason) unless the layer's patterns scale with length (sinks + window do)."""
+    model = tiny_llama()
+    profile = Profile.uniform(model, pattern, block_size=(16, 16))
+    profile = Profile(model=profile.model, layers=profile.layers, block_size=(16, 16),
+                      lengths={"validated": [64, 120]})
+    ids = torch.randint(0, 512, (1, 100), generator=torch.Generator().manual_seed(2))
+    autosparse.patch_model(model, profile, decode="static")
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        cache = out.past_key_values
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(30):  # keys 101 .. 130: the last ten beyond the validated 120
+            token = model(token, past_key_values=cache).logits[:, -1:].argmax(-1)
+    stats = autosparse.stats(model)
+    autosparse.unpatch_model(model)
+    beyond = stats.dense.get("beyond the profile's validated length 120", 0)
+    assert (beyond, stats.sparse) == ((0, 2 + 2 * 30) if served else (2 * 10, 2 + 2 * 20)), stats

@@ -37,6 +37,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from autosparse.patterns import BlockGeometry
 from autosparse.runtime.dense import ORIGINAL_SDPA, dense, empty_output
 from autosparse.runtime.heads import HeadSet
+from autosparse.runtime.lengths import beyond_length, count_beyond
 
 __all__ = ["DecodePolicy", "PageTopK", "StaticDecode", "attend", "forget"]
 
@@ -246,7 +247,7 @@ def serve_decode(plan, heads: HeadSet, query: torch.Tensor, key: torch.Tensor, v
         reason = f"{query.shape[1]} query heads for {key.shape[1]} KV heads, profile has {len(heads.patterns)}"
     elif query.requires_grad or key.requires_grad or value.requires_grad:
         reason = "requires_grad"
-    kv_valid = None
+    kv_valid, whole = None, (key, value)  # the call as made (dense answers take it so)
     if reason is None and mask is not None:
         if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[2] != 1:
             reason = f"decode attention mask {tuple(mask.shape)} {mask.dtype} (expected bool [B, 1, 1, Sk])"
@@ -260,6 +261,11 @@ def serve_decode(plan, heads: HeadSet, query: torch.Tensor, key: torch.Tensor, v
     if reason is not None:
         state.count_fallback(plan.name, f"sparse decode: {reason}")
         return dense(query, key, value, mask, is_causal, scale)
+    if isinstance(state.decode, StaticDecode):  # the profile's patterns: only as far as they were validated
+        longer = beyond_length(plan, heads, key.shape[2])
+        if longer is not None:
+            count_beyond(plan, longer, key.shape[2])
+            return dense(query, *whole, mask, is_causal, scale)
     scale = scale if scale is not None else query.shape[-1] ** -0.5
     out = attend(state.decode, state.pages, plan.name, heads, plan.profile.block_size, query, key, value, kv_valid,
                  scale)

@@ -22,9 +22,9 @@ import torch
 
 from autosparse.guard import log_line
 from autosparse.runtime import decode
-from autosparse.patterns.basic import Dense, Pattern, SinkLocal, Union, Window
 from autosparse.runtime.classify import Call, classify
 from autosparse.runtime.dense import dense, empty_output, softmax_scale
+from autosparse.runtime.lengths import LENGTH_FREE, beyond_length, count_beyond, scales_with_length
 from autosparse.runtime.plan import LayerPlan, call_plan, plan_of
 
 __all__ = ["GUARD_REASON", "HOST_SIDE_TAGS", "LENGTH_FREE", "attention", "beyond_length", "count_unserved",
@@ -35,33 +35,6 @@ log = logging.getLogger("autosparse")
 # Ops that decide on the host per call (step, layout): a CUDA graph must not capture them.
 HOST_SIDE_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
 GUARD_REASON = "accuracy guard: sampled rows over tolerance"
-
-# Patterns whose keys per query do not depend on the sequence length: a window (and sinks) keeps
-# the same keys relative to each query however long the sequence grows, so what a profile measured
-# for a query holds at any length (the StreamingLLM argument; the longer the sequence the larger the
-# share of attention mass it drops, but each query keeps the context it was validated with). Every
-# other kind (fixed blocks or global tokens, top-k or mass-fraction estimates, vertical-slash, grid
-# neighbourhoods) is defined at the lengths it was measured at: beyond a profile's recorded length a
-# layer with any of them runs dense (``beyond_length``).
-LENGTH_FREE: tuple[type[Pattern], ...] = (Dense, Window, SinkLocal)
-
-
-def scales_with_length(pattern: Pattern) -> bool:
-    """Whether ``pattern`` means the same attention per query at any sequence length
-    (``LENGTH_FREE``, or a union of such patterns)."""
-    if isinstance(pattern, Union):
-        return all(scales_with_length(member) for member in pattern.of)
-    return isinstance(pattern, LENGTH_FREE)
-
-
-def beyond_length(plan: LayerPlan, heads, keys: int) -> str | None:
-    """The reason a call with ``keys`` keys runs dense: longer than the profile's recorded length
-    (``Profile.length_limit``) while one of the layer's patterns does not scale with length; else None."""
-    limit = plan.profile.length_limit()
-    if limit is None or keys <= limit[0] or all(scales_with_length(p) for p in heads.patterns):
-        return None
-    return f"beyond the profile's {limit[1]} length {limit[0]}"
-
 
 @torch.library.custom_op("autosparse::attention", mutates_args=(), tags=HOST_SIDE_TAGS)
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor,
@@ -110,10 +83,7 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
         return dense(query, key, value, mask, is_causal, scale)
     longer = beyond_length(plan, heads, call.keys)
     if longer is not None:  # the profile says nothing about this length: the model as it is
-        if not state.stats.dense[longer]:  # logged once per patched model and length
-            log.warning("autosparse: calls with %d keys run dense in the layers whose patterns do not scale "
-                        "with length (%s; first: %s)", call.keys, longer, plan.name)
-        state.stats.dense[longer] += 1
+        count_beyond(plan, longer, call.keys)
         return dense(query, key, value, mask, is_causal, scale)
     # Keys no query may see (a StaticCache's unwritten tail) are dropped.
     k, v = (key, value) if call.keys == key.shape[2] else (key[:, :, :call.keys], value[:, :, :call.keys])
