@@ -130,6 +130,10 @@ def _bench(args: argparse.Namespace) -> None:
     print(f"| {result['device']} | {result['inputs']} | {result['dense_ms']:.1f} | {result['patched_ms']:.1f} | "
           f"{result['speedup']:.2f}x | {result['mean_error']:.4f} | {result['max_error']:.4f} |")
     print(result["stats"])
+    if result["device"] == "cpu":
+        from autosparse.tools.demo import CPU_NOTE
+
+        print(CPU_NOTE)
 
 
 def _print_summary(profile: Profile) -> None:
