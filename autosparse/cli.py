@@ -106,7 +106,16 @@ def _factory(spec: str):
 
 
 def _show(args: argparse.Namespace) -> None:
-    profile = Profile.load(args.profile)
+    from autosparse import profiles
+
+    if args.list:
+        for name in profiles.names():
+            print(f"{name}  ({profiles.load(name).model.get('class')})")
+        return
+    if args.profile is None:
+        raise ValueError("give a profile JSON, a shipped profile's name, or --list")
+    path = Path(args.profile)
+    profile = Profile.load(path) if path.exists() or args.profile not in profiles.names() else profiles.load(args.profile)
     _print_summary(profile)
     if args.png:
         from autosparse.tools.heatmap import save_heatmap
@@ -244,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(run=_profile)
 
     show = commands.add_parser("show", help="print a per-layer summary of a profile")
-    show.add_argument("profile")
+    show.add_argument("profile", nargs="?", help="a profile JSON, or a shipped profile's name (see --list)")
+    show.add_argument("--list", action="store_true", help="list the shipped profiles (autosparse.profiles.load(name))")
     show.add_argument("--png", help="also draw layers x heads (pattern kind, density) into this PNG")
     show.set_defaults(run=_show)
 
@@ -305,8 +315,11 @@ def check_args(args: argparse.Namespace) -> None:
     if args.command in ("profile", "bench"):
         _check_model_args(args)
     inputs = {"--text": getattr(args, "text", None)}
-    if args.command in ("show", "bench"):
-        inputs["profile"] = args.profile
+    if args.command in ("show", "bench") and args.profile is not None:
+        from autosparse import profiles
+
+        if args.command == "bench" or args.profile not in profiles.names():
+            inputs["profile"] = args.profile
     for flag, path in inputs.items():
         if path is None:
             continue

@@ -73,7 +73,8 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
             Wan, HunyuanVideo, CogVideoX and FLUX with their token geometry; others with 1-D
             patterns only), or a module of a known structure (VGGT or its aggregator: global
             attention served, with per-frame special tokens dense; frame attention untouched).
-        profile: a ``Profile`` or the path of its JSON file; it must fit the model (class, config,
+        profile: a ``Profile``, the path of its JSON file or a shipped profile's name
+            (``autosparse.profiles.names()``); it must fit the model (class, config,
             layer names, head counts), else ValueError naming the field.
         strict: raise instead of falling back to dense when a call cannot be served sparse.
         guard: a ``GuardConfig`` (or its fields as a dict): on sampled query rows of every sparse
@@ -103,7 +104,10 @@ def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, rou
     if getattr(model, _STATE_ATTR, None) is not None:
         raise RuntimeError("this model is already patched by autosparse; call autosparse.unpatch_model(model) first")
     if not isinstance(profile, Profile):
-        profile = Profile.load(profile)
+        from autosparse import profiles
+
+        shipped = isinstance(profile, str) and not Path(profile).exists() and profile in profiles.names()
+        profile = profiles.load(profile) if shipped else Profile.load(profile)
     profile.check_model(model)
 
     config = GuardConfig.parse(guard)

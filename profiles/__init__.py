@@ -1,5 +1,5 @@
-"""The profiles shipped with autosparse (installed as ``autosparse.profiles``): ``matching(model)``
-finds the one that fits a model, for ``torch.compile(model, backend="autosparse")`` without a profile.
+"""The profiles shipped with autosparse (installed as ``autosparse.profiles``): ``load(name)`` reads
+one by name, ``names()`` lists them, ``matching(model)`` finds the one that fits a model, for ``torch.compile(model, backend="autosparse")`` without a profile.
 ``make_structural.py`` beside them writes the uncalibrated DiT ones."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-__all__ = ["matching", "shipped"]
+__all__ = ["load", "matching", "names", "shipped"]
 
 log = logging.getLogger("autosparse")
 
@@ -17,6 +17,22 @@ log = logging.getLogger("autosparse")
 def shipped() -> list[Path]:
     """Every shipped profile file, by name."""
     return sorted(Path(__file__).parent.glob("*.json"))
+
+
+def names() -> list[str]:
+    """The shipped profiles' names (file names without ``.json``), for ``load``."""
+    return [path.stem for path in shipped()]
+
+
+def load(name: str):
+    """The shipped profile ``name`` (``autosparse show --list`` prints the names), from wherever
+    autosparse is installed: no repository-relative path needed."""
+    from autosparse.profile import Profile
+
+    path = Path(__file__).parent / f"{name}.json"
+    if name not in names():
+        raise ValueError(f"no shipped profile {name!r}; the shipped ones: {', '.join(names())}")
+    return Profile.load(path)
 
 
 def matching(model: nn.Module) -> Path | None:

@@ -88,3 +88,17 @@ def test_an_unexpected_error_is_one_line_too(tmp_path, capsys, monkeypatch):
         cli.main(["show", str(profile)])
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["autosparse show: error: disk on fire (--debug for the traceback)"]
+
+
+def test_shipped_profiles_by_name(capsys):
+    from autosparse import profiles
+
+    assert "smollm2-135m" in profiles.names()
+    assert profiles.load("smollm2-135m").model["class"] == "LlamaForCausalLM"
+    with pytest.raises(ValueError, match="no shipped profile 'nope'; the shipped ones: .*smollm2-135m"):
+        profiles.load("nope")
+    cli.main(["show", "--list"])
+    listed = capsys.readouterr().out
+    assert "smollm2-135m  (LlamaForCausalLM)" in listed and "wan2.1-t2v-1.3b-480p" in listed
+    cli.main(["show", "smollm2-135m"])
+    assert "LlamaForCausalLM" in capsys.readouterr().out
