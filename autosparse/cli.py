@@ -151,14 +151,15 @@ def _print_summary(profile: Profile) -> None:
           f"blocks {profile.block_size[0]}x{profile.block_size[1]}, made on {profile.created.get('device')} "
           f"{profile.created.get('date')}, budget {profile.search.get('budget', '-')}")
     rows = profile.summary_rows()
-    width = max(len(row["layer"]) for row in rows) if rows else 5
+    groups = _grouped(rows)
+    width = max(len(label) for label, _ in groups) if groups else 5
     print(f"{'layer':<{width}}  density  max err  patterns")
-    for row in rows:
+    for label, row in groups:
         mix = ", ".join(f"{n}x {name}" for name, n in sorted(row["mix"].items(), key=lambda kv: -kv[1]))
         density = "-" if math.isnan(row["density"]) else f"{row['density']:.3f}"
         error = "-" if math.isnan(row["max_error"]) else f"{row['max_error']:.4f}"
         own = f" ({row['dense_by_model']})" if row.get("dense_by_model") else ""
-        print(f"{row['layer']:<{width}}  {density:>7}  {error:>7}  {mix}{own}")
+        print(f"{label:<{width}}  {density:>7}  {error:>7}  {mix}{own}")
     densities = [row["density"] for row in rows if not math.isnan(row["density"])]
     if densities:
         owned = sum(1 for row in rows if row.get("dense_by_model"))
@@ -188,6 +189,23 @@ def _print_summary(profile: Profile) -> None:
         print(f"denoising steps {step_range}: {what}")
     if "note" in profile.search:
         print(profile.search["note"])
+
+
+def _grouped(rows: list[dict]) -> list[tuple[str, dict]]:
+    """Runs of consecutive layers with the same patterns, density and error as one row each
+    ("first .. last (N layers)"): a DiT profile's 30-60 identical layers read as one line."""
+    def same(a: dict, b: dict) -> bool:
+        return all(a.get(k) == b.get(k) or (isinstance(a.get(k), float) and math.isnan(a[k]) and math.isnan(b[k]))
+                   for k in ("mix", "density", "max_error", "dense_by_model"))
+
+    groups: list[list[dict]] = []
+    for row in rows:
+        if groups and same(groups[-1][-1], row):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    return [(g[0]["layer"] if len(g) == 1 else f"{g[0]['layer']} .. {g[-1]['layer']} ({len(g)} layers)", g[0])
+            for g in groups]
 
 
 def _tune(args: argparse.Namespace) -> None:

@@ -102,3 +102,9 @@ def test_shipped_profiles_by_name(capsys):
     assert "smollm2-135m  (LlamaForCausalLM)" in listed and "wan2.1-t2v-1.3b-480p" in listed
     cli.main(["show", "smollm2-135m"])
     assert "LlamaForCausalLM" in capsys.readouterr().out
+
+
+def test_show_groups_identical_layers(capsys):
+    cli.main(["show", "wan2.1-t2v-1.3b-480p"])
+    out = capsys.readouterr().out
+    assert "blocks.0.attn1 .. blocks.29.attn1 (30 layers)" in out and "blocks.5.attn1 " not in out
