@@ -101,7 +101,13 @@ def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, rou
            guard: GuardConfig | dict[str, Any] | None = None, decode: DecodePolicy | str | None = None) -> _Patch:
     """Give every served attention module of ``model`` its plan and layer id (the capture route is
     the caller's: ``patch_model`` or the compile backend)."""
-    if getattr(model, _STATE_ATTR, None) is not None:
+    existing = getattr(model, _STATE_ATTR, None)
+    if existing is not None and existing.route == "compile":
+        raise RuntimeError("this model is served by torch.compile(model, backend='autosparse'): the compiled module "
+                           "runs sparse, the model called directly runs its own attention. To patch it eagerly as "
+                           "well, patch a copy (copy.deepcopy(model)), or call autosparse.unpatch_model(model) first "
+                           "(the compiled module then refuses to run)")
+    if existing is not None:
         raise RuntimeError("this model is already patched by autosparse; call autosparse.unpatch_model(model) first")
     if not isinstance(profile, Profile):
         from autosparse import profiles

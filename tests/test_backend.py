@@ -112,6 +112,8 @@ def test_dense_profile_is_plain_torch_compile(llama):
     torch.testing.assert_close(got, plain, rtol=0, atol=0)
     assert inner.count(ATTENTION) == 0 and sum(len(find_sdpa(gm)) for gm in inner.graphs) == 2
     assert autosparse.stats(llama).dense["dense in profile"] == 2
+    with pytest.raises(RuntimeError, match="served by torch.compile.*patch a copy"):  # eager on top: say how
+        autosparse.patch_model(llama, profile)
     autosparse.unpatch_model(llama)
 
 
