@@ -34,7 +34,13 @@ log = logging.getLogger("autosparse")
 __all__ = ["CallReader", "attach_hooks", "count_hooked", "detach_hooks", "model_forward",
            "scaled_dot_product_attention"]
 
-_BYPASS_REASON = "attention backend other than F.scaled_dot_product_attention (set_attention_backend?)"
+def _bypass_reason(module: nn.Module) -> str:
+    """Why a served module ran without calling F.scaled_dot_product_attention, naming what it ran:
+    its attention processor (diffusers), e.g. a linear attention (Sana) or a dispatcher backend."""
+    processor = getattr(module, "processor", None)
+    name = type(processor if processor is not None else module).__name__
+    return (f"{name} did not call F.scaled_dot_product_attention (a linear or custom attention, or an attention "
+            "backend set with set_attention_backend)")
 
 
 class _Current(threading.local):
@@ -79,7 +85,7 @@ def _enter_attention(module: nn.Module, args: tuple) -> None:
 def _exit_attention(module: nn.Module, args: tuple, output: Any) -> None:
     """Withdraw the module's layer (when its forward raised, ``model_forward`` does)."""
     if not _current.called:  # e.g. set_attention_backend("flash"): diffusers bypassed F.sdpa
-        runtime.count_unserved(_current.layer, _BYPASS_REASON)
+        runtime.count_unserved(_current.layer, _bypass_reason(module))
     (_current.layer, _current.called), _current.outer = _current.outer[-1], _current.outer[:-1]
     return None
 
