@@ -114,8 +114,7 @@ def _show(args: argparse.Namespace) -> None:
         return
     if args.profile is None:
         raise ValueError("give a profile JSON, a shipped profile's name, or --list")
-    path = Path(args.profile)
-    profile = Profile.load(path) if path.exists() or args.profile not in profiles.names() else profiles.load(args.profile)
+    profile = _load_profile(args.profile)
     _print_summary(profile)
     if args.png:
         from autosparse.tools.heatmap import save_heatmap
@@ -124,16 +123,32 @@ def _show(args: argparse.Namespace) -> None:
         print(f"saved {args.png}")
 
 
+def _shipped(name: str) -> bool:
+    """Whether ``name`` means a shipped profile: no such path here, and one of ``profiles.names()``."""
+    from autosparse import profiles
+
+    return not Path(name).exists() and name in profiles.names()
+
+
+def _load_profile(name: str) -> Profile:
+    """A profile JSON file, or a shipped profile by name."""
+    from autosparse import profiles
+
+    return profiles.load(name) if _shipped(name) else Profile.load(name)
+
+
 def _bench(args: argparse.Namespace) -> None:
     from autosparse.tools.bench import bench
 
-    profile = Profile.load(args.profile)  # a bad file fails here, before the model loads
+    profile = _load_profile(args.profile)  # a bad file fails here, before the model loads
     model, inputs, heldout, _ = _model_and_inputs(args)
     profile.check_model(model)  # a profile of another model fails here, before any timing
     if not heldout:  # without held-out inputs: a factory's calibration inputs, an LLM's last window
         heldout = inputs if args.factory else inputs[-1:]
     model.to(args.device)
-    result = bench(model, profile, heldout, reps=args.reps)
+    print(f"bench: {len(heldout)} input(s), dense then patched, {args.reps} timed runs each on {args.device}",
+          flush=True)
+    result = bench(model, profile, heldout, reps=args.reps, progress=lambda line: print(line, flush=True))
     print("| device | inputs | dense ms/forward | patched ms/forward | speedup | output error mean | max |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     print(f"| {result['device']} | {result['inputs']} | {result['dense_ms']:.1f} | {result['patched_ms']:.1f} | "
@@ -281,8 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("profile", help="the profile JSON")
     bench.add_argument("--factory", metavar="MODULE:FUNCTION", help="as for profile (its held-out inputs if any)")
     bench.add_argument("--text", help="LLM: text for the input window (default: the shipped Jargon File excerpt)")
-    bench.add_argument("--seq-len", type=int, default=4096, help="LLM: tokens in the input window")
+    bench.add_argument("--seq-len", type=int, default=None,
+                       help="LLM: tokens in the input window (default: 4096 on a GPU, 1024 on the CPU)")
     bench.add_argument("--reps", type=int, default=3)
+    bench.add_argument("--quick", action="store_true", help="a first look: 512 tokens, one timed run each")
     bench.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     bench.set_defaults(run=_bench, inputs=1)
 
@@ -310,7 +327,12 @@ BLOCK_SIZES = (16, 32, 64, 128)  # the kernel's layout blocks (kernels.block_spa
 
 def check_args(args: argparse.Namespace) -> None:
     """Every argument of ``args.command`` that can be judged without loading a model: ValueError
-    naming the flag. Runs before any model, text or profile is read."""
+    naming the flag. Runs before any model, text or profile is read; fills the defaults that depend
+    on the device (bench's input length)."""
+    if args.command == "bench":
+        if args.quick:
+            args.seq_len, args.reps = args.seq_len or 512, 1
+        args.seq_len = args.seq_len or (4096 if args.device.startswith("cuda") else 1024)
     if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: no CUDA GPU is visible here; use --device cpu")
     for flag in ("seq_len", "inputs", "reps", "max_length", "heads"):
@@ -333,11 +355,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.command in ("profile", "bench"):
         _check_model_args(args)
     inputs = {"--text": getattr(args, "text", None)}
-    if args.command in ("show", "bench") and args.profile is not None:
-        from autosparse import profiles
-
-        if args.command == "bench" or args.profile not in profiles.names():
-            inputs["profile"] = args.profile
+    if args.command in ("show", "bench") and args.profile is not None and not _shipped(args.profile):
+        inputs["profile"] = args.profile
     for flag, path in inputs.items():
         if path is None:
             continue

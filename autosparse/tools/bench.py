@@ -8,7 +8,8 @@ dense (LLM: the logits), its mean and worst over the inputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -22,22 +23,32 @@ from autosparse.tools.timing import median_ms
 __all__ = ["bench"]
 
 
-def bench(model: nn.Module, profile: Profile, inputs: Sequence[Any], *, reps: int = 3) -> dict[str, Any]:
-    """Time and compare ``model`` dense and patched with ``profile`` on ``inputs``."""
+def bench(model: nn.Module, profile: Profile, inputs: Sequence[Any], *, reps: int = 3,
+          progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time and compare ``model`` dense and patched with ``profile`` on ``inputs``; ``progress``
+    hears a line after every run (which, how long, about how long is left)."""
     inputs = list(inputs)
     device = next(model.parameters()).device
+    total = 2 * (reps + 2)  # per side: one warm-up, ``reps`` timed, one for the outputs
+    done: list[float] = []
 
     @torch.inference_mode()
-    def run() -> list[torch.Tensor]:
-        return [output_tensor(run_model(model, x)).float() for x in inputs]
+    def run(side: str) -> list[torch.Tensor]:
+        started = time.perf_counter()
+        out = [output_tensor(run_model(model, x)).float() for x in inputs]
+        done.append(time.perf_counter() - started)
+        if progress is not None:
+            left = (total - len(done)) * sum(done) / len(done)
+            progress(f"  {side} run {len(done)}/{total}: {done[-1]:.1f}s (about {left:.0f}s left)")
+        return out
 
-    dense_ms = median_ms(run, reps, device, warmup=1) / len(inputs)
-    dense = run()
+    dense_ms = median_ms(lambda: run("dense"), reps, device, warmup=1) / len(inputs)
+    dense = run("dense")
     patch_model(model, profile)
     try:
-        patched_ms = median_ms(run, reps, device, warmup=1) / len(inputs)
+        patched_ms = median_ms(lambda: run("patched"), reps, device, warmup=1) / len(inputs)
         stats(model, reset=True)
-        patched = run()
+        patched = run("patched")
         calls = stats(model)
     finally:
         unpatch_model(model)
