@@ -115,3 +115,21 @@ def test_show_png_of_an_uncalibrated_profile(tmp_path):
     profile = Profile.load(Path(__file__).resolve().parents[1] / "profiles" / "hunyuanvideo-720p.json")
     save_heatmap(profile, tmp_path / "h.png")
     assert Image.open(tmp_path / "h.png").size[0] >= 24 * 12  # 24 heads
+
+
+def test_heatmap_draws_every_head_with_its_kind(tmp_path):
+    """SmolLM2's shipped profile: a cell per (layer, head) in its kind's colour (dense heads at full
+    grey: measured density 1), every kind in the legend, the scale drawn."""
+    from PIL import Image
+
+    from autosparse.tools.heatmap import KIND_COLOURS, _shade, save_heatmap
+
+    profile = Profile.load(Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m.json")
+    save_heatmap(profile, tmp_path / "h.png")
+    image = Image.open(tmp_path / "h.png").convert("RGB")
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 20)}
+    assert KIND_COLOURS["dense"] in colours  # the dense heads, and the legend
+    for name, layer in profile.layers.items():
+        for pattern, measured in zip(layer.heads, layer.measured):
+            kind = pattern.to_spec()["kind"]
+            assert _shade(KIND_COLOURS[kind], measured["density"]) in colours, (name, kind)
