@@ -74,6 +74,35 @@ def test_slower_sparse_runs_dense_counted_and_equal_to_the_dense_model(measured)
     assert timer.calls == 2, "both layers share one verdict: one sparse and one dense timing"
 
 
+def test_a_dense_verdict_runs_sdpa_causal_not_the_mask(measured, monkeypatch):
+    """Dense by verdict, a square causal call without padding runs SDPA's is_causal (its fused
+    kernels), not the boolean mask transformers built for autosparse's attention function."""
+    from autosparse.runtime import dense as dense_module
+
+    seen = []
+    real = dense_module.ORIGINAL_SDPA
+
+    def recording(*args, attn_mask=None, is_causal=False, **kwargs):
+        seen.append((attn_mask is None, is_causal))
+        return real(*args, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    from autosparse import runtime
+    from autosparse.capture import LAYER_ATTR
+    from autosparse.models import attention_layers
+
+    measured(sparse_ms=2.0, dense_ms=1.0)
+    model = _patched()
+    plan = runtime.plan_of(getattr(attention_layers(model)[0].module, LAYER_ATTR))
+    q, k, v = (torch.randn(1, 4, 96, 64), torch.randn(1, 2, 96, 64), torch.randn(1, 2, 96, 64))
+    causal = torch.ones(96, 96, dtype=torch.bool).tril()[None, None]  # what a caller may pass instead of is_causal
+    want = real(q, k, v, attn_mask=causal, enable_gqa=True)
+    runtime.serve(plan, q, k, v, causal, False, None)  # the plan is built and judged here
+    monkeypatch.setattr(dense_module, "ORIGINAL_SDPA", recording)
+    got = runtime.serve(plan, q, k, v, causal, False, None)
+    assert seen == [(True, True)] and autosparse.stats(model).dense[speed.DENSE_REASON] == 2
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_faster_sparse_is_served_and_the_verdict_is_kept_per_length_bucket(measured):
     timer = measured(sparse_ms=1.0, dense_ms=2.0)
     model = _patched()

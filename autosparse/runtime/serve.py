@@ -84,16 +84,16 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
     longer = beyond_length(plan, heads, call.keys)
     if longer is not None:  # the profile says nothing about this length: the model as it is
         count_beyond(plan, longer, call.keys)
-        return dense(query, key, value, mask, is_causal, scale)
+        return _dense_call(call, query, key, value, mask, is_causal, scale)
     # Keys no query may see (a StaticCache's unwritten tail) are dropped.
     k, v = (key, value) if call.keys == key.shape[2] else (key[:, :, :call.keys], value[:, :, :call.keys])
     planned = call_plan(heads, plan.profile, call, query, k, v)
     if planned.fallback is not None:
         state.count_fallback(plan.name, planned.fallback)
-        return dense(query, key, value, mask, is_causal, scale)
+        return _dense_call(call, query, key, value, mask, is_causal, scale)
     if planned.dense is not None:  # measured not faster than dense here (runtime.speed)
         state.stats.dense[planned.dense] += 1
-        return dense(query, key, value, mask, is_causal, scale)
+        return _dense_call(call, query, key, value, mask, is_causal, scale)
     out = _run(planned, call, query, k, v)
     if state.guard is not None and state.guard.due(plan.name, query.device):
         checked = state.guard.check(query, k, v, out, causal=call.causal, scale=call.scale, kv_valid=call.kv_valid,
@@ -104,6 +104,16 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
             return dense(query, key, value, mask, is_causal, scale)
     state.stats.sparse += 1
     return out
+
+
+def _dense_call(call: Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                is_causal: bool, scale: float | None) -> torch.Tensor:
+    """The dense answer of a call classified as servable: without key padding, a square causal call
+    runs as SDPA's ``is_causal`` and a mask that keeps every key as no mask (SDPA's fused kernels
+    take no boolean mask), keys no query sees dropped. Anything else: the call as it was made."""
+    if call.kv_valid is None and call.shift is None and (not call.causal or call.keys == query.shape[2]):
+        return dense(query, key[:, :, :call.keys], value[:, :, :call.keys], None, call.causal, scale)
+    return dense(query, key, value, mask, is_causal, scale)
 
 
 def _run(planned, call: Call, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
