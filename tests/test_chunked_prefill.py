@@ -457,3 +457,30 @@ def test_the_guard_checks_chunks_bottom_right():
     chunked_logits(model, ids, (64, 128), DynamicCache(config=model.config))
     calls = autosparse.stats(model)  # the first chunk: 64 tokens, every block within sinks + window
     assert calls.sparse == 2 and calls.fallback["accuracy guard: sampled rows over tolerance"] == 2 * 2
+
+
+def test_bottom_right_dense_stays_exact_while_a_hooked_model_replaces_sdpa():
+    """A diffusers model patched through hooks replaces F.scaled_dot_product_attention; torch's
+    CausalBias (lower-right) then no longer dispatches and would be read as a plain tensor. The
+    bottom-right dense answer of a chunk (a mixed layer's dense heads) must stay exact meanwhile."""
+    import autosparse
+    from autosparse import Profile
+    from autosparse.runtime.dense import dense_heads, empty_output
+    from autosparse.testing.dits import build_dit
+
+    dit = build_dit("wan", "tiny")
+    autosparse.patch_model(dit.model, Profile.uniform(dit.model, {"kind": "window", "window": 4}, block_size=(16, 16)))
+    try:
+        assert torch.nn.functional.scaled_dot_product_attention is not torch._C._nn.scaled_dot_product_attention
+        gen = torch.Generator().manual_seed(3)
+        q = torch.randn(1, 4, 16, 8, generator=gen, dtype=torch.float64)
+        k, v = (torch.randn(1, 2, 48, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+        out = empty_output(q, v).fill_(float("nan"))
+        heads, kv_heads = torch.arange(4), torch.arange(4) // 2
+        dense_heads(out, q, k, v, heads, kv_heads, True, 0.3)
+        allowed = torch.ones(16, 48, dtype=torch.bool).tril_(48 - 16)
+        scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.3
+        want = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ v.repeat_interleave(2, 1)
+        torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+    finally:
+        autosparse.unpatch_model(dit.model)

@@ -254,6 +254,7 @@ def test_an_interrupted_forward_leaves_no_capture_state():
     with torch.no_grad():
         other.model(**other.inputs())
     assert autosparse.stats(other.model).sparse > 0
+    autosparse.unpatch_model(other.model)  # the F.sdpa replacement goes with the last hooked model
 
 
 def _inside(layer, *args, **kwargs):
@@ -342,6 +343,8 @@ def test_two_models_in_two_threads():
         sys.setswitchinterval(old)
     assert wrong == {"a": 0, "b": 0}
     assert autosparse.stats(a.model).sparse == 32 and autosparse.stats(b.model).sparse == 0
+    autosparse.unpatch_model(a.model)
+    autosparse.unpatch_model(b.model)
 
 
 def test_a_new_generation_starting_at_the_last_timestep_restarts_the_steps():
@@ -358,6 +361,7 @@ def test_a_new_generation_starting_at_the_last_timestep_restarts_the_steps():
     # gen 1: steps 0 1 2; gen 2 (100 again, once per step before): steps 0 1; gen 3 with
     # classifier-free guidance (2 calls per step): 0 0 1 1 2 2, then 200 a third time: a new generation.
     assert served == [False, False, True, False, False, False, False, False, False, True, True, False]
+    autosparse.unpatch_model(dit.model)
 
 
 def test_a_module_autosparse_does_not_serve_runs_its_own_attention():

@@ -46,6 +46,12 @@ def kernel_causal(query: torch.Tensor, key: torch.Tensor, causal: bool) -> tuple
     (top-left) where queries and keys are as many, else torch's lower-right causal bias (a chunk
     after a KV-cache prefix; flash where it can, no materialised mask)."""
     if causal and key.shape[2] != query.shape[2]:
+        if F.scaled_dot_product_attention is not ORIGINAL_SDPA:
+            # The hook capture replaced F.scaled_dot_product_attention: a CausalBias then no longer
+            # dispatches (its __torch_function__ checks for that attribute) and would be read as a
+            # plain tensor, silently wrong. The same mask, materialised.
+            mask = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device)
+            return mask.tril_(key.shape[2] - query.shape[2]), False
         return causal_lower_right(query.shape[2], key.shape[2]), False
     return None, causal
 
