@@ -660,7 +660,7 @@ class Profile:
         """The longest key length this profile is known to hold at, and what it was measured by:
         ``(N, "validated")`` (end to end on held-out inputs) if recorded, else ``(N, "calibrated")``
         (per-head errors); None without a record. The runtime runs longer calls dense unless every
-        pattern of the layer scales with length (``runtime.serve.scales_with_length``)."""
+        pattern of the layer scales with length (``runtime.lengths.scales_with_length``)."""
         lengths = self.lengths
         if not lengths:
             return None

@@ -23,6 +23,7 @@ import autosparse
 from autosparse import BlockGeometry, BlockLayout, PageTopK, Profile, StaticDecode
 from autosparse.patterns import BlockTopK, Dense, SinkLocal, Window
 from autosparse.runtime import decode
+from autosparse.runtime.classify import DECODE
 from autosparse.runtime.heads import HeadSet
 from conftest import tiny_llama
 
@@ -165,7 +166,7 @@ def test_generate_with_everything_kept_equals_dense(cache, policy):
     stats = autosparse.stats(model)
     autosparse.unpatch_model(model)
     assert torch.equal(got, want)
-    assert stats.sparse >= 2 * 12 and not stats.fallback and decode.DECODE_REASON not in stats.dense, stats
+    assert stats.sparse >= 2 * 12 and not stats.fallback and DECODE not in stats.dense, stats
 
 
 def test_generate_with_a_window_keeps_only_the_window():
@@ -177,7 +178,7 @@ def test_generate_with_a_window_keeps_only_the_window():
     autosparse.patch_model(model, profile)
     with torch.no_grad():
         _generate(model, ids, None, new=4)
-    assert autosparse.stats(model).dense[decode.DECODE_REASON] == 2 * 3
+    assert autosparse.stats(model).dense[DECODE] == 2 * 3
     autosparse.unpatch_model(model)
     autosparse.patch_model(model, profile, decode="static")
     with torch.no_grad():

@@ -15,7 +15,7 @@ from autosparse import Dense, Profile, SinkLocal, Window
 from autosparse.cli import _print_summary, heldout_spans
 from autosparse.patterns.dynamic import BlockTopK
 from autosparse.profile import LayerProfile
-from autosparse.runtime.serve import scales_with_length
+from autosparse.runtime.lengths import scales_with_length
 from autosparse.patterns.basic import Blocks, Union
 from autosparse.search.calibration import SearchConfig, calibrate, window_density
 from autosparse.search.validate import Reference, chosen_trial, fit_to_target, heldout_error, heldout_report

@@ -16,7 +16,9 @@ from autosparse.runtime.dense import softmax_scale
 from autosparse.runtime.heads import HeadSet
 from autosparse.runtime.state import CallContext
 
-__all__ = ["Call", "classify"]
+__all__ = ["DECODE", "Call", "classify"]
+
+DECODE = "decode (query length 1)"  # the dense reason of a decode step (runtime.decode may serve it)
 
 
 class Call(NamedTuple):
@@ -45,7 +47,7 @@ def classify(context: CallContext, layer: int, heads: HeadSet, query: torch.Tens
         return Call(fallback=f"q/k/v shapes {tuple(query.shape)}/{tuple(key.shape)}/{tuple(value.shape)}")
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len == 1:
-        return Call(dense="decode (query length 1)")
+        return Call(dense=DECODE)
     if q_len != kv_len and mask is None and not is_causal:
         return Call(dense="cross-attention (query length != key length)")
     if query.shape[1] != len(heads.patterns):

@@ -229,9 +229,6 @@ def _extended(pages: dict[str, _Pages], layer: str, key: torch.Tensor, ps: int) 
     return stats
 
 
-DECODE_REASON = "decode (query length 1)"  # classify's dense reason for a decode step
-
-
 def serve_decode(plan, heads: HeadSet, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                  mask: torch.Tensor | None, is_causal: bool, scale: float | None) -> torch.Tensor | None:
     """A decode step of ``plan``'s layer served with the model's decode policy, counted as sparse;

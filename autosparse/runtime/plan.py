@@ -5,7 +5,8 @@ same patterns), the q/k/v shapes, dtype and device, causality, softmax scale, to
 whether key padding applies, and the profile's block size and token order. It holds the token
 order the grid patterns run in and its permutation, the layout, its prepared kernel launch
 (``KernelCall``) and the backend that runs it (``kernels.backends.choose_backend``), the dense heads
-of a mixed layer (sent to SDPA), and for dynamic heads what their per-call estimate starts from; or the reason no call of that key can be laid out. Building a plan
+of a mixed layer (sent to SDPA), and for dynamic heads what their per-call estimate starts from; or
+the reason no call of that key can be laid out, or runs dense (measured slower). Building a plan
 is the one place serving does device work beyond the call itself (layouts, index tensors, a device
 sync for list widths); a steady-state call costs a dictionary lookup. Plans are never mutated.
 

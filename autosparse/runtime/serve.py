@@ -22,19 +22,19 @@ import torch
 
 from autosparse.guard import log_line
 from autosparse.runtime import decode
-from autosparse.runtime.classify import Call, classify
+from autosparse.runtime.classify import DECODE, Call, classify
 from autosparse.runtime.dense import dense, empty_output, softmax_scale
-from autosparse.runtime.lengths import LENGTH_FREE, beyond_length, count_beyond, scales_with_length
+from autosparse.runtime.lengths import beyond_length, count_beyond
 from autosparse.runtime.plan import LayerPlan, call_plan, plan_of
 
-__all__ = ["GUARD_REASON", "HOST_SIDE_TAGS", "LENGTH_FREE", "attention", "beyond_length", "count_unserved",
-           "scales_with_length", "serve"]
+__all__ = ["GUARD_REASON", "HOST_SIDE_TAGS", "attention", "count_unserved", "serve"]
 
 log = logging.getLogger("autosparse")
 
 # Ops that decide on the host per call (step, layout): a CUDA graph must not capture them.
 HOST_SIDE_TAGS = tuple(t for t in [getattr(torch.Tag, "cudagraph_unsafe", None)] if t is not None)
 GUARD_REASON = "accuracy guard: sampled rows over tolerance"
+
 
 @torch.library.custom_op("autosparse::attention", mutates_args=(), tags=HOST_SIDE_TAGS)
 def _attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: torch.Tensor,
@@ -71,7 +71,7 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
     call = classify(state.context, plan.index, heads, query, key, value, mask, is_causal, scale)
     if state.pages and query.shape[2] > 1:  # a prefill or chunk: a new sequence for page statistics
         decode.forget(state.pages, plan.name)
-    if call.dense == decode.DECODE_REASON and state.decode is not None:
+    if call.dense == DECODE and state.decode is not None:
         out = decode.serve_decode(plan, heads, query, key, value, mask, is_causal, scale)
         if out is not None:
             return out
