@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
 import autosparse
 from autosparse import PageTopK, Profile, StaticDecode
 from autosparse.runtime import decode
 from autosparse.runtime.heads import HeadSet
+from autosparse.testing.llms import llama
 from autosparse.patterns import SinkLocal
 from autosparse.tools.timing import median_ms
 
@@ -46,28 +47,13 @@ ALL = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICI
 FLASH = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def llama(layers: int, quick: bool, device: torch.device) -> LlamaForCausalLM:
-    if quick:
-        config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=8192,
-                             attn_implementation="sdpa")
-    else:
-        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             max_position_embeddings=131072 + 64, rope_theta=500000.0, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with device:
-        model = LlamaForCausalLM(config)
-    return model.to(torch.float32 if quick else torch.bfloat16).eval()
-
-
 def policies(args: argparse.Namespace) -> dict[str, object]:
     return {"static": StaticDecode(), "page_topk": PageTopK(pages=args.pages, page_size=args.page_size)}
 
 
 def speed(args: argparse.Namespace) -> list[dict]:
     device = torch.device("cpu" if args.quick else "cuda")
-    model = llama(args.layers, args.quick, device)
+    model = llama(args.layers, tiny=args.quick, device=device)
     profile = Profile.uniform(model, {"kind": "sink_local", "sinks": args.sinks, "window": args.window})
     gen = torch.Generator(device=device).manual_seed(0)
     rows = []

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import autosparse
 from autosparse import BlockGeometry, BlockLayout, Profile
@@ -28,25 +27,11 @@ from autosparse.kernels import tuning
 from autosparse.models import attention_layers
 from autosparse.runtime import plan as plans
 from autosparse.runtime import speed
+from autosparse.testing.llms import llama
 from autosparse.tools.timing import median_ms
 
 GPU_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
 QUICK_LENGTHS = [128, 256, 512, 1024]
-
-
-def model_of(quick: bool, layers: int, device: torch.device) -> LlamaForCausalLM:
-    if quick:
-        config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
-                             attn_implementation="sdpa")
-    else:
-        config = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                             max_position_embeddings=131072, rope_theta=500000.0, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    with device:
-        model = LlamaForCausalLM(config)
-    return model.to(torch.float32 if quick else torch.bfloat16).eval()
 
 
 def _cpu_ms(fn) -> float:
@@ -62,7 +47,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     if args.quick:  # no GPU: measure anyway, with the wall clock, so the rule's code runs
         speed.measuring = lambda _device: os.environ.get("AUTOSPARSE_NEVER_SLOWER", "1") != "0"
         tuning.gpu_ms = _cpu_ms
-    model = model_of(args.quick, args.layers, device)
+    model = llama(args.layers, tiny=args.quick, device=device)
     profile = Profile.uniform(model, {"kind": "sink_local", "sinks": args.sinks, "window": args.window})
     layer = attention_layers(model)[0]
     gen = torch.Generator(device=device).manual_seed(0)

@@ -20,25 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import autosparse  # noqa: E402
 from autosparse import BlockGeometry, BlockLayout, Dense, LayerProfile, Profile  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
+from autosparse.testing.llms import llama  # noqa: E402
 from autosparse.testing.reference import transformers_reference  # noqa: E402
 from autosparse.tools.timing import median_ms  # noqa: E402
-
-
-def llama_8b_shaped(layers: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-        rope_theta=500000.0, attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
 def reference_logits(model, profile: Profile, ids, mask=None) -> torch.Tensor:
@@ -60,7 +49,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time inductor dense and backend='autosparse'")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, GPU {torch.cuda.get_device_name()}")
-    model = llama_8b_shaped(args.layers)
+    model = llama(args.layers)
     spec = {"kind": "sink_local", "sinks": 64, "window": args.window}
     profile = Profile.uniform(model, spec)
 
