@@ -93,16 +93,22 @@ def _factory(spec: str):
     transformer (several denoising steps, in order)."""
     import importlib
 
-    module_name, _, function_name = spec.partition(":")
-    if not module_name or not function_name:
-        raise ValueError(f"--factory {spec!r}: expected module:function")
-    if "" not in sys.path:
-        sys.path.insert(0, "")
+    module_name, function_name = _factory_spec(spec)
     made = getattr(importlib.import_module(module_name), function_name)()
     if not isinstance(made, tuple) or len(made) not in (2, 3):
         raise ValueError(f"--factory {spec}: expected (model, inputs) or (model, inputs, held-out inputs)")
     model, inputs, heldout = made if len(made) == 3 else (*made, None)
     return model, list(inputs), list(heldout) if heldout is not None else None
+
+
+def _factory_spec(spec: str) -> tuple[str, str]:
+    """``--factory``'s (module, function), the current directory importable."""
+    module, _, function = spec.partition(":")
+    if not module or not function:
+        raise ValueError(f"--factory {spec}: expected module:function, e.g. examples.dit_factory:wan")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    return module, function
 
 
 def _show(args: argparse.Namespace) -> None:
@@ -385,11 +391,7 @@ def _check_model_args(args: argparse.Namespace) -> None:
         raise ValueError("give a model (a directory or one of " + ", ".join(zoo.MODELS) + ") or --factory "
                          "module:function, not both")
     if args.factory is not None:
-        module, _, function = args.factory.partition(":")
-        if not module or not function:
-            raise ValueError(f"--factory {args.factory}: expected module:function, e.g. examples.dit_factory:wan")
-        if "" not in sys.path:
-            sys.path.insert(0, "")
+        module, _ = _factory_spec(args.factory)
         try:
             found = importlib.util.find_spec(module)
         except (ImportError, ValueError):
