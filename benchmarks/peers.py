@@ -182,16 +182,12 @@ def layout_blocks(layout: BlockLayout) -> Tensor:
 # the layout in each peer's format
 # ----------------------------------------------------------------------------------------------------
 def fa4_block_sparse(layout: BlockLayout) -> tuple[Tensor, Tensor, tuple[int, int]]:
-    """FA4's ``(mask_block_cnt [1, H, M], mask_block_idx [1, H, M, N], (q_block, kv_block))`` with
-    N = the number of key blocks. Every listed block is a "mask" block (FA4 applies its causal and
-    sequence-end masks there; no mask_mod), indices ascending: FA4 walks each list from its end and
-    masks the ragged key end only on the first block it visits, which must be the highest."""
+    """FA4's ``(mask_block_cnt [1, H, M], mask_block_idx [1, H, M, N], (q_block, kv_block))`` of the
+    layout as it is (no re-blocking: the peer as a user would call it; ``kernels.backends``)."""
+    from autosparse.kernels.backends import fa4_lists
+
     g = layout.geometry
-    counts, idx = layout.kv_counts, layout.kv_indices
-    live = torch.arange(idx.shape[-1], device=idx.device) < counts[..., None]
-    padded = torch.zeros(*idx.shape[:3], g.num_kv_blocks, dtype=torch.int32, device=idx.device)
-    padded[..., :idx.shape[-1]] = torch.where(live, idx, 0)
-    return counts.contiguous(), padded, (g.q_block, g.kv_block)
+    return fa4_lists(layout.kv_counts, layout.kv_indices, g.q_block, g.kv_block, g.kv_len, reblock=False)
 
 
 def flex_block_mask(layout: BlockLayout, flex=None):

@@ -44,7 +44,7 @@ from .block_sparse_op import KernelCall, _uses_triton
 log = logging.getLogger("autosparse")
 
 __all__ = ["BACKENDS", "Backend", "FA4Backend", "TorchBackend", "TritonBackend", "backend", "choose_backend",
-           "fa4_block_sparse", "fa4_tensors", "forget_choices",
+           "fa4_block_sparse", "fa4_lists", "fa4_tensors", "forget_choices",
            "length_bucket", "reblocks_to_128"]
 
 CACHE = "backends.json"  # the file in $AUTOSPARSE_CACHE_DIR
@@ -98,32 +98,42 @@ def fa4_block_sparse(call: KernelCall) -> tuple[Tensor, Tensor, tuple[int, int]]
     2i+1, e.g. windows and sinks counted in 128-key blocks) is re-blocked to 128 rows. That is
     exact: the same token mask, the causal rule applied per token either way. Otherwise it stays
     at 64 rows. One device sync, at plan time."""
-    counts, indices = call.kv_counts, _zero_padding(call)
-    _, heads, nq, width = indices.shape
-    nk = -(-call.kv_shape[2] // call.kv_block)
-    q_rows = call.q_block
-    if reblocks_to_128(call):
+    return fa4_lists(call.kv_counts, call.kv_indices, call.q_block, call.kv_block, call.kv_shape[2])
+
+
+def fa4_lists(counts: Tensor, indices: Tensor, q_block: int, kv_block: int, kv_len: int, *,
+              reblock: bool = True) -> tuple[Tensor, Tensor, tuple[int, int]]:
+    """Block lists ``kv_counts [1, H, NQ]`` / ``kv_indices [1, H, NQ, W]`` (ascending) in FA4's format
+    (``fa4_block_sparse``), re-blocked to 128 rows where ``reblock`` and the pairs agree."""
+    indices = _zero_padding(counts, indices)
+    _, heads, _, width = indices.shape
+    nk = -(-kv_len // kv_block)
+    q_rows = q_block
+    if reblock and _pairs_agree(counts, indices, q_block):
         counts, indices, q_rows = counts[:, :, ::2], indices[:, :, ::2], 128
     idx = torch.zeros(1, heads, counts.shape[2], nk, dtype=torch.int32, device=indices.device)
     idx[..., :width] = indices
-    return counts.contiguous(), idx, (q_rows, call.kv_block)
+    return counts.contiguous(), idx, (q_rows, kv_block)
 
 
-def _zero_padding(call: KernelCall) -> Tensor:
-    """The call's key-block lists with the entries past each row's count set to 0."""
-    live = torch.arange(call.kv_indices.shape[-1], device=call.kv_indices.device) < call.kv_counts[..., None]
-    return torch.where(live, call.kv_indices, 0)
+def _zero_padding(counts: Tensor, indices: Tensor) -> Tensor:
+    """Key-block lists with the entries past each row's count set to 0."""
+    live = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None]
+    return torch.where(live, indices, 0)
+
+
+def _pairs_agree(counts: Tensor, indices: Tensor, q_block: int) -> bool:
+    """64-row query blocks 2i and 2i+1 list the same key blocks (padding zeroed) for every head."""
+    if q_block != 64 or counts.shape[2] < 2:
+        return False
+    even = counts.shape[2] // 2 * 2
+    same_counts = torch.equal(counts[:, :, 0:even:2], counts[:, :, 1:even:2])
+    return same_counts and torch.equal(indices[:, :, 0:even:2], indices[:, :, 1:even:2])
 
 
 def reblocks_to_128(call: KernelCall) -> bool:
-    """Whether FA4 runs this 64-row layout as 128-row blocks: query blocks 2i and 2i+1 list the
-    same key blocks for every head (one device sync)."""
-    counts = call.kv_counts
-    if call.q_block != 64 or counts.shape[2] < 2:
-        return False
-    indices, even = _zero_padding(call), counts.shape[2] // 2 * 2
-    same_counts = torch.equal(counts[:, :, 0:even:2], counts[:, :, 1:even:2])
-    return same_counts and torch.equal(indices[:, :, 0:even:2], indices[:, :, 1:even:2])
+    """Whether FA4 runs this 64-row layout as 128-row blocks (one device sync)."""
+    return _pairs_agree(call.kv_counts, _zero_padding(call.kv_counts, call.kv_indices), call.q_block)
 
 
 @functools.lru_cache(maxsize=1)
