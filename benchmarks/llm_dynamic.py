@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -44,13 +45,19 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import autosparse  # noqa: E402
-from autosparse import BlockGeometry, Profile  # noqa: E402
+from autosparse import Profile  # noqa: E402
 from autosparse.capture import LAYER_ATTR  # noqa: E402
 from autosparse.models import attention_layers  # noqa: E402
 from autosparse.runtime import ORIGINAL_SDPA, plan_of  # noqa: E402
+from autosparse.kernels import last_rows_op  # noqa: E402
+from autosparse.runtime.classify import classify  # noqa: E402
+from autosparse.runtime.plan import CallPlan, call_plan  # noqa: E402
 from autosparse.testing.reference import attention  # noqa: E402
 from autosparse.tools.timing import gpu_ms, median_ms  # noqa: E402
 
+os.environ.setdefault("AUTOSPARSE_NEVER_SLOWER", "0")  # the patterns themselves, wherever they lose too
+_LAYOUT_FOR = CallPlan.layout_for
+KERNEL_TAKES = last_rows_op._kernel_takes
 PROFILE = False  # --profile-estimate: list the estimate's kernels
 SPECS = ({"kind": "vertical_slash", "vertical": 1000, "slash": 6096},
          {"kind": "vertical_slash", "vertical": 1000, "slash": 6096, "mass": 0.95},
@@ -126,22 +133,27 @@ def attention_rows(model, lengths: list[int], device: str, dtype: torch.dtype) -
         dense = call_ms(lambda: ORIGINAL_SDPA(q, k, v, is_causal=True, enable_gqa=True), device)
         for spec in SPECS:
             layer, plan = patched_layer(model, spec)
-            geometry = BlockGeometry(length, length, *plan.profile.block_size, True)
-            heads_now = plan.heads_at(None)
-            layout = plan.dynamic_layout(heads_now, geometry, q, k, scale, ())
+            layout = call_layout(plan, q, k, v, scale)
             out, syncs = count_syncs(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale))
             whole = call_ms(lambda: torch.ops.autosparse.attention(q, k, v, layer, None, True, scale), device)
-            build = lambda: plan.dynamic_layout(heads_now, geometry, q, k, scale, ()).schedule(heads // kv_heads)  # noqa: E731
+            build = lambda: call_layout(plan, q, k, v, scale).schedule(heads // kv_heads)  # noqa: E731
             if PROFILE:
                 print(f"  estimate + layout kernels, S={length}, {short(spec)}:")
             estimate, estimate_gpu = call_ms(build, device), kernel_time(build, device, table=PROFILE)
+            torch_path_gpu = None
+            if spec["kind"] == "vertical_slash":  # the same estimate from torch ops (the [B, H, 64, S] attention)
+                if PROFILE:
+                    print("  ... the same with the last rows' sums from torch ops:")
+                last_rows_op._kernel_takes = lambda *_: False
+                torch_path_gpu = kernel_time(build, device, table=PROFILE)
+                last_rows_op._kernel_takes = KERNEL_TAKES
             kernel = call_ms(lambda: torch.ops.autosparse.block_sparse_attention(
                 q, k, v, layout.kv_indices, layout.kv_counts, None, layout.schedule(heads // kv_heads), *plan.profile.block_size, True,
                 scale, None, layout.columns, layout.column_counts, layout.listed), device)
             autosparse.unpatch_model(model)
             columns = 0 if layout.columns is None else float(layout.column_counts[..., -1].float().mean())
             rows.append(dict(length=length, pattern=spec, dense_ms=dense, autosparse_ms=whole, estimate_layout_ms=estimate,
-                             estimate_layout_gpu_ms=estimate_gpu,
+                             estimate_layout_gpu_ms=estimate_gpu, estimate_layout_gpu_ms_torch_sums=torch_path_gpu,
                              kernel_ms=kernel, density=layout.density(), columns_last_row=columns,
                              rel_err=rel(out, dense_out), host_syncs=syncs))
             print(json.dumps(rows[-1]), flush=True)
@@ -189,8 +201,7 @@ def check_correctness(model, device: str, dtype: torch.dtype, length: int) -> st
     heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     q, k, v = structured_qk(heads, kv_heads, length, dim, device, dtype, seed=1)
     layer, plan = patched_layer(model, {"kind": "vertical_slash", "vertical": 64, "slash": 256})
-    geometry = BlockGeometry(length, length, *plan.profile.block_size, True)
-    layout = plan.dynamic_layout(plan.heads_at(None), geometry, q, k, dim ** -0.5, ())
+    layout = call_layout(plan, q, k, v, dim ** -0.5)
     out = torch.ops.autosparse.attention(q, k, v, layer, None, True, dim ** -0.5)
     autosparse.unpatch_model(model)
     assert layout.columns is not None, "expected gathered columns on these inputs"
@@ -217,8 +228,9 @@ def prefill_rows(layers: int, lengths: list[int], small: bool, device: str, comp
         dense = median_ms(forward, 3, device, warmup=1)
         for spec in SPECS[:2]:
             autosparse.patch_model(model, Profile.uniform(model, spec))
-            densities = record_densities(model)
+            densities = record_densities()
             logits = forward()
+            CallPlan.layout_for = _LAYOUT_FOR
             density = float(torch.stack(densities).mean())
             patched = median_ms(forward, 3, device, warmup=1)
             calls = autosparse.stats(model)
@@ -233,19 +245,24 @@ def prefill_rows(layers: int, lengths: list[int], small: bool, device: str, comp
     return rows
 
 
-def record_densities(model) -> list[torch.Tensor]:
-    """Every dynamic layout's per-head density the patched ``model`` builds from now on (device
-    tensors: recording adds no sync)."""
+def call_layout(plan, q, k, v, scale: float):
+    """The layout the op estimates for this causal call of ``plan``'s layer (its call plan's)."""
+    heads = plan.heads_at(None)
+    call = classify(plan.state.context, plan.index, heads, q, k, v, None, True, scale)
+    return call_plan(heads, plan.profile, call, q, k, v).layout_for(q, k, scale)
+
+
+def record_densities() -> list[torch.Tensor]:
+    """Every dynamic layout's per-head density a patched model estimates until the next call
+    (device tensors: recording adds no sync)."""
     densities = []
-    for layer in attention_layers(model):
-        plan = plan_of(getattr(layer.module, LAYER_ATTR))
 
-        def recording(*args, _build=plan.dynamic_layout, **kwargs):
-            layout = _build(*args, **kwargs)
-            densities.append(layout.head_density)
-            return layout
+    def recording(self, *args, **kwargs):
+        layout = _LAYOUT_FOR(self, *args, **kwargs)
+        densities.append(layout.head_density)
+        return layout
 
-        plan.dynamic_layout = recording
+    CallPlan.layout_for = recording
     return densities
 
 

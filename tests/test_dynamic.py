@@ -8,7 +8,8 @@ import torch
 
 import autosparse
 from autosparse import BlockCdf, BlockGeometry, BlockLayout, BlockTopK, VerticalSlash
-from autosparse.patterns.dynamic import _column_blocks, _diagonal_blocks, _sum_by_offset, always_kept
+from autosparse.kernels.last_rows_op import _sum_by_offset
+from autosparse.patterns.dynamic import _column_blocks, _diagonal_blocks, always_kept
 from autosparse.patterns import pattern_from_spec
 from autosparse.testing.reference import attention, attention_function
 

@@ -26,6 +26,7 @@ from typing import ClassVar
 
 import torch
 
+from autosparse.kernels.last_rows_op import LastRows, last_rows
 from autosparse.patterns.basic import BlockGeometry, Pattern, _check_int, register_pattern
 
 __all__ = ["BlockCdf", "BlockTopK", "DynamicPattern", "VerticalSlash"]
@@ -196,16 +197,8 @@ class VerticalSlash(DynamicPattern):
         if reason is not None:
             raise ValueError(reason)
         rows = min(_LAST_ROWS, geometry.q_len)
-        b, h = q.shape[:2]
-        group = h // k.shape[1]
-        last = (q[:, :, -rows:] * scale).reshape(b, k.shape[1], group * rows, q.shape[-1])  # a KV head's queries together
-        logits = (last @ k.transpose(-1, -2)).view(b, h, rows, -1)  # [B, H, R, Sk], q's dtype
-        first = geometry.kv_len - rows  # absolute position of the first of these rows
-        future = torch.ones(rows, rows, dtype=torch.bool, device=q.device).triu_(1)  # key after query: only among the last R
-        logits[..., first:].masked_fill_(future, float("-inf"))
-        # Kept in q's dtype (computed in float32): it is read a few times, and only ranked.
-        attention = torch.softmax(logits, dim=-1)
-        diagonals, columns = self._lines(attention, first)  # [B, H, Sk]: offsets d, key columns kept
+        # The last rows sit at the end of the keys (after a KV-cache prefix, if any).
+        diagonals, columns = self._lines(last_rows(q[:, :, -rows:], k, scale))  # [B, H, Sk]: offsets, key columns kept
         columns[..., :geometry.kv_block] = False  # the first key block is always visited whole
         blocks = _diagonal_blocks(diagonals, geometry) | always_kept(geometry, q.device)
         # A head's columns are visited as the key blocks they add where that costs no more key
@@ -217,39 +210,20 @@ class VerticalSlash(DynamicPattern):
         return blocks, columns & ~as_blocks[..., None]
 
 
-    def _lines(self, attention: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _lines(self, attention: LastRows) -> tuple[torch.Tensor, torch.Tensor]:
         """Bool ``[B, H, Sk]`` diagonals (by offset) and key columns to keep, from the attention of
-        the last rows (row r at absolute position ``first + r``). Fixed counts: the top ``slash``
-        diagonals and ``vertical`` columns, each ranked on all of the attention (MInference). With
-        ``mass``: the top diagonals holding ``mass`` of it, then the top columns holding ``mass`` of
-        what those diagonals miss (ranked on all of it, the columns would be the recent keys the
-        diagonals already hold, not the keys every row reads)."""
-        by_offset = _sum_by_offset(attention)
+        the last rows. Fixed counts: the top ``slash`` diagonals and ``vertical`` columns, each
+        ranked on all of the attention (MInference). With ``mass``: the top diagonals holding
+        ``mass`` of it, then the top columns holding ``mass`` of what those diagonals miss (ranked
+        on all of it, the columns would be the recent keys the diagonals already hold, not the keys
+        every row reads)."""
+        by_offset, by_column = attention.lines()
         if self.mass is None:
-            return _top_indicator(by_offset, self.slash), _top_indicator(attention.sum(2, dtype=torch.float32),
-                                                                          self.vertical)
+            return _top_indicator(by_offset, self.slash), _top_indicator(by_column, self.vertical)
         total = by_offset.sum(-1, keepdim=True)  # [B, H, 1]: the rows' mass (1 a row)
         diagonals = _top_indicator(by_offset, self.slash, self.mass * total)
-        rows, keys = attention.shape[-2:]
-        offsets = (first + torch.arange(rows, device=attention.device)[:, None]
-                   - torch.arange(keys, device=attention.device)).clamp_(0, keys - 1)  # [R, Sk]
-        on_kept = diagonals[:, :, offsets]  # [B, H, R, Sk]: the pair lies on a kept diagonal
-        missed = attention.masked_fill(on_kept, 0.0).sum(2, dtype=torch.float32)
+        missed = attention.columns_off(diagonals)
         return diagonals, _top_indicator(missed, self.vertical, self.mass * missed.sum(-1, keepdim=True))
-
-
-def _sum_by_offset(attention: torch.Tensor) -> torch.Tensor:
-    """Float32 ``[B, H, Sk]``: for the last R query rows ``attention [B, H, R, Sk]`` (row i at
-    absolute position ``Sk - R + i``), the attention summed along each diagonal, indexed by the
-    offset ``query - key``. Skewed in place of a scatter: in a buffer with R zeros before each row,
-    offset ``d = Sk - 1 - e`` of row i sits at column ``e + i + 1``, so rows read ``Sk + R + 1``
-    apart line every offset up in one column ``e``."""
-    b, h, r, s = attention.shape
-    padded = attention.new_zeros(b, h, r, s + r)
-    padded[..., r:] = attention
-    skewed = padded.view(b, h, -1).as_strided((b, h, r, s), (h * r * (s + r), r * (s + r), s + r + 1, 1),
-                                              padded.storage_offset() + 1)
-    return skewed.sum(2, dtype=torch.float32).flip(-1)
 
 
 def _top_indicator(scores: torch.Tensor, n: int, target: torch.Tensor | None = None) -> torch.Tensor:
