@@ -331,3 +331,56 @@ def test_the_runtime_lays_grids_out_in_the_profiles_token_order(tmp_path, order)
     orders = [plan.geometry.tokens for key, plan in runtime.plan._CALL_PLANS.items() if key[0] in heads and key[-1] == order]
     autosparse.unpatch_model(dit.model)
     assert orders and all((tokens.tile is not None) == (order == "tile") for tokens in orders)
+
+
+def _vertical_heads(length: int, dim: int = 32, seed: int = 0):
+    """One causal head (softmax scale 1) that reads mostly itself (q_i . k_i = |x_i|^2, the main
+    diagonal: ~90 % of the last rows' attention) and 24 scattered "heavy" keys every query reads
+    (columns): no window or block top-k holds that cheaply."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, 1, length, dim, generator=gen)
+    q, k = x.clone(), x.clone()
+    heavy = torch.randperm(length - 256, generator=gen)[:24] + 128
+    q[..., 0], k[..., 0] = 3.5, 0.0
+    k[..., heavy, 0] = 3.5
+    return q, k, torch.randn(1, 1, length, dim, generator=gen)
+
+
+def test_vertical_slash_is_scored_as_the_kernel_runs_it():
+    """With dynamic candidates the search takes vertical_slash for a head of columns + diagonal;
+    its reported error is the error of its own layout (key blocks plus gathered columns, token by
+    token) and its density counts the gathered columns' tiles."""
+    from autosparse import VerticalSlash
+    from autosparse.patterns.dynamic import key_tiles
+
+    length = 2048
+    geometry = BlockGeometry(length, length, 64, 128, causal=True)
+    q, k, v = _vertical_heads(length)
+    layer = AttentionLayer("attn", 0, 1, 1, q.shape[-1], module=None)
+    config = SearchConfig(budget=0.2, block_size=(64, 128), windows=(128, 256, 512, 1024), query_rows=length,
+                          dynamic=True)
+    calibrator = _Calibrator(config, [layer], progress=None)
+    calibrator.observe("attn", q, k, v, causal=True, scale=1.0)
+    chosen = calibrator.choose(layer)
+    pattern = chosen.heads[0]
+    assert isinstance(pattern, VerticalSlash), chosen.measured
+    blocks, columns = pattern.select(q, k, geometry, 1.0)
+    assert columns is not None and columns.any(), "expected gathered columns"
+    token = BlockLayout.from_block_mask(blocks[0], geometry, columns[0]).to_dense()[None]
+    dense = attention(q, k, v, torch.ones(length, length, dtype=torch.bool).tril(), scale=1.0)
+    approx = attention(q, k, v, token, scale=1.0)
+    true_error = float((approx - dense).norm() / dense.norm())
+    assert chosen.measured[0]["error"] == pytest.approx(true_error, rel=1e-3, abs=1e-6)
+    expected_density = float(key_tiles(blocks, columns, geometry)[0, 0]) / float(geometry.reachable().sum())
+    assert chosen.measured[0]["density"] == pytest.approx(expected_density, abs=1e-6)
+
+
+def test_vertical_slash_is_never_chosen_for_attention_that_is_not_causal():
+    from autosparse.patterns.dynamic import VerticalSlash
+
+    q, k, v = _vertical_heads(1024)
+    layer = AttentionLayer("attn", 0, 1, 1, q.shape[-1], module=None)
+    calibrator = _Calibrator(SearchConfig(budget=0.05, block_size=(64, 128), windows=(128, 256), query_rows=256,
+                                          dynamic=True), [layer], progress=None)
+    calibrator.observe("attn", q, k, v, causal=False, scale=1.0)
+    assert not isinstance(calibrator.choose(layer).heads[0], VerticalSlash)

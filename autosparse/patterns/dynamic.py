@@ -29,7 +29,7 @@ import torch
 from autosparse.kernels.last_rows_op import LastRows, last_rows
 from autosparse.patterns.basic import BlockGeometry, Pattern, _check_int, register_pattern
 
-__all__ = ["BlockCdf", "BlockTopK", "DynamicPattern", "VerticalSlash"]
+__all__ = ["BlockCdf", "BlockTopK", "DynamicPattern", "VerticalSlash", "key_tiles"]
 
 _LAST_ROWS = 64  # vertical_slash: query rows (the last ones) whose attention is computed exactly
 
@@ -234,6 +234,13 @@ def _top_indicator(scores: torch.Tensor, n: int, target: torch.Tensor | None = N
     if target is not None:
         keep = values.cumsum(-1) - values < target  # the better ones hold less than the target yet
     return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, keep)
+
+
+def key_tiles(blocks: torch.Tensor, columns: torch.Tensor | None, geometry: BlockGeometry) -> torch.Tensor:
+    """``[B, H]``: key tiles the kernel visits for ``select``'s blocks and columns (a tile of
+    ``kv_block`` gathered columns costs what a key block does), summed over query blocks."""
+    tiles = blocks.sum((-1, -2), dtype=torch.float32)
+    return tiles if columns is None else tiles + _column_tiles(columns, geometry).sum(-1)
 
 
 def _column_tiles(columns: torch.Tensor, geometry: BlockGeometry) -> torch.Tensor:

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autosparse.search.cost import LayerShape, relative_costs
-from autosparse.patterns.dynamic import BlockCdf, BlockTopK
+from autosparse.patterns.dynamic import BlockCdf, BlockTopK, VerticalSlash, key_tiles
 from autosparse.patterns.grid import Spatial, Stripes, Temporal
 from autosparse.layout import block_mask, grid_order
 from autosparse.models import AttentionLayer, attention_layers, model_kind, model_signature
@@ -68,8 +68,10 @@ class SearchConfig:
         cost: ``"auto"``: kernel time measured on this GPU relative to dense SDPA (``autosparse.search.cost``;
             key blocks on a CPU); ``"blocks"``: always key blocks.
         dynamic: 1-D sequences (LLMs): also try the dynamic kinds (``block_topk`` k of
-            ``DYNAMIC_TOPK``, ``block_cdf`` mass of ``DYNAMIC_MASS``), scored on each call's own
-            estimate; their cost is the block density they reach (the estimate's time not counted).
+            ``DYNAMIC_TOPK``, ``block_cdf`` mass of ``DYNAMIC_MASS``, and for causal attention
+            ``vertical_slash`` of ``DYNAMIC_VERTICAL_SLASH``), scored on each call's own estimate
+            (key blocks and gathered columns, as the kernel visits them); their cost is the key
+            tiles they visit over dense attention's (the estimate's time not counted).
     """
 
     budget: float = 0.05
@@ -107,6 +109,9 @@ class SearchConfig:
 
 DYNAMIC_TOPK = (4, 8, 16, 32, 64)
 DYNAMIC_MASS = (0.8, 0.9, 0.95)
+# (vertical, slash, mass): fixed counts at a few scales, and MInference's counts thinned by mass.
+DYNAMIC_VERTICAL_SLASH = ((64, 512, None), (128, 1024, None), (256, 2048, None), (1000, 6096, None),
+                          (1000, 6096, 0.9), (1000, 6096, 0.95))
 
 
 def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None) -> list[Pattern]:
@@ -114,7 +119,8 @@ def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None
     always qualifies."""
     from autosparse.search.structural import tile_window
 
-    dynamic = [BlockTopK(k) for k in DYNAMIC_TOPK] + [BlockCdf(m) for m in DYNAMIC_MASS] if config.dynamic else []
+    dynamic = ([BlockTopK(k) for k in DYNAMIC_TOPK] + [BlockCdf(m) for m in DYNAMIC_MASS]
+               + [VerticalSlash(v, s, m) for v, s, m in DYNAMIC_VERTICAL_SLASH]) if config.dynamic else []
     candidates: list[Pattern] = []
     if tokens is None:
         for window in config.windows:
@@ -272,9 +278,14 @@ class _Calibrator:
         q_blocks = (rows // geometry.q_block).to(query.device)
         dense_blocks = float(geometry.reachable().sum())
         for c, (pattern, mask) in enumerate(zip(self.candidates, self._static_masks(geometry, query.device))):
-            if mask is None:  # dynamic: this call's own estimate, per sample and head
-                mask = pattern.estimate(query, key, geometry, scale)  # [B, H, NQ, NK]
-                layer.blocks[:, c] += mask.sum((-1, -2)).double().mean(0).cpu()
+            columns = None
+            if mask is None and pattern.unfit(geometry) is not None:  # vertical_slash, non-causal attention
+                layer.blocks[:, c] += dense_blocks
+                layer.err_sq[:, c] = float("inf")
+                continue
+            if mask is None:  # dynamic: this call's own estimate (blocks, gathered columns), per sample and head
+                mask, columns = pattern.select(query, key, geometry, scale)  # [B, H, NQ, NK], [B, H, Sk]
+                layer.blocks[:, c] += key_tiles(mask, columns, geometry).double().mean(0).cpu()
                 keep = mask[:, :, q_blocks].to(probs)  # [B, H, R, NK]
                 spec = "bhrj"
             else:
@@ -285,7 +296,12 @@ class _Calibrator:
                 keep = mask[q_blocks].to(probs)  # [R, NK]
                 spec = "rj"
             approx = torch.einsum(f"bhrjd,{spec}->bhrd", block_out, keep)
-            approx = approx / torch.einsum(f"bhrj,{spec}->bhr", block_mass, keep).clamp_min(1e-30)[..., None]
+            mass = torch.einsum(f"bhrj,{spec}->bhr", block_mass, keep)
+            if columns is not None:  # gathered key columns outside the kept blocks, token by token
+                outside = columns[:, :, None, :] & ~keep.bool().repeat_interleave(kv_block, -1)[..., :kv_len]
+                extra = probs * outside  # [B, H, R, Sk]
+                approx, mass = approx + extra @ v, mass + extra.sum(-1)
+            approx = approx / mass.clamp_min(1e-30)[..., None]
             layer.err_sq[:, c] += (approx - dense).double().square().sum(dim=(0, 2, 3)).cpu()
         if self.progress is not None:
             self.progress.update(1)
