@@ -6,7 +6,9 @@
 #                                                         release, so call 1's files are still there)
 #
 # .whl/cu13 holds cu13.tar.xz: the contents of nvidia-cutlass-dsl-libs-cu13 4.8.1 (a 92 MB wheel,
-# over the 64 MiB a call may carry; xz brings it to 61 MiB). .whl/small holds the other wheels
+# over the 64 MiB a call may carry; xz brings it to 61 MiB), built reproducibly (the same bytes each time):
+#   unzip the wheel into an empty folder, then in it
+#   tar cf - --sort=name --mtime=2026-01-01 --owner=0 --group=0 --numeric-owner . | xz -9 -T2 > cu13.tar.xz .whl/small holds the other wheels
 # (`pip download --no-deps` of flash-attn-4 4.0.0b36, nvidia-cutlass-dsl{,-libs-base} 4.8.1,
 # apache-tvm-ffi 0.1.15.post2, torch-c-dlpack-ext 0.1.5, quack-kernels 0.6.5, einops, sageattention
 # 1.0.6, diffusers 0.42.1). Everything goes to one `pip install --target` folder, outside the work
@@ -14,7 +16,7 @@
 # a .pth file in a normal install; --target does not read .pth files, so it goes on PYTHONPATH here.
 
 PEERS=/tmp/autosparse-peers
-CU13_SHA256=af54ecefddcab0a22716ef2690cd7f35018852b8586c78f3dd161429f7a95b1a
+CU13_SHA256=7543942e42fc66d09c62fd8f2ad7a05fe79004025f7953ca192e6eee5d08d7b6
 
 if [ "${1:-}" = "stage" ]; then
     set -e
