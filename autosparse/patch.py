@@ -55,6 +55,7 @@ class _Patch:
             del state["library"]
         self.__dict__.update(state)
         for module, plan in zip(self.modules, self.plans):
+            plan.bind(module)
             setattr(module, capture.LAYER_ATTR, runtime.register(plan))
         if self.route == "eager":
             if self.kind.hooked:
@@ -90,6 +91,8 @@ def patch_model(model: nn.Module, profile: Profile | str | Path, *, strict: bool
     compiling.
     """
     patch = attach(model, profile, strict=strict, guard=guard, route="eager", decode=decode)
+    if patch.kind is ModelKind.DIFFUSERS:
+        capture.register_diffusers()  # set_attention_backend("autosparse") may then select it
     if patch.kind.hooked:
         patch.handles = capture.attach_hooks(model, patch.state, patch.modules)
     else:
@@ -121,6 +124,7 @@ def attach(model: nn.Module, profile: Profile | str | Path, *, strict: bool, rou
     layers = attention_layers(model)
     plans = [LayerPlan(layer.name, layer.index, layer.num_heads, profile, state) for layer in layers]
     for layer, plan in zip(layers, plans):
+        plan.bind(layer.module)
         setattr(layer.module, capture.LAYER_ATTR, runtime.register(plan))
     patch = _Patch(state, model_kind(model), [layer.module for layer in layers], plans, profile, route)
     setattr(model, _STATE_ATTR, patch)

@@ -513,9 +513,10 @@ class KernelCall:
                    scale, q_rows, columns, column_counts, listed, launch_key)
 
     def run(self, q: Tensor, k: Tensor, v: Tensor, kv_valid: Tensor | None = None,
-            out: Tensor | None = None) -> Tensor:
-        """The prepared call on these q, k, v (``block_sparse_attention``'s result); ValueError if
-        they differ from the prepared ones in shape, dtype or device, or lack a contiguous last dim."""
+            out: Tensor | None = None, return_lse: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """The prepared call on these q, k, v (``block_sparse_attention``'s result, with the lse
+        when ``return_lse``); ValueError if they differ from the prepared ones in shape, dtype or
+        device, or lack a contiguous last dim."""
         if (q.shape != self.q_shape or k.shape != self.kv_shape or v.shape != self.kv_shape or q.dtype != self.dtype
                 or k.dtype != self.dtype or v.dtype != self.dtype or q.device != self.device
                 or k.device != self.device or v.device != self.device):
@@ -528,7 +529,7 @@ class KernelCall:
         if kv_valid is not None and (kv_valid.dtype != torch.bool or kv_valid.shape != (q.shape[0], k.shape[2])):
             raise ValueError(f"kv_valid must be bool [B={q.shape[0]}, Sk={k.shape[2]}], got "
                              f"{kv_valid.dtype} {tuple(kv_valid.shape)}")
-        return _run(q, k, v, self.kv_indices, self.kv_counts, kv_valid, self.schedule, out, False, self.q_block,
+        return _run(q, k, v, self.kv_indices, self.kv_counts, kv_valid, self.schedule, out, return_lse, self.q_block,
                     self.kv_block, self.causal, self.scale, None, self.q_rows, self.columns, self.column_counts,
                     self.listed, self.launch_key)
 

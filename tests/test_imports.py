@@ -23,7 +23,7 @@ LAYERS = [
     ("profile", ["autosparse.profile", "autosparse.profiles"]),
     ("runtime", ["autosparse.runtime"]),
     ("capture", ["autosparse.capture", "autosparse.passes"]),
-    ("patch", ["autosparse.patch"]),
+    ("patch", ["autosparse.patch", "autosparse.balance"]),
     ("backend and search", ["autosparse.backend", "autosparse.search"]),
     ("tools", ["autosparse.tools", "autosparse.testing", "autosparse.cli", "autosparse.profiles.make_structural"]),
     ("public API", ["autosparse", "autosparse._moved"]),

@@ -32,7 +32,7 @@ from autosparse.runtime import ORIGINAL_SDPA, PatchState
 log = logging.getLogger("autosparse")
 
 __all__ = ["CallReader", "attach_hooks", "count_hooked", "detach_hooks", "model_forward",
-           "scaled_dot_product_attention"]
+           "scaled_dot_product_attention", "served_layer"]
 
 def _bypass_reason(module: nn.Module) -> str:
     """Why a served module ran without calling F.scaled_dot_product_attention, naming what it ran:
@@ -65,15 +65,23 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     """Stands in for ``F.scaled_dot_product_attention`` while models are patched through hooks:
     calls inside a served attention module go to the op, all others to torch's function unchanged.
     A call the op cannot take as SDPA defines it runs torch's function with the same arguments."""
-    layer = _current.layer
+    layer = served_layer()
     if layer is not None:
-        _current.called = True
         reason = sdpa_reason(query, key, value, dropout_p, scale, enable_gqa)
         if reason is None:
             return runtime.attention(query, key, value, layer, attn_mask, is_causal, scale)
         runtime.count_unserved(layer, reason)
     return ORIGINAL_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                          scale=scale, enable_gqa=enable_gqa)
+
+
+def served_layer() -> torch.Tensor | None:
+    """The layer id of the served attention module running on this thread, None outside one; it
+    notes that the module reached attention (F.sdpa's stand-in, or the diffusers backend)."""
+    layer = _current.layer
+    if layer is not None:
+        _current.called = True
+    return layer
 
 
 def _enter_attention(module: nn.Module, args: tuple) -> None:

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 
 from autosparse.kernels import call_reason
+from autosparse.models.parallel import ContextParallel, segments
 from autosparse.patterns.geometry import TokenGeometry
 from autosparse.runtime.dense import softmax_scale
 from autosparse.runtime.heads import HeadSet
@@ -26,7 +27,9 @@ class Call(NamedTuple):
     serve it exactly (``fallback``: the reason), or sparse (neither) with: the keys kept
     (``keys``: a prefix), causality (bottom-right: with ``keys`` > query length the earlier keys are
     a KV-cache prefix, query i sits at position ``keys - Sq + i``), the softmax scale, key padding
-    ``[B, keys]``, each row's left padding (``shift``, None without) and the model's token geometry."""
+    ``[B, keys]``, each row's left padding (``shift``, None without), the model's token geometry,
+    and ``pieces``: the call's sequence is gathered from that many context-parallel ranks' pieces
+    (1: the model's order; ``models.parallel.gathered_positions``)."""
 
     dense: str | None = None
     fallback: str | None = None
@@ -36,11 +39,15 @@ class Call(NamedTuple):
     kv_valid: torch.Tensor | None = None
     shift: torch.Tensor | None = None
     tokens: TokenGeometry | None = None
+    pieces: int = 1
 
 
 def classify(context: CallContext, layer: int, heads: HeadSet, query: torch.Tensor, key: torch.Tensor,
-             value: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float | None) -> Call:
-    """How this call of the ``layer``-th served layer (``LayerPlan.index``) runs, in ``context``."""
+             value: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scale: float | None,
+             parallel: ContextParallel | None = None, chunks: int = 1) -> Call:
+    """How this call of the ``layer``-th served layer (``LayerPlan.index``) runs, in ``context``;
+    under context ``parallel``ism (``heads``: the slice the call holds) its queries are one of
+    ``chunks`` ring chunks of the gathered sequence (1: all of it)."""
     if heads.is_dense:
         return Call(dense="dense in profile")
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or not query.shape[0] == key.shape[0] == value.shape[0]:
@@ -51,7 +58,10 @@ def classify(context: CallContext, layer: int, heads: HeadSet, query: torch.Tens
     if q_len != kv_len and mask is None and not is_causal:
         return Call(dense="cross-attention (query length != key length)")
     if query.shape[1] != len(heads.patterns):
-        return Call(fallback=f"{query.shape[1]} query heads, profile has {len(heads.patterns)}")
+        held = ""
+        if parallel is not None and parallel.ulysses > 1:
+            held = f" (nor its {parallel.ulysses}-way Ulysses slice)"
+        return Call(fallback=f"{query.shape[1]} query heads, profile has {len(heads.patterns)}{held}")
     if scale is not None and not (math.isfinite(scale) and scale > 0.0):
         return Call(fallback=f"scale {scale!r} (the kernel takes a positive finite scale)")
     if mask is not None and is_causal:
@@ -80,16 +90,35 @@ def classify(context: CallContext, layer: int, heads: HeadSet, query: torch.Tens
         # queries off their bottom-right positions: not exact with a cache prefix.
         return Call(fallback="left padding with a KV-cache prefix")
     tokens = context.tokens
-    if tokens is not None and tokens.length != q_len:
-        return Call(fallback=f"token geometry has {tokens.length} tokens, the call {q_len}")
+    if tokens is not None and tokens.length != q_len * chunks:
+        chunked = f" x {chunks} ring chunks" if chunks > 1 else ""
+        return Call(fallback=f"token geometry has {tokens.length} tokens, the call {q_len}{chunked}")
+    reason = _parallel_reason(parallel, tokens)
+    if reason is not None:
+        return Call(fallback=reason)
     if tokens is not None and causal:
         return Call(fallback="causal attention over a token grid")
     if heads.needs_grid and tokens is None:
         return Call(fallback="pattern needs the token grid (no geometry for this model call)")
     if shift is not None and tokens is not None:
         shift = None  # a token grid's positions are its own (text padding is key padding there)
+    pieces = parallel.pieces if parallel is not None and tokens is not None and len(segments(tokens)) > 1 else 1
     return Call(keys=keys, causal=causal, scale=softmax_scale(query, scale), kv_valid=kv_valid, shift=shift,
-                tokens=tokens)
+                tokens=tokens, pieces=pieces)
+
+
+def _parallel_reason(parallel: ContextParallel | None, tokens: TokenGeometry | None) -> str | None:
+    """Why a call gathered from context-parallel ranks cannot be laid out: where each of its tokens
+    sits in the model's sequence is known only from the token geometry and equal pieces."""
+    if parallel is None or parallel.pieces == 1:
+        return None
+    if not parallel.even:
+        return "context parallel with unequal pieces (ulysses_anything / ring_anything)"
+    if tokens is None:
+        return "context parallel without the model's token geometry (its token order across ranks is unknown)"
+    if any(n % parallel.pieces for n in segments(tokens)):
+        return f"token segments {segments(tokens)} do not cut into {parallel.pieces} equal context-parallel pieces"
+    return None
 
 
 class _MaskVerdict(NamedTuple):

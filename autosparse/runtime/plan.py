@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +27,8 @@ import torch
 from autosparse.kernels import KernelCall, row_schedule, supports
 from autosparse.kernels.backends import Backend, choose_backend
 from autosparse.layout import BlockLayout, block_mask, grid_order
-from autosparse.patterns import BlockGeometry, Pattern
+from autosparse.models.parallel import ContextParallel, context_parallel, gathered_positions
+from autosparse.patterns import BlockGeometry, Pattern, TokenGeometry
 from autosparse.profile import Profile
 from autosparse.runtime.classify import Call
 from autosparse.runtime import speed
@@ -33,8 +36,8 @@ from autosparse.runtime.dense import dense, dense_heads, kernel_causal
 from autosparse.runtime.heads import HeadSet
 from autosparse.runtime.state import PatchState
 
-__all__ = ["CallPlan", "LayerPlan", "call_plan", "clear_call_plans", "is_registered", "plan_of",
-           "register", "unregister"]
+__all__ = ["CallPlan", "LayerPlan", "cached_plan", "call_plan", "clear_call_plans", "is_registered", "kernel_order",
+           "plan_of", "register", "unregister"]
 
 MAX_CALL_PLANS = 1024  # plans kept, all layers together; the oldest goes first (many prompt lengths)
 # ... and at most this many bytes of their device tensors (a plan of a 128K prefill holds its block
@@ -157,19 +160,30 @@ def call_plan(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor,
               value: torch.Tensor) -> CallPlan:
     """The plan of this call (``key``/``value``: the keys it keeps), from the cache or built."""
     cache_key = (heads, query.shape, key.shape, value.shape, query.dtype, query.device, call.causal, call.scale,
-                 call.tokens, call.kv_valid is None, profile.block_size, profile.token_order)
-    plan = _CALL_PLANS.get(cache_key)
-    if plan is None:
+                 call.tokens, call.kv_valid is None, profile.block_size, profile.token_order, call.pieces)
+
+    def build() -> CallPlan:
         plan = _build(heads, profile, call, query, key, value)
         if plan.fallback is None and speed.measuring(query.device) and not _faster_than_dense(plan, call, query, key,
                                                                                               value, profile):
             plan = CallPlan(dense=speed.DENSE_REASON)
+        return plan
+
+    return cached_plan(cache_key, build)
+
+
+def cached_plan(key: tuple, build: Callable[[], Any]) -> Any:
+    """The plan cached under ``key``, else ``build()``'s, kept within the cache's bounds (plans of
+    every kind share them: anything with ``nbytes()``)."""
+    plan = _CALL_PLANS.get(key)
+    if plan is None:
+        plan = build()
         with _CALL_PLANS_LOCK:
             size = plan.nbytes()
             while _CALL_PLANS and (len(_CALL_PLANS) >= MAX_CALL_PLANS
                                    or _CALL_PLAN_BYTES[0] + size > MAX_CALL_PLAN_BYTES):
                 _CALL_PLAN_BYTES[0] -= _CALL_PLANS.pop(next(iter(_CALL_PLANS))).nbytes()
-            _CALL_PLANS[cache_key] = plan
+            _CALL_PLANS[key] = plan
             _CALL_PLAN_BYTES[0] += size
     return plan
 
@@ -217,8 +231,8 @@ def _build(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, ke
     dense_heads = None
     if skipped:
         dense_heads = (torch.tensor(skipped, device=device), torch.tensor([h // group for h in skipped], device=device))
-    order = tokens.permutation(device) if tokens is not None else None
-    q_rows = tokens.query_rows(device) if order is not None else None
+    order = kernel_order(tokens, call.pieces, device)
+    q_rows = order.to(torch.int32) if order is not None else None
     common = dict(geometry=geometry, order=order, q_rows=q_rows, dense_heads=dense_heads, skipped=skipped)
     if heads.dynamic_heads:
         return CallPlan(estimate=_estimate(heads, geometry, query.shape[0], query.shape[1], group, device), **common)
@@ -231,6 +245,18 @@ def _build(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, ke
                                 column_counts=layout.column_counts, listed=layout.listed)
     backend = choose_backend(kernel, query, key, value, key_padding=call.kv_valid is not None)
     return CallPlan(layout=layout, kernel=kernel, backend=backend, **common)
+
+
+def kernel_order(tokens: TokenGeometry | None, pieces: int, device: torch.device) -> torch.Tensor | None:
+    """Long ``[S]``: the position in the call of the token the kernel sees at each position; None
+    when that is the call's own order. The tile order (``tokens.permutation``) maps kernel to model
+    positions; a call gathered from ``pieces`` context-parallel ranks holds the model's tokens in
+    the gathered order (``models.parallel.gathered_positions``)."""
+    model = tokens.permutation(device) if tokens is not None else None
+    gathered = gathered_positions(tokens, pieces, device) if tokens is not None else None
+    if gathered is None:
+        return model
+    return gathered if model is None else gathered[model]
 
 
 def _estimate(heads: HeadSet, geometry: BlockGeometry, batch: int, num_heads: int, group: int,
@@ -263,18 +289,40 @@ class LayerPlan:
     profile: Profile
     state: PatchState
     _head_sets: dict[Any, HeadSet] = field(default_factory=dict, repr=False)
+    # The attention module (weakly: a dropped model is not kept alive), whose processor says per
+    # call what context parallelism it runs under; bound by ``bind``, again on a copy.
+    _module: Callable[[], Any] = field(default=lambda: None, repr=False)
 
-    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the plan, not its memo
+    def __getstate__(self) -> dict[str, Any]:  # pickle / deepcopy: the plan, not its memo or module
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)
 
-    def heads_at(self, step: int | None) -> HeadSet:
-        heads = self._head_sets.get(step)
-        if heads is None:
-            heads = self._head_sets[step] = HeadSet.of(self.profile.patterns(self.name, self.num_heads, step))
-        return heads
+    def bind(self, module: Any) -> None:
+        self._module = weakref.ref(module)
+
+    def context_parallel(self) -> ContextParallel | None:
+        """The context parallelism the module's calls run under now (diffusers), None without."""
+        module = self._module()
+        return None if module is None else context_parallel(module)
+
+    def held_heads(self, parallel: ContextParallel | None, call_heads: int) -> tuple[int, int] | None:
+        """The heads ``[start, stop)`` a call with ``call_heads`` heads holds under context
+        ``parallel``ism (a Ulysses rank's slice); None for all of them, or when it holds neither
+        (``classify`` then counts the call)."""
+        held = None if parallel is None else parallel.heads(self.num_heads, call_heads)
+        return None if held == (0, self.num_heads) else held
+
+    def heads_at(self, step: int | None, heads: tuple[int, int] | None = None) -> HeadSet:
+        """The patterns at denoising ``step`` of every head, or of heads ``[start, stop)`` (a
+        Ulysses rank's slice: its own HeadSet, so call plans key on the slice)."""
+        key = step if heads is None else (step, heads)
+        found = self._head_sets.get(key)
+        if found is None:
+            patterns = self.profile.patterns(self.name, self.num_heads, step)
+            found = self._head_sets[key] = HeadSet.of(patterns if heads is None else patterns[heads[0]:heads[1]])
+        return found
 
 
 # -- layer registry: the op receives a layer id, the plan lives here ---------------------------------

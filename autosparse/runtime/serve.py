@@ -67,8 +67,9 @@ def serve(plan: LayerPlan, query: torch.Tensor, key: torch.Tensor, value: torch.
     state = plan.state
     if state.observer is not None:  # calibration: every call, as the caller made it
         state.observer(plan, query, key, value, mask, is_causal, softmax_scale(query, scale))
-    heads = plan.heads_at(state.context.step)
-    call = classify(state.context, plan.index, heads, query, key, value, mask, is_causal, scale)
+    parallel = plan.context_parallel()
+    heads = plan.heads_at(state.context.step, plan.held_heads(parallel, query.shape[1]))
+    call = classify(state.context, plan.index, heads, query, key, value, mask, is_causal, scale, parallel)
     if state.pages and query.shape[2] > 1:  # a prefill or chunk: a new sequence for page statistics
         decode.forget(state.pages, plan.name)
     if call.dense == DECODE and state.decode is not None:
