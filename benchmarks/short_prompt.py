@@ -13,7 +13,10 @@ slower attention kernel) is the difference.
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import time
 from collections import Counter
 from pathlib import Path
@@ -53,10 +56,26 @@ def host_ms(forward, reps: int) -> float:
     return host
 
 
+def host_profile(forward, reps: int, top: int = 25) -> str:
+    """cProfile of ``reps`` forwards (no sync in between): where the host's time goes."""
+    forward()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(reps):
+        forward()
+    profiler.disable()
+    torch.cuda.synchronize()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--cprofile", action="store_true", help="also print a cProfile of each forward's host time")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     model = llama(2, device="cuda")
@@ -78,6 +97,8 @@ def main() -> None:
             row[f"{name}_ms"] = median_ms(forward, args.reps, "cuda", 3)
             row[f"{name}_host_ms"] = host_ms(forward, args.reps)
             row[f"{name}_kernels"] = kernels(forward, 5)
+            if args.cprofile:
+                print(f"--- host profile, S={length}, {name}, {args.reps} forwards ---\n{host_profile(forward, args.reps)}")
             if name == "patched":
                 stats = autosparse.stats(model)
                 row["calls"] = dict(sparse=stats.sparse, dense=dict(stats.dense), fallback=dict(stats.fallback))

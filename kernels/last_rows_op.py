@@ -19,7 +19,7 @@ from torch import Tensor
 __all__ = ["LastRows", "last_rows"]
 
 _BLOCK_N = 64
-_PROGRAMS_PER_SM = 4  # key chunks per head: about this many programs per SM in all
+_PROGRAMS_PER_SM = 32  # key chunks per head: about this many programs per SM in all (short loops: latency-bound)
 _LOG2E = 1.4426950408889634
 
 
