@@ -4,9 +4,13 @@ kernel, run the ``demo``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,23 +23,53 @@ def _profile(args: argparse.Namespace) -> None:
     from autosparse.search.calibration import SearchConfig, calibrate
     from autosparse.search.validate import fit_to_target
 
-    model, inputs, heldout, note = _model_and_inputs(args)
-    if args.target is not None and not heldout:
-        raise ValueError("--target needs held-out inputs: a longer --text (room for a held-out --max-length window "
-                         "after a gap of one window past the calibration text), or a factory returning (model, "
-                         "calibration inputs, held-out inputs)")
-    model.to(args.device)
-    config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size), dense_steps=args.dense_steps,
-                          step_ranges=tuple(args.step_ranges), dynamic=args.dynamic)
-    calibration = calibrate(model, inputs, config, checkpoint=args.checkpoint)
-    if args.target is None:
-        profile = calibration.profile()
-    else:
-        print(f"held out: {note}")
-        profile = fit_to_target(calibration, heldout, args.target, heldout_note=note)
-    profile.save(args.out)
-    print(f"saved {args.out}")
-    _print_summary(profile)
+    with _launched(args) as group:
+        model, inputs, heldout, note = _model_and_inputs(args)
+        if args.target is not None and not heldout:
+            raise ValueError("--target needs held-out inputs: a longer --text (room for a held-out --max-length "
+                             "window after a gap of one window past the calibration text), or a factory returning "
+                             "(model, calibration inputs, held-out inputs)")
+        model.to(args.device)
+        config = SearchConfig(budget=args.budget, block_size=tuple(args.block_size), dense_steps=args.dense_steps,
+                              step_ranges=tuple(args.step_ranges), dynamic=args.dynamic)
+        calibration = calibrate(model, inputs, config, checkpoint=args.checkpoint, group=group)
+        first = calibration.share.first  # every process ends with the same profile: the first one writes it
+        if args.target is None:
+            profile = calibration.profile()
+        else:
+            if first:
+                print(f"held out: {note}")
+            profile = fit_to_target(calibration, heldout, args.target, heldout_note=note)
+    if first:
+        profile.save(args.out)
+        print(f"saved {args.out}")
+        _print_summary(profile)
+
+
+@contextlib.contextmanager
+def _launched(args: argparse.Namespace) -> Iterator[Any]:
+    """Under ``torchrun`` / ``accelerate launch`` (``WORLD_SIZE`` above 1 in the environment): the
+    default process group, initialised from that environment unless it already is (gloo, and NCCL
+    for CUDA tensors), with ``--device cuda`` meaning each process's own GPU (``LOCAL_RANK``);
+    otherwise None, a process alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield None
+        return
+    import torch.distributed as dist
+
+    if args.device == "cuda":
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(args.device)
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    try:
+        yield dist.group.WORLD
+    finally:
+        if created:
+            dist.destroy_process_group()
 
 
 def _model_and_inputs(args: argparse.Namespace):

@@ -7,7 +7,9 @@ candidate pattern on sampled query rows: error = ‖O_pattern − O_dense‖ / �
 accumulated over calls. Exact dense rows are cheap, and a pattern's output follows from the dense
 probabilities renormalised over its key blocks, so all candidates cost one matrix product each.
 Cost is the kernel's time relative to dense SDPA, measured on the GPU and cached (``autosparse.search.cost``;
-on a CPU, the key blocks computed).
+on a CPU, the key blocks computed). The scores of each input are kept apart and added up in input
+order at the end, so a calibration split over processes (``autosparse.search.distributed``) or
+resumed from a checkpoint makes the sums, bit for bit, of one process running every input.
 
 Candidates: for a 1-D sequence (LLMs), windows and sinks + windows of ``SearchConfig.windows``; for
 a diffusion transformer's token grid, tile-stepped neighborhoods (``structural.tile_window``) at the
@@ -19,6 +21,8 @@ estimate. Dense always qualifies.
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import inspect
 import time
 from collections import Counter
@@ -33,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from autosparse.search.cost import LayerShape, relative_costs
+from autosparse.search.distributed import Share
 from autosparse.patterns.dynamic import BlockCdf, BlockTopK, VerticalSlash, key_tiles
 from autosparse.patterns.grid import Spatial, Stripes, Temporal
 from autosparse.layout import block_mask, grid_order
@@ -45,8 +50,8 @@ from autosparse.patterns.geometry import TokenGeometry
 # (``Profile.token_order``), so the runtime lays them out in that order too.
 SEARCH_ORDER = "tile"
 
-__all__ = ["Calibration", "SearchConfig", "calibrate", "candidate_patterns", "output_tensor", "record_inputs",
-           "run_model", "search_profile", "window_density"]
+__all__ = ["Calibration", "InputRunner", "SearchConfig", "calibrate", "candidate_patterns", "output_tensor",
+           "record_inputs", "run_model", "search_profile", "widen_span", "window_density"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +69,8 @@ class SearchConfig:
             on its own calibration calls (``(20, 35)``: ``[dense_steps, 20)``, ``[20, 35)``,
             ``[35, end)``); a range where every head stays dense becomes a dense range.
         query_rows: query rows sampled per layer call to measure errors.
-        seed: seeds the row sampling, so a search is reproducible.
+        seed: seeds the row sampling, so a search is reproducible: input i's rows come from
+            (seed, i), the same whichever process calibrates it, after whichever inputs.
         cost: ``"auto"``: kernel time measured on this GPU relative to dense SDPA (``autosparse.search.cost``;
             key blocks on a CPU); ``"blocks"``: always key blocks.
         dynamic: 1-D sequences (LLMs): also try the dynamic kinds (``block_topk`` k of
@@ -144,57 +150,144 @@ def candidate_patterns(config: SearchConfig, tokens: TokenGeometry | None = None
 
 class _LayerScores:
     """Per head and candidate: squared error, key blocks (summed over calls; a dynamic candidate's
-    differ per head and call); per head the squared reference norm; per static candidate the cost
-    relative to dense at the first call's shape (None for dynamic ones: their density is their cost)."""
+    differ per head and call); per head the squared reference norm; the layer's shape at its first
+    call, where its static candidates' cost is measured (``_Calibrator.costs``)."""
 
-    def __init__(self, num_heads: int, num_candidates: int) -> None:
+    def __init__(self, num_heads: int, num_candidates: int, shape: LayerShape) -> None:
         self.err_sq = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
         self.ref_sq = torch.zeros(num_heads, dtype=torch.float64)
         self.blocks = torch.zeros(num_heads, num_candidates, dtype=torch.float64)
-        self.cost: list[float | None] | None = None
+        self.shape = shape
+
+    def add(self, later: _LayerScores) -> None:
+        """Add the scores of later calls (the first call's shape stays)."""
+        self.err_sq += later.err_sq
+        self.ref_sq += later.ref_sq
+        self.blocks += later.blocks
 
     def density(self) -> torch.Tensor:
         """``[H, C]``: key blocks over dense attention's (Dense is the last candidate)."""
         return self.blocks / self.blocks[:, -1:].clamp_min(1e-30)
 
-    def head_costs(self, density: torch.Tensor) -> torch.Tensor:
-        """``[H, C]``: each candidate's cost for each head, relative to dense."""
-        fixed = torch.tensor([c if c is not None else float("nan") for c in self.cost], dtype=torch.float64)
+    @staticmethod
+    def head_costs(density: torch.Tensor, cost: list[float | None]) -> torch.Tensor:
+        """``[H, C]``: each candidate's cost for each head, relative to dense: ``cost`` for a static
+        candidate (the same in every head), the density it reached for a dynamic one (None)."""
+        fixed = torch.tensor([c if c is not None else float("nan") for c in cost], dtype=torch.float64)
         return torch.where(fixed.isnan(), density, fixed.expand_as(density))
 
     def relative_error(self) -> torch.Tensor:
         return (self.err_sq / self.ref_sq.clamp_min(1e-30)[:, None]).sqrt()
 
 
+class _Scores:
+    """What some calls measured: per step range (one for an LLM) and layer the ``_LayerScores``
+    (a layer not called has none), the calls the capture left to the model's own attention (a
+    sliding window shorter than the keys, ...: per layer reason -> calls, and a sliding one's
+    (window, keys)), the shortest and longest keys of any call, and the calls' token geometry.
+    A calibration keeps one per input and adds them up in input order (``add``), whichever process
+    measured each: the same sums in the same order as one process running every input."""
+
+    def __init__(self, num_ranges: int) -> None:
+        self.ranges: list[dict[str, _LayerScores]] = [{} for _ in range(num_ranges)]
+        self.unserved: dict[str, Counter[str]] = {}
+        self.windows: dict[str, tuple[int, int]] = {}
+        self.key_lengths: list[int] = []
+        self.calls = 0  # calls scored
+        self.tokens: TokenGeometry | None = None  # their token geometry (meaningful once calls > 0)
+
+    def note_length(self, keys: int) -> None:
+        self.key_lengths = widen_span(self.key_lengths, [keys, keys])
+
+    def add(self, later: _Scores) -> None:
+        """Add what the calls after these measured."""
+        if later.calls and self.calls and later.tokens != self.tokens:
+            raise ValueError(f"calibration inputs must share one token geometry: {self.tokens} then {later.tokens}")
+        if later.calls and not self.calls:
+            self.tokens = later.tokens
+        self.calls += later.calls
+        for mine, theirs in zip(self.ranges, later.ranges):
+            for name, scores in theirs.items():
+                if name in mine:
+                    mine[name].add(scores)
+                else:
+                    mine[name] = copy.deepcopy(scores)
+        for name, reasons in later.unserved.items():
+            self.unserved.setdefault(name, Counter()).update(reasons)
+        self.windows.update(later.windows)  # the last call's, as it would be one call after another
+        self.key_lengths = widen_span(self.key_lengths, later.key_lengths)
+
+
+def widen_span(span: list[int], other: list[int]) -> list[int]:
+    """The ``[shortest, longest]`` covering both spans (``[]``: none yet)."""
+    if not span or not other:
+        return list(span or other)
+    return [min(span[0], other[0]), max(span[1], other[1])]
+
+
 class _Calibrator:
+    """Scores every candidate of every head on the calls it observes. Used by ``calibrate``, the
+    calls of each input are kept apart (``start_input``/``end_input``) and added up at the end
+    (``merge``), so that inputs may be measured by several processes or runs; observed without
+    inputs (tests, ``observe`` called directly), calls add up at once."""
+
     def __init__(self, config: SearchConfig, layers: Sequence[AttentionLayer], progress: tqdm | None) -> None:
         self.config = config
         self.layers = {layer.name: layer for layer in layers}
         self.candidates: list[Pattern] | None = None  # fixed by the first call (they depend on its grid)
         self.tokens: TokenGeometry | None = None
-        # Per step range (one for an LLM), per layer.
-        self.ranges: list[dict[str, _LayerScores]] = []
+        self.device: torch.device | None = None  # where the first call ran: costs are measured there
+        self.total = _Scores(len(config.step_ranges) + 1)
+        self.input: _Scores | None = None  # the input being calibrated, if any
         self.generator = torch.Generator().manual_seed(config.seed)
         self.progress = progress
         self._costs: dict[LayerShape, list[float | None]] = {}  # layers of one shape share their cost table
         self._masks: dict[tuple[BlockGeometry, str], list[torch.Tensor | None]] = {}  # static candidates' blocks
-        # Calls the capture left to the model's own attention (a sliding window shorter than the
-        # keys, ...), per layer: reason -> calls, and the (window, keys) of a sliding one.
-        self.unserved: dict[str, Counter[str]] = {}
-        self.windows: dict[str, tuple[int, int]] = {}
-        self.key_lengths: list[int] = []  # [shortest, longest] keys of any call seen
 
-    def note_length(self, keys: int) -> None:
-        self.key_lengths = [min(self.key_lengths[0], keys), max(self.key_lengths[1], keys)] if self.key_lengths \
-            else [keys, keys]
+    @property
+    def ranges(self) -> list[dict[str, _LayerScores]]:
+        """Per step range, per layer: the scores added up so far."""
+        return self.total.ranges
+
+    @property
+    def _into(self) -> _Scores:
+        return self.input if self.input is not None else self.total
+
+    def start_input(self, index: int) -> None:
+        """Calls from here on belong to input ``index``; their query rows are drawn from a generator
+        seeded by (``config.seed``, ``index``), so an input's rows do not depend on the inputs run
+        before it (another process's, a checkpoint's)."""
+        digest = hashlib.blake2b(f"{self.config.seed}/{index}".encode(), digest_size=8).digest()
+        self.generator = torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+        self.input = _Scores(len(self.config.step_ranges) + 1)
+
+    def end_input(self) -> _Scores:
+        """What the input's calls measured (``merge`` adds it in)."""
+        done, self.input = self.input, None
+        return done
+
+    def merge(self, per_input: Sequence[_Scores]) -> None:
+        """Add up every input's scores, in input order; the candidates follow from the first scored
+        call's geometry when this process scored none itself."""
+        for scores in per_input:
+            self.total.add(scores)
+        if self.candidates is None and self.total.calls:
+            self.candidates, self.tokens = candidate_patterns(self.config, self.total.tokens), self.total.tokens
+
+    def costs(self, share: Share, device: torch.device) -> None:
+        """Measure every layer shape's candidate costs once, on the group's first process (a GPU
+        timing per process would differ), and give them to every process."""
+        shapes = list(dict.fromkeys(s.shape for by_layer in self.ranges for s in by_layer.values()))
+        self._costs.update(zip(shapes, share.from_first(lambda: [self._measure(s, device) for s in shapes])))
 
     def note_unserved(self, name: str, reason: str, keys: int | None, window: int | None) -> None:
         """A call of layer ``name`` that ran the model's own attention for ``reason``."""
-        self.unserved.setdefault(name, Counter())[reason] += 1
+        into = self._into
+        into.unserved.setdefault(name, Counter())[reason] += 1
         if keys is not None:
-            self.note_length(keys)
+            into.note_length(keys)
         if window is not None and keys is not None:
-            self.windows[name] = (window, keys)
+            into.windows[name] = (window, keys)
         if self.progress is not None:
             self.progress.update(1)
 
@@ -206,23 +299,26 @@ class _Calibrator:
             self._masks[key] = [None if p.is_dynamic else block_mask(p, geometry, device) for p in self.candidates]
         return self._masks[key]
 
-    def _cost(self, shape: LayerShape, device: torch.device) -> list[float]:
+    def _cost(self, shape: LayerShape) -> list[float | None]:
         if shape not in self._costs:
-            measure_on = device if self.config.cost == "auto" else torch.device("cpu")
-            static = [p for p in self.candidates if not p.is_dynamic]
-            measured = iter(relative_costs(static, shape, measure_on))
-            self._costs[shape] = [None if p.is_dynamic else next(measured) for p in self.candidates]
+            self._costs[shape] = self._measure(shape, self.device)
         return self._costs[shape]
 
-    def _start(self, tokens: TokenGeometry | None) -> None:
+    def _measure(self, shape: LayerShape, device: torch.device) -> list[float | None]:
+        """Per candidate its cost relative to dense at ``shape`` (None for dynamic ones)."""
+        measure_on = device if self.config.cost == "auto" else torch.device("cpu")
+        static = [p for p in self.candidates if not p.is_dynamic]
+        measured = iter(relative_costs(static, shape, measure_on))
+        return [None if p.is_dynamic else next(measured) for p in self.candidates]
+
+    def _start(self, tokens: TokenGeometry | None, device: torch.device) -> None:
         """Candidates from the first call's geometry; every later call must have the same one."""
         if self.candidates is None:
-            self.candidates, self.tokens = candidate_patterns(self.config, tokens), tokens
-            self.ranges = [{name: _LayerScores(layer.num_heads, len(self.candidates))
-                            for name, layer in self.layers.items()}
-                           for _ in range(len(self.config.step_ranges) + 1)]
+            self.candidates, self.tokens, self.device = candidate_patterns(self.config, tokens), tokens, device
         elif tokens != self.tokens:
             raise ValueError(f"calibration inputs must share one token geometry: {self.tokens} then {tokens}")
+        into = self._into
+        into.calls, into.tokens = into.calls + 1, tokens
 
     @property
     def scores(self) -> dict[str, _LayerScores]:
@@ -236,10 +332,10 @@ class _Calibrator:
         """q ``[B, Hq, S, D]``, k/v ``[B, Hkv, S, D]`` of one layer call, in the model's token order;
         ``tokens``: a diffusion transformer's token geometry (grid candidates, scored in tile
         order); ``kv_valid``: ``[B, S]`` keys not padded; ``step``: the denoising step."""
-        self._start(tokens)
+        self._start(tokens, query.device)
         heads, q_len = query.shape[1:3]
         kv_len = key.shape[2]
-        self.note_length(kv_len)
+        self._into.note_length(kv_len)
         rows_from = q_len
         if tokens is not None:  # the kernel's order (the profile records it: the runtime runs this one)
             tokens = grid_order((), tokens, *self.config.block_size, query.device, SEARCH_ORDER)
@@ -270,10 +366,11 @@ class _Calibrator:
         block_out = torch.einsum("bhrjk,bhjkd->bhrjd", probs_blocks, v_blocks)
         block_mass = probs_blocks.sum(-1)  # [B, H, R, NK]
         dense = block_out.sum(3)
-        layer = self.ranges[self.config.range_of(step)][name]
-        if layer.cost is None:
-            shape = LayerShape(geometry, heads, key.shape[1], query.shape[-1], query.dtype)
-            layer.cost = self._cost(shape, query.device)
+        by_layer = self._into.ranges[self.config.range_of(step)]
+        if name not in by_layer:
+            by_layer[name] = _LayerScores(heads, len(self.candidates),
+                                          LayerShape(geometry, heads, key.shape[1], query.shape[-1], query.dtype))
+        layer = by_layer[name]
         layer.ref_sq += dense.double().square().sum(dim=(0, 2, 3)).cpu()
         q_blocks = (rows // geometry.q_block).to(query.device)
         dense_blocks = float(geometry.reachable().sum())
@@ -310,16 +407,15 @@ class _Calibrator:
         """Per head: the cheapest candidate whose error is within ``budget`` (default: the
         config's); dense where none is cheaper than dense attention."""
         budget = self.config.budget if budget is None else budget
-        scores = self.ranges[step_range][layer.name] if self.ranges else None
-        never = scores is None or float(scores.blocks[0, -1]) == 0 or scores.cost is None
-        if never and layer.name in self.unserved:  # only the model's own attention ran it
+        scores = self.ranges[step_range].get(layer.name)
+        if scores is None and layer.name in self.total.unserved:  # only the model's own attention ran it
             return self._model_owned(layer)
-        if never:
+        if scores is None:
             raise ValueError(f"layer {layer.name} was never called during calibration"
                              + (f" in step range {step_range}" if len(self.ranges) > 1 else ""))
         errors = scores.relative_error()
         density = scores.density()
-        costs = scores.head_costs(density)
+        costs = scores.head_costs(density, self._cost(scores.shape))
         heads, measured = [], []
         for h in range(layer.num_heads):
             order = sorted(range(len(self.candidates)), key=lambda c: (float(costs[h, c]), float(density[h, c]), c))
@@ -338,10 +434,10 @@ class _Calibrator:
         """A layer whose calls ran the model's own attention (the capture does not serve them, e.g.
         a sliding window shorter than the keys): dense in the profile, with the reason; a sliding
         window's density is its real cost at the calibration length (``window_density``)."""
-        reason, calls = self.unserved[layer.name].most_common(1)[0]
+        reason, calls = self.total.unserved[layer.name].most_common(1)[0]
         density = 1.0
-        if layer.name in self.windows:
-            window, keys = self.windows[layer.name]
+        if layer.name in self.total.windows:
+            window, keys = self.total.windows[layer.name]
             density = window_density(window, keys)
         note = f"the model's own attention: {reason} ({calls} calibration call{'s' * (calls != 1)})"
         measured = ({"error": 0.0, "density": round(density, 6), "cost": 1.0},) * layer.num_heads
@@ -367,6 +463,7 @@ class Calibration:
     config: SearchConfig
     calibrator: _Calibrator
     details: dict[str, Any]  # recorded in the profile's search.calibration
+    share: Share = Share()  # the processes it was split over: validation (fit_to_target) splits the same way
 
     def profile(self, budget: float | None = None) -> Profile:
         """The cheapest per-head choice under ``budget`` (default: the config's)."""
@@ -380,7 +477,7 @@ class Calibration:
             layers=layers,
             block_size=self.config.block_size,
             token_order=SEARCH_ORDER if calibrator.tokens is not None else "auto",
-            lengths={"calibrated": list(calibrator.key_lengths)} if calibrator.key_lengths else None,
+            lengths={"calibrated": list(calibrator.total.key_lengths)} if calibrator.total.key_lengths else None,
             search={
                 "method": "calibrated",
                 "budget": budget,
@@ -407,15 +504,15 @@ def _with_schedule(profile: Profile, per_range: list[dict[str, LayerProfile]], c
 
 
 def search_profile(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
-                   config: SearchConfig = SearchConfig(), *, progress: bool = True) -> Profile:
+                   config: SearchConfig = SearchConfig(), *, progress: bool = True, group: Any = None) -> Profile:
     """Calibrate ``model`` on ``inputs`` and return the profile under ``config.budget``
-    (``calibrate(...).profile()``)."""
-    return calibrate(model, inputs, config, progress=progress).profile()
+    (``calibrate(...).profile()``; ``group``: split over its processes, as there)."""
+    return calibrate(model, inputs, config, progress=progress, group=group).profile()
 
 
 def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
               config: SearchConfig = SearchConfig(), *, progress: bool = True,
-              checkpoint: str | Path | None = None) -> Calibration:
+              checkpoint: str | Path | None = None, group: Any = None) -> Calibration:
     """Run ``model`` on ``inputs`` and score every candidate pattern of every head.
 
     ``inputs``: for a transformers model, LongTensors ``[1, S]`` of token ids (unpadded); for a
@@ -424,39 +521,57 @@ def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
     ``patch_model``). The model runs dense and unchanged; it is unpatched afterwards.
 
     ``checkpoint``: a file the scores are saved to after every input; a calibration started again
-    with the same model, inputs count and config resumes after the last input saved (and gives the
+    with the same model, inputs count and config resumes after the inputs saved (and gives the
     same result as one uninterrupted run). Load only checkpoints you wrote: they are pickles.
+
+    ``group``: a ``torch.distributed`` process group to split the work over
+    (``torch.distributed.group.WORLD`` under ``torchrun`` / ``accelerate launch``): every process
+    calls ``calibrate`` with the same model, inputs (checked) and config, calibrates every N-th
+    input, and returns the calibration one process would have made (the scores of each input
+    added up in input order on every process; ``autosparse.search.distributed``). Kernel costs are
+    measured by the group's first process. Each process keeps its own ``checkpoint``, the path
+    with ``.rank<r>`` appended, and resumes only with the same number of processes.
     """
     from autosparse.patch import patch_model, patch_of, unpatch_model
 
+    share = Share.of(group)
     inputs = list(inputs)
     if not inputs:
         raise ValueError("calibration needs at least one input")
+    share.check_same(inputs, "calibration inputs")
     layers = attention_layers(model)
-    bar = tqdm(total=len(inputs) * len(layers), desc="calibrating", unit="call", disable=not progress)
+    mine = share.indices(len(inputs))
+    bar = tqdm(total=len(mine) * len(layers), desc="calibrating", unit="call", disable=not progress or not share.first)
     calibrator = _Calibrator(config, layers, bar)
     patch_model(model, Profile.uniform(model, Dense(), block_size=config.block_size))
-    state = patch_of(model).state
-    state.observer = _observer(calibrator, config)
+    patch_of(model).state.observer = _observer(calibrator, config)
     identity = {"model": model_signature(model)["fingerprint"], "class": type(model).__name__,
-                "inputs": len(inputs), "config": repr(config)}
+                "inputs": len(inputs), "config": repr(config), "processes": share.world, "rank": share.rank}
+    path = None if checkpoint is None else Path(checkpoint if share.world == 1 else f"{checkpoint}.rank{share.rank}")
     started = time.perf_counter()
     try:  # from here on the model is patched: unpatch it whatever happens
-        done = _resume(checkpoint, identity, calibrator, state) if checkpoint else 0
-        bar.update(done * len(layers))
+        measured = _resume(path, identity) if path else {}
+        bar.update(len(measured) * len(layers))
+        run = InputRunner(model, inputs)
         with torch.inference_mode():
-            for i in range(done, len(inputs)):
-                run_model(model, inputs[i])
-                if checkpoint:
-                    _save_checkpoint(checkpoint, identity, i + 1, calibrator, state)
+            for i in mine:
+                if i in measured:
+                    continue
+                calibrator.start_input(i)
+                run(i)
+                measured[i] = calibrator.end_input()
+                if path:
+                    _save_checkpoint(path, identity, measured)
     finally:
         unpatch_model(model)
         bar.close()
+    calibrator.merge(share.by_input(measured, len(inputs)))
     if calibrator.candidates is None:
-        unserved = sorted({r for reasons in calibrator.unserved.values() for r in reasons})
+        unserved = sorted({r for reasons in calibrator.total.unserved.values() for r in reasons})
         raise ValueError(f"no attention call was calibrated: {len(inputs)} inputs, dense_steps={config.dense_steps} "
                          + (f"(every call ran the model's own attention: {unserved})" if unserved else
                             "(give inputs past the dense steps)"))
+    calibrator.costs(share, next(model.parameters()).device)
     tokens = calibrator.tokens
     details = {
         "inputs": len(inputs),
@@ -468,7 +583,7 @@ def calibrate(model: nn.Module, inputs: Iterable[torch.Tensor | dict[str, Any]],
         "seed": config.seed,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    return Calibration(model, config, calibrator, details)
+    return Calibration(model, config, calibrator, details, share)
 
 
 def _device_name(model: nn.Module) -> str:
@@ -505,62 +620,64 @@ def output_tensor(output: Any) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output[0]
 
 
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
 
 
-def _save_checkpoint(path: str | Path, identity: dict[str, Any], done: int, calibrator: _Calibrator,
-                     state: Any) -> None:
-    """Everything the next input's calibration depends on, written atomically."""
-    snapshot = {
-        "version": _CHECKPOINT_VERSION, "identity": identity, "done": done,
-        "candidates": calibrator.candidates, "tokens": calibrator.tokens, "costs": calibrator._costs,
-        "unserved": calibrator.unserved, "windows": calibrator.windows, "key_lengths": calibrator.key_lengths,
-        "ranges": [{name: vars(scores) for name, scores in scores_by_layer.items()}
-                   for scores_by_layer in calibrator.ranges],
-        "generator": calibrator.generator.get_state(),
-        "context": (state.context.step, state.context.timestep),
-    }
+def _save_checkpoint(path: Path, identity: dict[str, Any], measured: dict[int, _Scores]) -> None:
+    """The scores of every input done so far, by input index, written atomically."""
     tmp = Path(f"{path}.tmp")
-    torch.save(snapshot, tmp)
+    torch.save({"version": _CHECKPOINT_VERSION, "identity": identity, "measured": measured}, tmp)
     tmp.replace(path)
 
 
-def _resume(path: str | Path, identity: dict[str, Any], calibrator: _Calibrator, state: Any) -> int:
-    """Restore a checkpoint into ``calibrator`` (and the step counter); the inputs already done."""
-    if not Path(path).exists():
-        return 0
+def _resume(path: Path, identity: dict[str, Any]) -> dict[int, _Scores]:
+    """The scores of the inputs a checkpoint holds (none if there is no file yet)."""
+    if not path.exists():
+        return {}
     snapshot = torch.load(path, weights_only=False)
     if snapshot.get("version") != _CHECKPOINT_VERSION:
-        raise ValueError(f"checkpoint {path}: version {snapshot.get('version')!r}, expected {_CHECKPOINT_VERSION}")
+        raise ValueError(f"checkpoint {path}: version {snapshot.get('version')!r}, expected {_CHECKPOINT_VERSION} "
+                         "(delete the file to start over)")
     for key, want in identity.items():
         if snapshot["identity"].get(key) != want:
             raise ValueError(f"checkpoint {path}: {key} is {snapshot['identity'].get(key)!r}, this calibration has "
                              f"{want!r} (delete the file to start over)")
-    if snapshot["candidates"] is not None:
-        calibrator.candidates, calibrator.tokens = snapshot["candidates"], snapshot["tokens"]
-        calibrator._costs = snapshot["costs"]
-        calibrator.ranges = []
-        for saved in snapshot["ranges"]:
-            by_layer = {}
-            for name, fields in saved.items():
-                scores = _LayerScores(0, 0)
-                scores.__dict__.update(fields)
-                by_layer[name] = scores
-            calibrator.ranges.append(by_layer)
-    calibrator.unserved = snapshot.get("unserved", {})
-    calibrator.windows = snapshot.get("windows", {})
-    calibrator.key_lengths = snapshot.get("key_lengths", [])
-    calibrator.generator.set_state(snapshot["generator"])
-    state.context.step, state.context.timestep = snapshot["context"]
-    return snapshot["done"]
+    return snapshot["measured"]
 
 
 def run_model(model: nn.Module, x: torch.Tensor | dict[str, Any]) -> Any:
     """One forward on a calibration/validation input: token ids (LLM, no cache) or a call's kwargs."""
     device = next(model.parameters()).device
-    if isinstance(x, dict):
-        return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in x.items()})
-    return model(input_ids=x.to(device), use_cache=False)
+    return model(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in _forward_kwargs(x).items()})
+
+
+def _forward_kwargs(x: torch.Tensor | dict[str, Any]) -> dict[str, Any]:
+    return x if isinstance(x, dict) else {"input_ids": x, "use_cache": False}
+
+
+class InputRunner:
+    """Runs chosen inputs of a sequence, in ascending order, as if every input ran: a patched
+    diffusion transformer counts denoising steps across its calls (``CallContext.advance``), so
+    the inputs skipped before each one (another process's, a checkpoint's) still pass through the
+    model's call reader, which advances the step counter without a forward."""
+
+    def __init__(self, model: nn.Module, inputs: Sequence[torch.Tensor | dict[str, Any]]) -> None:
+        from autosparse.capture import CallReader
+        from autosparse.patch import patch_of
+
+        patch = patch_of(model)
+        self.model, self.inputs, self._next = model, inputs, 0
+        self._reader = CallReader(model, patch.state) if patch is not None and patch.kind.hooked else None
+
+    def __call__(self, index: int) -> Any:
+        """The model's output on ``inputs[index]``."""
+        if index < self._next:
+            raise ValueError(f"InputRunner: input {index} comes before input {self._next - 1}, already run")
+        if self._reader is not None:
+            for skipped in self.inputs[self._next:index]:
+                self._reader(self.model, (), _forward_kwargs(skipped))
+        self._next = index + 1
+        return run_model(self.model, self.inputs[index])
 
 
 def _observer(calibrator: _Calibrator, config: SearchConfig) -> _Observer:

@@ -11,6 +11,7 @@ denser, until the end-to-end error is within the target or every head is dense.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ from torch import nn
 
 from autosparse.models import model_kind
 from autosparse.profile import Profile
-from autosparse.search.calibration import Calibration, output_tensor, run_model
+from autosparse.search.calibration import Calibration, InputRunner, output_tensor, widen_span
+from autosparse.search.distributed import Share
 
 __all__ = ["Reference", "chosen_trial", "fit_to_target", "heldout_error", "heldout_report", "profile_density"]
 
@@ -30,17 +32,20 @@ __all__ = ["Reference", "chosen_trial", "fit_to_target", "heldout_error", "heldo
 @dataclass
 class Reference:
     """The dense model on the held-out inputs, computed once: per input the LLM's mean token loss,
-    or the diffusion transformer's output."""
+    or the diffusion transformer's output. Split over processes (``share``), each holds its own
+    inputs' only (None for the others')."""
 
     inputs: list[Any]
-    dense: list[torch.Tensor | float]
+    dense: list[torch.Tensor | float | None]
+    share: Share = Share()
 
     @classmethod
-    def of(cls, model: nn.Module, inputs: Sequence[Any]) -> Reference:
+    def of(cls, model: nn.Module, inputs: Sequence[Any], share: Share = Share()) -> Reference:
         inputs = list(inputs)
         if not inputs:
             raise ValueError("validation needs at least one held-out input")
-        return cls(inputs, _outputs(model, inputs))
+        share.check_same(inputs, "held-out inputs")
+        return cls(inputs, _outputs(model, inputs, share), share)
 
 
 def heldout_error(model: nn.Module, profile: Profile, reference: Reference) -> float:
@@ -53,27 +58,32 @@ def heldout_error(model: nn.Module, profile: Profile, reference: Reference) -> f
 def heldout_report(model: nn.Module, profile: Profile, reference: Reference) -> dict[str, Any]:
     """``heldout_error`` (``"error"``) with its spread: ``"per_input"``, the same measure on each
     held-out input alone (LLM: each window's perplexity change; diffusion: each step's error), and
-    ``"lengths"``, the shortest and longest key length of the attention calls served."""
+    ``"lengths"``, the shortest and longest key length of the attention calls served. Split over
+    the reference's processes, each runs its own inputs and every process returns the whole report."""
     from autosparse.patch import patch_model, patch_of, unpatch_model
 
     lengths: list[int] = []
 
     def note(plan, query, key, value, mask, causal, scale) -> None:
-        lengths[:] = [min(lengths[0], key.shape[2]), max(lengths[1], key.shape[2])] if lengths else [key.shape[2]] * 2
+        lengths[:] = widen_span(lengths, [key.shape[2]] * 2)
 
+    share, count = reference.share, len(reference.inputs)
     patch_model(model, profile)
     try:
         patch_of(model).state.observer = note
-        patched = _outputs(model, reference.inputs)
+        patched = _outputs(model, reference.inputs, share)
     finally:
         unpatch_model(model)
-    if model_kind(model).token_ids:
-        per_input = [math.exp(p - d) - 1.0 for p, d in zip(patched, reference.dense)]
-        error = math.exp(sum(patched) / len(patched) - sum(reference.dense) / len(reference.dense)) - 1.0
+    mine = share.indices(count)
+    if model_kind(model).token_ids:  # per input: (patched, dense) mean token loss
+        losses = share.by_input({i: (patched[i], reference.dense[i]) for i in mine}, count)
+        per_input = [math.exp(p - d) - 1.0 for p, d in losses]
+        error = math.exp(sum(p for p, _ in losses) / count - sum(d for _, d in losses) / count) - 1.0
     else:
-        per_input = [float((p - d).norm() / d.norm()) for p, d in zip(patched, reference.dense)]
+        per_input = share.by_input({i: float((patched[i] - reference.dense[i]).norm() / reference.dense[i].norm())
+                                    for i in mine}, count)
         error = max(per_input)
-    return {"error": error, "per_input": per_input, "lengths": lengths}
+    return {"error": error, "per_input": per_input, "lengths": functools.reduce(widen_span, share.gather(lengths))}
 
 
 def fit_to_target(calibration: Calibration, heldout: Sequence[Any], target: float, *, shrink: float = 0.7,
@@ -86,11 +96,13 @@ def fit_to_target(calibration: Calibration, heldout: Sequence[Any], target: floa
     recorded in ``profile.search["validation"]`` (``chosen``: the round of the profile returned;
     each round's ``per_input`` errors give the spread over the held-out inputs; ``heldout_note``:
     where the held-out inputs come from), with ``met`` false if no round held. The key lengths the
-    held-out inputs reached become the profile's ``lengths["validated"]``."""
+    held-out inputs reached become the profile's ``lengths["validated"]``. A calibration split over
+    processes validates split the same way (every process calls this with the same ``heldout``)
+    and every process returns the same profile."""
     if not 0.0 < shrink < 1.0:
         raise ValueError(f"shrink must be in (0, 1), got {shrink!r}")
     model = calibration.model
-    reference = Reference.of(model, heldout)
+    reference = Reference.of(model, heldout, calibration.share)
     trials: list[dict[str, float]] = []
 
     def attempt(budget: float) -> tuple[Profile, bool]:
@@ -150,10 +162,16 @@ def profile_density(profile: Profile) -> float:
 
 
 @torch.inference_mode()
-def _outputs(model: nn.Module, inputs: Sequence[Any]) -> list[torch.Tensor | float]:
-    if model_kind(model).token_ids:
-        return [_mean_loss(output_tensor(run_model(model, x)), x) for x in inputs]
-    return [output_tensor(run_model(model, x)).float() for x in inputs]
+def _outputs(model: nn.Module, inputs: Sequence[Any], share: Share) -> list[torch.Tensor | float | None]:
+    """Per input of this process: the LLM's mean token loss or the transformer's output (None for
+    the other processes' inputs)."""
+    token_ids = model_kind(model).token_ids
+    run = InputRunner(model, inputs)
+    outputs: list[torch.Tensor | float | None] = [None] * len(inputs)
+    for i in share.indices(len(inputs)):
+        output = output_tensor(run(i))
+        outputs[i] = _mean_loss(output, inputs[i]) if token_ids else output.float()
+    return outputs
 
 
 def _mean_loss(logits: torch.Tensor, ids: torch.Tensor) -> float:
