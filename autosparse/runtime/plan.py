@@ -37,7 +37,7 @@ from autosparse.runtime.heads import HeadSet
 from autosparse.runtime.state import PatchState
 
 __all__ = ["CallPlan", "LayerPlan", "cached_plan", "call_plan", "clear_call_plans", "is_registered", "kernel_order",
-           "plan_of", "register", "unregister"]
+           "layer_order", "plan_of", "register", "unregister"]
 
 MAX_CALL_PLANS = 1024  # plans kept, all layers together; the oldest goes first (many prompt lengths)
 # ... and at most this many bytes of their device tensors (a plan of a 128K prefill holds its block
@@ -215,9 +215,7 @@ def clear_call_plans() -> None:
 def _build(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, key: torch.Tensor,
            value: torch.Tensor) -> CallPlan:
     device, (q_block, kv_block) = query.device, profile.block_size
-    tokens = call.tokens
-    if tokens is not None and heads.needs_grid:
-        tokens = grid_order(heads.patterns, tokens, q_block, kv_block, device, profile.token_order)
+    tokens = layer_order(heads, call.tokens, profile, device)
     q_len = query.shape[2]
     geometry = BlockGeometry(q_len, key.shape[2], q_block, kv_block, call.causal, tokens)  # causal: a KV-cache prefix
     reasons = (p.unfit(geometry) for p in heads.patterns)
@@ -245,6 +243,15 @@ def _build(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, ke
                                 column_counts=layout.column_counts, listed=layout.listed)
     backend = choose_backend(kernel, query, key, value, key_padding=call.kv_valid is not None)
     return CallPlan(layout=layout, kernel=kernel, backend=backend, **common)
+
+
+def layer_order(heads: HeadSet, tokens: TokenGeometry | None, profile: Profile,
+                device: torch.device) -> TokenGeometry | None:
+    """``tokens`` in the order the layer's grid patterns are laid out in (``layout.grid_order``,
+    chosen from every head of the layer, also for a Ulysses slice); as they are without any."""
+    if tokens is None or not any(p.needs_grid for p in heads.layer_patterns):
+        return tokens
+    return grid_order(heads.layer_patterns, tokens, *profile.block_size, device, profile.token_order)
 
 
 def kernel_order(tokens: TokenGeometry | None, pieces: int, device: torch.device) -> torch.Tensor | None:
@@ -320,8 +327,9 @@ class LayerPlan:
         key = step if heads is None else (step, heads)
         found = self._head_sets.get(key)
         if found is None:
-            patterns = self.profile.patterns(self.name, self.num_heads, step)
-            found = self._head_sets[key] = HeadSet.of(patterns if heads is None else patterns[heads[0]:heads[1]])
+            whole = HeadSet.of(self.profile.patterns(self.name, self.num_heads, step))
+            found = whole if heads is None else HeadSet.of(whole.patterns[heads[0]:heads[1]], whole)
+            self._head_sets[key] = found
         return found
 
 

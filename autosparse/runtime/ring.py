@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import torch
 
 from autosparse.kernels import KernelCall, supports
-from autosparse.layout import BlockLayout, block_mask, grid_order
+from autosparse.layout import BlockLayout, block_mask
 from autosparse.patterns import BlockGeometry, Dense
 from autosparse.profile import DEFAULT_BLOCK_SIZE, Profile
 from autosparse.runtime.classify import Call, classify
 from autosparse.runtime.dense import softmax_scale
 from autosparse.runtime.heads import HeadSet
 from autosparse.runtime.lengths import beyond_length, count_beyond
-from autosparse.runtime.plan import LayerPlan, cached_plan, kernel_order
+from autosparse.runtime.plan import LayerPlan, cached_plan, kernel_order, layer_order
 
 __all__ = ["DIAGONAL_REASON", "DYNAMIC_REASON", "RingStep", "StepPlan", "dense_step", "serve_ring", "step_plan"]
 
@@ -160,9 +160,7 @@ def _pair_plan(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor
     query blocks holding a query of ``step.query`` and the key blocks holding a key of ``step.key``."""
     device, (q_block, kv_block) = query.device, profile.block_size
     length = query.shape[2] * step.chunks
-    tokens = call.tokens
-    if tokens is not None and heads.needs_grid:
-        tokens = grid_order(heads.patterns, tokens, q_block, kv_block, device, profile.token_order)
+    tokens = layer_order(heads, call.tokens, profile, device)
     geometry = BlockGeometry(length, length, q_block, kv_block, False, tokens)
     reason = next((r for r in (p.unfit(geometry) for p in heads.patterns) if r is not None), None)
     reason = reason or supports(query, key, value, q_block, kv_block)
