@@ -14,13 +14,11 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import autosparse.search.calibration as search
 from autosparse import Profile
@@ -29,6 +27,7 @@ from autosparse.search.calibration import SearchConfig, calibrate
 from autosparse.search.validate import fit_to_target
 from autosparse.testing.dits import build_dit
 from autosparse.testing.llms import llama
+from autosparse.testing.processes import spawn
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD = 4
@@ -120,12 +119,12 @@ def _refused() -> str:
     return "not refused"
 
 
-def _worker(rank: int, init: str, out: Path) -> None:
-    """One of WORLD processes: every case split over all of them, then over processes 0 and 1."""
+def _worker(rank: int, world: int, init: str, out: Path) -> None:
+    """One of ``world`` processes: every case split over all of them, then over processes 0 and 1."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     pair = dist.new_group([0, 1])  # every process takes part in making a group
-    results = {f"{case}/{WORLD}": _profiles(case, dist.group.WORLD) for case in CASES}
+    results = {f"{case}/{world}": _profiles(case, dist.group.WORLD) for case in CASES}
     results["refused"] = _refused()
     if rank < 2:
         results.update({f"{case}/2": _profiles(case, pair) for case in CASES})
@@ -150,14 +149,7 @@ def _one_thread():
 def split(tmp_path_factory) -> list[dict]:
     """Per process of WORLD, what it returned for every case (``_worker``)."""
     out = tmp_path_factory.mktemp("split")
-    context = mp.start_processes(_worker, args=(f"file://{out / 'rendezvous'}", out), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=5):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.terminate()
-            pytest.fail(f"the {WORLD} processes did not finish in {TIMEOUT_S} s")
+    spawn(_worker, WORLD, f"file://{out / 'rendezvous'}", out, timeout_s=TIMEOUT_S)
     return [json.loads((out / f"{rank}.json").read_text()) for rank in range(WORLD)]
 
 
