@@ -75,10 +75,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--cprofile", action="store_true", help="also print a cProfile of each forward's host time")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    model = llama(2, device="cuda")
+    model = llama(args.layers, device="cuda")
     profile = Profile.uniform(model, {"kind": "sink_local", "sinks": 64, "window": 2048})
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
@@ -104,7 +105,7 @@ def main() -> None:
                 row["calls"] = dict(sparse=stats.sparse, dense=dict(stats.dense), fallback=dict(stats.fallback))
                 autosparse.unpatch_model(model)
         rows.append(row)
-        print(f"\nS={length}: unpatched {row['unpatched_ms']:.3f} ms (host {row['unpatched_host_ms']:.3f}), "
+        print(f"\n{args.layers} layers, S={length}: unpatched {row['unpatched_ms']:.3f} ms (host {row['unpatched_host_ms']:.3f}), "
               f"patched {row['patched_ms']:.3f} ms (host {row['patched_host_ms']:.3f}), "
               f"ratio {row['unpatched_ms'] / row['patched_ms']:.3f}x; calls {row['calls']}")
         names = sorted(set(row["unpatched_kernels"]) | set(row["patched_kernels"]),
