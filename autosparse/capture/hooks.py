@@ -124,13 +124,21 @@ def attach_hooks(model: nn.Module, state: PatchState, modules: list[nn.Module]) 
 
 
 def detach_hooks(model: nn.Module, handles: list[Any]) -> None:
+    """Remove the hooks and give the model its forward back. A forward wrapped again after patching
+    (diffusers' ``enable_parallelism`` wraps it) keeps ``model_forward`` inside that wrapper, with a
+    warning: it only restores the capture state, which no hook reads any more."""
     for handle in handles:
         handle.remove()
-    inner = model.forward.args[1]
-    if inner is None:
-        del model.forward
+    if getattr(model.forward, "func", None) is model_forward:
+        inner = model.forward.args[1]
+        if inner is None:
+            del model.forward
+        else:
+            model.forward = inner
     else:
-        model.forward = inner
+        log.warning("autosparse: %s.forward was wrapped after patch_model (e.g. by enable_parallelism); autosparse's "
+                    "wrapper stays inside it, inert. Patch after enable_parallelism to restore the model exactly",
+                    type(model).__name__)
     count_hooked(-1)
 
 
