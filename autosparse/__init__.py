@@ -15,6 +15,7 @@ Data flows one way: capture -> identify the layer -> look up its patterns -> cla
 
 from autosparse import _moved
 from autosparse._version import __version__
+from autosparse.balance import HeadBalance, balance_heads
 from autosparse.guard import GuardConfig
 from autosparse.layout import BlockLayout
 from autosparse.patch import AttentionStats, patch_model, stats, unpatch_model
@@ -39,6 +40,7 @@ __all__ = [
     "Global",
     "GridPattern",
     "GuardConfig",
+    "HeadBalance",
     "LayerProfile",
     "Neighborhood",
     "PageTopK",
@@ -56,6 +58,7 @@ __all__ = [
     "VerticalSlash",
     "Window",
     "__version__",
+    "balance_heads",
     "calibrate",
     "default_tile",
     "fit_to_target",
