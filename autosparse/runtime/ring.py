@@ -154,24 +154,48 @@ def _dense_plan(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sca
     return StepPlan(kernel=_launch(layout, query, key, value, scale))
 
 
-def _pair_plan(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, step: RingStep) -> StepPlan:
-    """The layer's full layout (every head, text dense, in the kernel's order) restricted to the
-    query blocks holding a query of ``step.query`` and the key blocks holding a key of ``step.key``."""
+@dataclass(frozen=True, eq=False)
+class _Frame:
+    """The whole call every step of one ring lays out its part of, built once: each head's block
+    mask in the kernel's token order (text dense) and the call position of each kernel position."""
+
+    fallback: str | None = None
+    mask: torch.Tensor | None = None  # bool [H, NQ, NK]
+    order: torch.Tensor | None = None  # long [S]
+
+    def nbytes(self) -> int:
+        return sum(t.untyped_storage().nbytes() for t in (self.mask, self.order) if t is not None)
+
+
+def _frame(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, key: torch.Tensor,
+           value: torch.Tensor, length: int) -> _Frame:
     device, (q_block, kv_block) = query.device, profile.block_size
-    length = query.shape[2] * step.chunks
     tokens = layer_order(heads, call.tokens, profile, device)
     geometry = BlockGeometry(length, length, q_block, kv_block, False, tokens)
     reason = next((r for r in (p.unfit(geometry) for p in heads.patterns) if r is not None), None)
     reason = reason or supports(query, key, value, q_block, kv_block)
     if reason is not None:
-        return StepPlan(fallback=reason)
+        return _Frame(fallback=reason)
     order = kernel_order(tokens, call.pieces, device)
-    order = torch.arange(length, device=device) if order is None else order
-    chunk = length // step.chunks
-    queries, keys = _Slots.of(order, chunk, step.query, q_block), _Slots.of(order, chunk, step.key, kv_block)
     masks = {p: block_mask(p, geometry, device) for p in set(heads.patterns)}
-    pair = torch.stack([masks[p] for p in heads.patterns])[:, queries.blocks][:, :, keys.blocks]
+    return _Frame(mask=torch.stack([masks[p] for p in heads.patterns]),
+                  order=torch.arange(length, device=device) if order is None else order)
+
+
+def _pair_plan(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, step: RingStep) -> StepPlan:
+    """The layer's whole layout (every head, in the kernel's order) restricted to the query blocks
+    holding a query of ``step.query`` and the key blocks holding a key of ``step.key``."""
+    q_block, kv_block = profile.block_size
+    length = query.shape[2] * step.chunks
+    frame_key = ("ring frame", heads, length, query.shape[1], query.dtype, query.device, call.tokens, call.pieces,
+                 profile.block_size, profile.token_order)
+    frame = cached_plan(frame_key, lambda: _frame(heads, profile, call, query, key, value, length))
+    if frame.fallback is not None:
+        return StepPlan(fallback=frame.fallback)
+    chunk, order = length // step.chunks, frame.order
+    queries, keys = _Slots.of(order, chunk, step.query, q_block), _Slots.of(order, chunk, step.key, kv_block)
+    pair = frame.mask[:, queries.blocks][:, :, keys.blocks]
     layout = BlockLayout.from_block_mask(pair, BlockGeometry(len(queries.index), len(keys.index), q_block, kv_block,
                                                              False))
     counts = layout.kv_counts[0]
