@@ -160,7 +160,7 @@ def call_plan(heads: HeadSet, profile: Profile, call: Call, query: torch.Tensor,
               value: torch.Tensor) -> CallPlan:
     """The plan of this call (``key``/``value``: the keys it keeps), from the cache or built."""
     cache_key = (heads, query.shape, key.shape, value.shape, query.dtype, query.device, call.causal, call.scale,
-                 call.tokens, call.kv_valid is None, profile.block_size, profile.token_order, call.pieces)
+                 call.tokens, call.pieces, call.kv_valid is None, profile.block_size, profile.token_order)
 
     def build() -> CallPlan:
         plan = _build(heads, profile, call, query, key, value)
